@@ -1,0 +1,177 @@
+"""Reading raw rows from data files, each with the place it came from (``file:line``).
+
+Supported: JSON (an array of objects, or one object per line), JSONL, CSV, Parquet and TXT
+(one record per non-empty line), and a hub dataset id (``owner/name`` or ``owner/name:split``)
+when the network is reachable. Unreadable input raises :class:`DataError` naming file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import DataError
+
+SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".txt"}
+
+
+@dataclass
+class Row:
+    """One raw record and where it came from."""
+
+    data: Any
+    source: str
+
+
+def _decode_lines(path: Path) -> list[str]:
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    decoded = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            decoded.append(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path}:{number}: not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
+                "re-encode the file as UTF-8"
+            ) from None
+    if decoded and decoded[0].startswith("\ufeff"):
+        decoded[0] = decoded[0][1:]
+    return decoded
+
+
+def _json_rows(path: Path, lines: list[str]) -> Iterator[Row]:
+    text = "\n".join(lines)
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+        for index, line in _array_item_lines(text, len(items)):
+            yield Row(items[index], f"{path}:{line}")
+        return
+    yield from _jsonl_rows(path, lines)
+
+
+def _array_item_lines(text: str, count: int) -> Iterator[tuple[int, int]]:
+    """Line number (1-based) where each top-level array element starts."""
+    decoder = json.JSONDecoder()
+    position = text.index("[") + 1
+    line = text.count("\n", 0, position) + 1
+    for index in range(count):
+        while text[position] in " \t\r\n,":
+            if text[position] == "\n":
+                line += 1
+            position += 1
+        yield index, line
+        _, end = decoder.raw_decode(text, position)
+        line += text.count("\n", position, end)
+        position = end
+
+
+def _jsonl_rows(path: Path, lines: list[str]) -> Iterator[Row]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield Row(json.loads(line), f"{path}:{number}")
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+
+
+def _csv_rows(path: Path, lines: list[str]) -> Iterator[Row]:
+    reader = csv.reader(io.StringIO("\n".join(lines)))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        previous = reader.line_num
+        for values in reader:
+            start, previous = previous + 1, reader.line_num
+            if not values:
+                continue
+            if len(values) != len(header):
+                raise DataError(f"{path}:{start}: {len(values)} fields where the header has {len(header)}")
+            yield Row(dict(zip(header, values)), f"{path}:{start}")
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: invalid CSV: {exc}") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path}: cannot read Parquet: {exc}") from None
+    for index, row in enumerate(table.to_pylist()):
+        yield Row(row, f"{path}:row {index + 1}")
+
+
+def _hub_rows(name: str) -> Iterator[Row]:
+    import datasets
+
+    dataset_id, _, split = name.partition(":")
+    try:
+        dataset = datasets.load_dataset(dataset_id, split=split or "train")
+    except Exception as exc:  # network, auth and missing-dataset errors all end here
+        raise DataError(
+            f"{name}: not a local file, and loading it as a hub dataset failed ({type(exc).__name__}: {exc}). "
+            "Offline? Download the data and point data.train at the file."
+        ) from None
+    for index, row in enumerate(dataset):
+        yield Row(row, f"{name}:row {index + 1}")
+
+
+def read_rows(name: str) -> Iterator[Row]:
+    """Yield the raw rows of one data file (or hub dataset id), each with its ``file:line``.
+
+    Raises:
+        DataError: missing file, unknown extension, invalid JSON/CSV, non-UTF-8 text or no records.
+    """
+    path = Path(name).expanduser()
+    if not path.exists():
+        if "/" in name and not name.startswith((".", "/", "~")) and Path(name).suffix not in SUFFIXES:
+            yield from _hub_rows(name)
+            return
+        raise DataError(f"{name}: data file not found")
+    if path.is_dir():
+        raise DataError(f"{name}: is a directory; name the data file(s) inside it")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"{name}: unsupported file type {suffix!r}; use one of {', '.join(sorted(SUFFIXES))}")
+    count = 0
+    if suffix == ".parquet":
+        rows: Iterator[Row] = _parquet_rows(path)
+    else:
+        lines = _decode_lines(path)
+        if suffix in (".json", ".jsonl"):
+            rows = _json_rows(path, lines)
+        elif suffix == ".csv":
+            rows = _csv_rows(path, lines)
+        else:
+            rows = (Row(line, f"{path}:{n}") for n, line in enumerate(lines, start=1) if line.strip())
+    for row in rows:
+        count += 1
+        yield row
+    if count == 0:
+        raise DataError(f"{name}: the file is empty (no records)")
+
+
+def file_fingerprint(name: str) -> str:
+    """A content hash of a data file (or the id itself for a hub dataset)."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        return hashlib.sha256(name.encode()).hexdigest()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

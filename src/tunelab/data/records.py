@@ -1,0 +1,266 @@
+"""Canonical records and the readers that turn file formats into them.
+
+Formats: ``alpaca`` (instruction/input/output/system/history), ``sharegpt`` (conversations of
+from/value), ``messages`` (OpenAI role/content) and ``text``. Each reader validates a row and
+raises :class:`DataError` for a row that cannot be used; :func:`load_records` either stops at the
+first bad row (``on_error: fail``) or skips it and counts why (``on_error: skip``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tunelab.data.files import Row, read_rows
+from tunelab.errors import DataError
+
+Format = Literal["alpaca", "sharegpt", "messages", "text"]
+ROLES = {"system", "user", "assistant", "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "function_call": "assistant",
+    "system": "system",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
+}
+
+
+@dataclass
+class Conversation:
+    """Messages ``[{role, content}]`` for SFT; ``source`` is the ``file:line`` it came from."""
+
+    messages: list[dict[str, str]]
+    source: str = ""
+
+
+@dataclass
+class Text:
+    """Raw text for continued pretraining."""
+
+    text: str
+    source: str = ""
+
+
+Record = Conversation | Text
+
+
+@dataclass
+class LoadReport:
+    """What was read and what was skipped (and why) from the data files."""
+
+    read: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def skip(self, reason: str, source: str) -> None:
+        """Count a skipped record under its reason, remembering the first place it happened."""
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, source)
+
+    def summary(self) -> str:
+        """One line per skip reason, e.g. ``3 skipped: record has no 'output' field (first at a.json:7)``."""
+        return "\n".join(
+            f"{count} skipped: {reason} (first at {self.examples[reason]})" for reason, count in self.skipped.most_common()
+        )
+
+
+def detect_format(data: Any, source: str) -> Format:
+    """Guess the format of a raw row from its keys.
+
+    Raises:
+        DataError: nothing matches; the message lists the keys found.
+    """
+    if isinstance(data, str):
+        return "text"
+    if not isinstance(data, dict):
+        raise DataError(f"{source}: expected an object per record, got {type(data).__name__}")
+    if "messages" in data:
+        return "messages"
+    if "conversations" in data:
+        return "sharegpt"
+    if "instruction" in data or ("output" in data and "input" in data):
+        return "alpaca"
+    if "text" in data:
+        return "text"
+    raise DataError(
+        f"{source}: cannot detect the data format from keys {sorted(data)}; "
+        "expected messages, conversations, instruction/output or text (or set data.format)"
+    )
+
+
+def _text_field(value: Any, name: str, required: bool = True) -> str:
+    if value is None:
+        if required:
+            raise DataError(f"record has no '{name}' field")
+        return ""
+    if isinstance(value, list):  # content parts: [{"type": "text", "text": ...}]
+        parts = []
+        for part in value:
+            if isinstance(part, dict) and isinstance(part.get("text", part.get("value")), str):
+                parts.append(part.get("text", part.get("value")))
+            else:
+                raise DataError(f"'{name}' holds a non-text part ({part!r:.60}); only text is supported")
+        value = "".join(parts)
+    if not isinstance(value, str):
+        raise DataError(f"'{name}' must be text, got {type(value).__name__}")
+    return value
+
+
+def _check_conversation(messages: list[dict[str, str]]) -> None:
+    if not messages:
+        raise DataError("conversation has no messages")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError("conversation has no assistant message")
+    for message in messages:
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise DataError("assistant message is empty")
+
+
+def _from_alpaca(data: dict[str, Any]) -> Conversation:
+    if "output" not in data:
+        raise DataError("record has no 'output' field")
+    instruction = _text_field(data.get("instruction"), "instruction")
+    extra = _text_field(data.get("input"), "input", required=False)
+    output = _text_field(data["output"], "output")
+    messages: list[dict[str, str]] = []
+    system = _text_field(data.get("system"), "system", required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    for turn in data.get("history") or []:
+        if not (isinstance(turn, list | tuple) and len(turn) == 2):
+            raise DataError("'history' must be a list of [user, assistant] pairs")
+        messages.append({"role": "user", "content": _text_field(turn[0], "history")})
+        messages.append({"role": "assistant", "content": _text_field(turn[1], "history")})
+    user = f"{instruction}\n\n{extra}" if instruction and extra else instruction or extra
+    if not user.strip():
+        raise DataError("'instruction' and 'input' are both empty")
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return Conversation(messages)
+
+
+def _from_sharegpt(data: dict[str, Any]) -> Conversation:
+    turns = data.get("conversations")
+    if not isinstance(turns, list):
+        raise DataError("'conversations' must be a list of {from, value} turns")
+    messages: list[dict[str, str]] = []
+    system = _text_field(data.get("system"), "system", required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise DataError("each turn in 'conversations' must be an object")
+        speaker = turn.get("from", turn.get("role"))
+        role = SHAREGPT_ROLES.get(str(speaker).lower())
+        if role is None:
+            raise DataError(f"unknown speaker {speaker!r} (expected one of {', '.join(sorted(SHAREGPT_ROLES))})")
+        content = _text_field(turn.get("value", turn.get("content")), "value")
+        messages.append({"role": role, "content": content})
+    return Conversation(messages)
+
+
+def _from_messages(data: dict[str, Any]) -> Conversation:
+    raw = data.get("messages")
+    if not isinstance(raw, list):
+        raise DataError("'messages' must be a list of {role, content} objects")
+    messages = []
+    for message in raw:
+        if not isinstance(message, dict):
+            raise DataError("each message must be an object with role and content")
+        role = message.get("role")
+        if role not in ROLES:
+            raise DataError(f"unknown role {role!r} (expected one of {', '.join(sorted(ROLES))})")
+        messages.append({"role": role, "content": _text_field(message.get("content"), "content")})
+    return Conversation(messages)
+
+
+def _from_text(data: Any, text_field: str) -> Text:
+    text = data if isinstance(data, str) else _text_field(data.get(text_field), text_field)
+    if not text.strip():
+        raise DataError("text is empty")
+    return Text(text)
+
+
+CONVERTERS: dict[str, Callable[[Any], Record]] = {
+    "alpaca": _from_alpaca,
+    "sharegpt": _from_sharegpt,
+    "messages": _from_messages,
+}
+
+
+def to_record(row: Row, fmt: Format, text_field: str = "text", system_prompt: str | None = None) -> Record:
+    """Convert one raw row into a canonical record.
+
+    Raises:
+        DataError: the row is not a valid record of this format; the message starts with its source.
+    """
+    try:
+        if fmt == "text":
+            record: Record = _from_text(row.data, text_field)
+        else:
+            if not isinstance(row.data, dict):
+                raise DataError(f"expected an object, got {type(row.data).__name__}")
+            record = CONVERTERS[fmt](row.data)
+            if system_prompt and record.messages[0]["role"] != "system":
+                record.messages.insert(0, {"role": "system", "content": system_prompt})
+            _check_conversation(record.messages)
+    except DataError as exc:
+        raise DataError(f"{row.source}: {exc}") from None
+    record.source = row.source
+    return record
+
+
+def load_records(
+    files: Iterable[str],
+    fmt: Literal["auto"] | Format = "auto",
+    on_error: Literal["fail", "skip"] = "fail",
+    text_field: str = "text",
+    system_prompt: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[Record], LoadReport]:
+    """Read data files into canonical records.
+
+    Args:
+        files: data files (or hub dataset ids).
+        fmt: record format, or ``auto`` to detect it per file from its first record.
+        on_error: ``fail`` raises at the first bad record; ``skip`` drops it and counts why.
+        text_field: the field holding text for ``text`` records in JSON/CSV/Parquet.
+        system_prompt: system message for conversations that have none.
+        limit: stop after this many records.
+
+    Returns:
+        The records and a report of what was read and skipped.
+
+    Raises:
+        DataError: a file cannot be read, or (``fail``) a record is bad, or no record is usable.
+    """
+    records: list[Record] = []
+    report = LoadReport()
+    for name in files:
+        file_format = None if fmt == "auto" else fmt
+        for row in read_rows(name):
+            if limit is not None and len(records) >= limit:
+                break
+            report.read += 1
+            try:
+                file_format = file_format or detect_format(row.data, row.source)
+                records.append(to_record(row, file_format, text_field, system_prompt))
+            except DataError as exc:
+                if on_error == "fail":
+                    raise DataError(f"{exc}\n(set data.on_error: skip to drop bad records and count them)") from None
+                reason = str(exc).removeprefix(f"{row.source}: ")
+                report.skip(reason, row.source)
+    report.kept = len(records)
+    if not records:
+        detail = f"\n{report.summary()}" if report.skipped else ""
+        raise DataError(f"{', '.join(files)}: no usable records{detail}")
+    return records, report

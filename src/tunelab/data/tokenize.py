@@ -1,0 +1,269 @@
+"""Records -> token ids and labels, cached on disk by fingerprint, with an honest report.
+
+The fingerprint covers the data files' contents, every data setting that changes tokens, the
+tokenizer (vocabulary, special tokens) and the chat template, so a second run with the same inputs
+loads the Arrow cache and skips reading and tokenizing. Overlong sequences, dropped records and
+skipped bad records are always counted; nothing is cut silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.config import DataConfig
+from tunelab.data.files import file_fingerprint
+from tunelab.data.records import Conversation, LoadReport, Text, load_records
+from tunelab.data.templates import IGNORE_INDEX, render_conversation, resolve_template
+from tunelab.errors import DataError
+
+CACHE_VERSION = 1  # bump when tokenization output changes for the same inputs
+
+
+@dataclass
+class TokenizeReport:
+    """Counts from reading and tokenizing one split."""
+
+    records: int = 0
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    split_into_chunks: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_first_at: dict[str, str] = field(default_factory=dict)
+    lengths: dict[str, float] = field(default_factory=dict)
+    from_cache: bool = False
+
+    def lines(self) -> list[str]:
+        """Human-readable summary lines (what was cut, dropped or skipped, and why)."""
+        out = [
+            f"{self.examples:,} sequences from {self.records:,} records, {self.tokens:,} tokens, "
+            f"{self.trained_tokens:,} trained"
+            + (f"; lengths min {self.lengths['min']:.0f} / median {self.lengths['p50']:.0f} / "
+               f"p95 {self.lengths['p95']:.0f} / max {self.lengths['max']:.0f}" if self.lengths else "")
+        ]
+        if self.truncated:
+            out.append(f"{self.truncated:,} sequences longer than data.max_length were truncated")
+        if self.split_into_chunks:
+            out.append(f"{self.split_into_chunks:,} texts longer than data.max_length were split into chunks")
+        out += [f"{count:,} dropped: {reason}" for reason, count in self.dropped.items()]
+        out += [
+            f"{count:,} skipped: {reason} (first at {self.skipped_first_at.get(reason, '?')})"
+            for reason, count in self.skipped.items()
+        ]
+        return out
+
+
+@dataclass
+class TokenizedData:
+    """Tokenized train and eval sets (columns ``input_ids``, ``labels``), their reports and raw eval records."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    train_report: TokenizeReport
+    eval_report: TokenizeReport | None
+    eval_records: list[dict[str, Any]]
+    template: str
+    fingerprint: str
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of the vocabulary, merges, normalisation and special tokens."""
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _record_to_row(record: Conversation | Text) -> dict[str, Any]:
+    if isinstance(record, Text):
+        return {"messages": [], "text": record.text, "source": record.source}
+    return {"messages": record.messages, "text": "", "source": record.source}
+
+
+class _Tokenizer:
+    """The picklable map function (datasets runs it in worker processes)."""
+
+    def __init__(self, tokenizer, template, train_on, max_length, overlong, stop_ids, objective):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.train_on = train_on
+        self.max_length = max_length
+        self.overlong = overlong
+        self.stop_ids = set(stop_ids)
+        self.objective = objective
+
+    def _text(self, text: str) -> list[tuple[list[int], list[int], str]]:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        chunks = [ids[i : i + self.max_length] for i in range(0, len(ids), self.max_length)]
+        chunks = [c for c in chunks if len(c) > 1]
+        flag = "split" if len(chunks) > 1 else ""
+        return [(c, [IGNORE_INDEX] + c[1:], flag) for c in chunks]
+
+    def _conversation(self, messages: list[dict]) -> list[tuple[list[int], list[int], str]]:
+        rendered = render_conversation(self.tokenizer, self.template, messages, self.train_on, self.stop_ids)
+        ids, labels, flag = rendered.input_ids, rendered.labels, ""
+        if len(ids) > self.max_length:
+            if self.overlong == "drop":
+                return [([], [], "dropped: longer than data.max_length (data.overlong: drop)")]
+            ids, labels, flag = ids[: self.max_length], labels[: self.max_length], "truncated"
+        if all(label == IGNORE_INDEX for label in labels):
+            return [([], [], "dropped: no trained tokens left after truncation to data.max_length")]
+        return [(ids, labels, flag)]
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "flag": [], "source": []}
+        for messages, text, source in zip(batch["messages"], batch["text"], batch["source"]):
+            try:
+                if not messages and self.objective == "sft":
+                    raise DataError("a plain-text record cannot be used for train.objective: sft (use pretrain)")
+                pieces = self._text(text) if not messages else self._conversation(messages)
+            except DataError as exc:
+                pieces = [([], [], f"error: {exc}")]
+            for ids, labels, flag in pieces:
+                out["input_ids"].append(ids)
+                out["labels"].append(labels)
+                out["flag"].append(flag)
+                out["source"].append(source)
+        return out
+
+
+def _tokenize_split(
+    records: list, fn: _Tokenizer, num_proc: int, on_error: str, load_report: LoadReport, desc: str
+) -> tuple[datasets.Dataset, TokenizeReport]:
+    raw = datasets.Dataset.from_list([_record_to_row(r) for r in records])
+    procs = num_proc if len(raw) >= 1000 * num_proc else 1
+    mapped = raw.map(fn, batched=True, batch_size=256, num_proc=procs if procs > 1 else None,
+                     remove_columns=raw.column_names, desc=desc)
+    report = TokenizeReport(records=load_report.read)
+    report.skipped = dict(load_report.skipped)
+    report.skipped_first_at = dict(load_report.examples)
+    flags = Counter(mapped["flag"])
+    errors = [(flag, source) for flag, source in zip(mapped["flag"], mapped["source"]) if flag.startswith("error: ")]
+    if errors:
+        flag, source = errors[0]
+        if on_error == "fail":
+            raise DataError(f"{source}: {flag.removeprefix('error: ')}\n(set data.on_error: skip to drop bad records and count them)")
+        for flag, source in errors:
+            reason = flag.removeprefix("error: ")
+            report.skipped[reason] = report.skipped.get(reason, 0) + 1
+            report.skipped_first_at.setdefault(reason, source)
+    report.dropped = {f.removeprefix("dropped: "): n for f, n in flags.items() if f.startswith("dropped: ")}
+    report.truncated = flags.get("truncated", 0)
+    report.split_into_chunks = flags.get("split", 0)
+    kept = mapped.filter(lambda flags: [not f.startswith(("error", "dropped")) for f in flags],
+                         input_columns=["flag"], batched=True, desc="Filtering")
+    kept = kept.remove_columns(["flag"])
+    if len(kept) == 0:
+        raise DataError("no usable training sequences after tokenization:\n" + "\n".join(report.lines()))
+    lengths = np.array([len(ids) for ids in kept["input_ids"]])
+    report.examples = len(kept)
+    report.tokens = int(lengths.sum())
+    report.trained_tokens = int(sum(sum(1 for x in labels if x != IGNORE_INDEX) for labels in kept["labels"]))
+    report.lengths = {
+        "min": float(lengths.min()), "mean": float(lengths.mean()), "p50": float(np.percentile(lengths, 50)),
+        "p95": float(np.percentile(lengths, 95)), "max": float(lengths.max()),
+    }
+    return kept, report
+
+
+def default_cache_dir() -> Path:
+    """``$TUNELAB_CACHE`` or ``~/.cache/tunelab``, plus ``/data``."""
+    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab")) / "data"
+
+
+def data_fingerprint(cfg: DataConfig, objective: str, seed: int, tokenizer, template: str, stop_ids: set[int]) -> str:
+    """Fingerprint of everything that decides the tokenized data."""
+    parts = {
+        "version": CACHE_VERSION,
+        "train": [file_fingerprint(f) for f in cfg.train],
+        "eval": [file_fingerprint(f) for f in cfg.eval or []],
+        "data": cfg.model_dump(exclude={"packing", "num_proc", "cache_dir"}),
+        "objective": objective,
+        "seed": seed,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": template,
+        "stop_ids": sorted(stop_ids),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def split_records(records: list, val_ratio: float, seed: int) -> tuple[list, list]:
+    """Hold out ``val_ratio`` of the records, chosen by a seeded permutation (at least one each)."""
+    if val_ratio <= 0:
+        return records, []
+    count = len(records)
+    held = max(1, round(count * val_ratio))
+    if held >= count:
+        raise DataError(f"data.val_ratio {val_ratio} leaves no training records out of {count}")
+    order = np.random.default_rng(seed).permutation(count)
+    held_out = set(order[:held].tolist())
+    return [r for i, r in enumerate(records) if i not in held_out], [r for i, r in enumerate(records) if i in held_out]
+
+
+def prepare_data(
+    cfg: DataConfig, objective: str, seed: int, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]
+) -> TokenizedData:
+    """Read, split, render, tokenize and cache the train and eval data.
+
+    Raises:
+        DataError: unreadable files, bad records (with ``on_error: fail``), or nothing usable.
+    """
+    template = resolve_template(tokenizer, cfg.template)
+    fingerprint = data_fingerprint(cfg, objective, seed, tokenizer, template, stop_ids)
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    target = cache / fingerprint
+    if (target / "meta.json").is_file():
+        meta = json.loads((target / "meta.json").read_text())
+        train = datasets.load_from_disk(str(target / "train"))
+        evaluation = datasets.load_from_disk(str(target / "eval")) if (target / "eval").exists() else None
+        train_report = TokenizeReport(**{**meta["train_report"], "from_cache": True})
+        eval_report = TokenizeReport(**{**meta["eval_report"], "from_cache": True}) if meta["eval_report"] else None
+        return TokenizedData(train, evaluation, train_report, eval_report, meta["eval_records"], template, fingerprint)
+
+    fn = _Tokenizer(tokenizer, template, cfg.train_on, cfg.max_length, cfg.overlong, stop_ids, objective)
+    records, load_report = load_records(
+        cfg.train, cfg.format, cfg.on_error, cfg.text_field, cfg.system_prompt, cfg.max_samples
+    )
+    if cfg.eval:
+        train_records = records
+        eval_records, eval_load = load_records(cfg.eval, cfg.format, cfg.on_error, cfg.text_field, cfg.system_prompt)
+    else:
+        train_records, eval_records = split_records(records, cfg.val_ratio, seed)
+        eval_load = LoadReport(read=len(eval_records), kept=len(eval_records))
+        load_report.read -= len(eval_records)
+    train, train_report = _tokenize_split(train_records, fn, cfg.num_proc, cfg.on_error, load_report, "Tokenizing train")
+    evaluation, eval_report = None, None
+    if eval_records:
+        evaluation, eval_report = _tokenize_split(eval_records, fn, cfg.num_proc, cfg.on_error, eval_load, "Tokenizing eval")
+    eval_rows = [_record_to_row(r) for r in eval_records]
+
+    tmp = cache / f".tmp-{fingerprint}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    train.save_to_disk(str(tmp / "train"))
+    if evaluation is not None:
+        evaluation.save_to_disk(str(tmp / "eval"))
+    meta = {
+        "train_report": {k: v for k, v in asdict(train_report).items() if k != "from_cache"},
+        "eval_report": {k: v for k, v in asdict(eval_report).items() if k != "from_cache"} if eval_report else None,
+        "eval_records": eval_rows,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return TokenizedData(train, evaluation, train_report, eval_report, eval_rows, template, fingerprint)

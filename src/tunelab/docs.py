@@ -1,0 +1,66 @@
+"""The config reference (docs/config.md), generated from the schema so it cannot drift."""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from tunelab.config import TunelabConfig
+
+HEADER = """# Configuration reference
+
+Generated from the schema by `tunelab config reference --out docs/config.md`; do not edit by hand.
+
+A config is one YAML file. Override any key after the file on the command line:
+`tunelab train run.yaml train.lr=1e-4 data.packing=false`. Unknown keys are errors with a
+suggestion; `tunelab config validate run.yaml` checks a file without running it.
+"""
+
+
+def _type_name(annotation: typing.Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return " \\| ".join(str(arg) for arg in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _default(field) -> str:
+    if field.default is PydanticUndefined:
+        return "required" if field.default_factory is None else json.dumps(field.default_factory(), default=str)
+    return json.dumps(field.default, default=str) if not isinstance(field.default, BaseModel) else ""
+
+
+def _section(model: type[BaseModel], prefix: str) -> list[str]:
+    lines = [f"## `{prefix.rstrip('.') or 'top level'}`", "", (model.__doc__ or "").strip(), "",
+             "| key | type | default | meaning |", "|---|---|---|---|"]
+    nested = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        inner = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            inner = [annotation]
+        if inner:
+            nested.append((inner[0], f"{prefix}{name}."))
+            if prefix == "":
+                continue
+        type_name = f"section `{prefix}{name}`" if inner else _type_name(annotation)
+        lines.append(f"| `{prefix}{name}` | {type_name} | {_default(field)} | {field.description or ''} |")
+    lines.append("")
+    for sub, sub_prefix in nested:
+        lines += _section(sub, sub_prefix)
+    return lines
+
+
+def config_reference() -> str:
+    """The Markdown reference of every config key: type, default and meaning."""
+    return HEADER + "\n" + "\n".join(_section(TunelabConfig, "")) + "\n"

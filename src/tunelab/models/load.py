@@ -1,0 +1,146 @@
+"""Loading a model and its tokenizer: device, dtype, precision, attention kernel, safetensors only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.config import ModelConfig
+from tunelab.errors import TunelabError
+from tunelab.models.attention import register_packed_sdpa
+
+Precision = Literal["fp32", "bf16", "fp16"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; an unavailable device is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TunelabError(f"train.device: {name}, but no CUDA device is available (use auto or cpu)")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX).
+
+    Without them bf16 autocast is emulated and measured 10-20x slower than fp32 (AVX2 EPYC, torch 2.13).
+    """
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """``auto``: bf16 on a GPU that supports it and on CPUs with native bf16, else fp32.
+
+    Raises:
+        TunelabError: fp16 asked for on a CPU (no GradScaler support there that pays).
+    """
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise TunelabError("train.precision: fp16 needs a GPU; use bf16 or fp32 on a CPU")
+    return precision  # type: ignore[return-value]
+
+
+def resolve_load_dtype(model_cfg: ModelConfig, method_type: str, device: torch.device) -> torch.dtype:
+    """Dtype of the weights as loaded. auto: fp32 where weights train; bf16 for a frozen LoRA base on a GPU."""
+    if model_cfg.dtype != "auto":
+        return DTYPES[model_cfg.dtype]
+    if method_type == "lora" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _check_local(path: str) -> None:
+    local = Path(path).expanduser()
+    if local.exists() or path.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise TunelabError(f"model.path {path}: no such model directory")
+        if not (local / "config.json").is_file():
+            raise TunelabError(f"model.path {path}: not a Hugging Face model directory (no config.json)")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a fast tokenizer; add a pad token (EOS) when it has none. Masks never rely on pad."""
+    _check_local(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise TunelabError(f"model.path {path}: cannot load the tokenizer: {exc}") from None
+    if not tokenizer.is_fast:
+        raise TunelabError(f"model.path {path}: a fast tokenizer (tokenizer.json) is needed for label masks")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def attention_for(model_cfg: ModelConfig, packing: bool) -> str:
+    """The attention implementation to load the model with."""
+    if model_cfg.attn_implementation == "auto":
+        return register_packed_sdpa() if packing else "sdpa"
+    if model_cfg.attn_implementation == "packed_sdpa":
+        return register_packed_sdpa()
+    return model_cfg.attn_implementation
+
+
+def load_model(
+    model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa"
+) -> PreTrainedModel:
+    """Load a causal LM from safetensors onto a device.
+
+    Raises:
+        TunelabError: missing directory, no safetensors weights, remote code needed but not allowed.
+    """
+    _check_local(model_cfg.path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+            revision=model_cfg.revision,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as exc:
+        message = str(exc)
+        if "trust_remote_code" in message:
+            raise TunelabError(
+                f"model.path {model_cfg.path}: the model needs its own Python code; "
+                "set model.trust_remote_code: true only if you trust its source"
+            ) from None
+        if "safetensors" in message or "model.safetensors" in message:
+            raise TunelabError(
+                f"model.path {model_cfg.path}: no safetensors weights found; tunelab never loads pickled "
+                "weights (.bin/.pt). Convert them to safetensors first."
+            ) from None
+        raise TunelabError(f"model.path {model_cfg.path}: cannot load the model: {message}") from None
+    return model.to(device)
+
+
+def stop_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False) -> set[int]:
+    """Token ids that end an assistant turn at inference: EOS and the generation config's EOS ids.
+
+    Read from the model directory without loading weights, so data can be checked first.
+    """
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    try:
+        generation = GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        generation = GenerationConfig.from_model_config(
+            AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        )
+    eos = generation.eos_token_id
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(eos)
+    return ids

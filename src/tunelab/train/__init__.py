@@ -1,0 +1,1 @@
+"""Training: the engine (one loop), optimisation, checkpoints and objectives."""

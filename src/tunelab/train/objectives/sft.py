@@ -1,0 +1,28 @@
+"""Causal language-model loss for SFT and continued pretraining.
+
+Both objectives predict the next token; they differ only in which tokens carry a label, which
+the data pipeline decides (assistant turns for SFT, every token for pretraining).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data.packing import Batch
+from tunelab.data.templates import IGNORE_INDEX
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the batch's trained tokens (in float32).
+
+    The engine divides by the trained tokens of the whole accumulation window, so a window of
+    micro-batches gives the same loss and gradients as one big batch.
+    """
+    logits = model(**batch.model_inputs()).logits
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        batch.targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )

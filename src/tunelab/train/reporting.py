@@ -1,0 +1,93 @@
+"""What a run tells the user while it goes: progress bar, metrics.jsonl, optional TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl`` file."""
+    file = Path(path)
+    if not file.is_file():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.2e}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+class Reporter:
+    """Writes metric rows to ``metrics.jsonl`` (and TensorBoard) and drives the progress bar.
+
+    On resume, rows after the resumed step (written by the interrupted run after its last
+    checkpoint) are dropped, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, tensorboard: bool) -> None:
+        self.path = output_dir / "metrics.jsonl"
+        kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= start_step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                console.print("[yellow]train.tensorboard: install tensorboard (pip install 'tunelab[track]'); skipping")
+            else:
+                self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        self.interactive = console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not self.interactive,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
+        self.progress.start()
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append one metrics row and show it."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(key, value, row["step"])
+        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k not in ("step", "epoch", "tokens", "elapsed_s"))
+        if self.interactive:
+            self.progress.update(self.task, status=shown)
+        else:
+            console.print(f"step {row['step']}: {shown}", highlight=False)
+
+    def advance(self, step: int) -> None:
+        """Move the bar to optimizer step ``step``."""
+        self.progress.update(self.task, completed=step)
+
+    def message(self, text: str) -> None:
+        """Print a line above the progress bar."""
+        self.progress.console.print(text, highlight=False)
+
+    def close(self) -> None:
+        """Stop the bar and flush TensorBoard."""
+        self.progress.stop()
+        if self.writer is not None:
+            self.writer.close()
