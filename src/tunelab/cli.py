@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,7 +111,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     evaluators = [ExactMatchEvaluator(config.eval)] if config.eval.generate_samples else []
     result = train(config, resume=args.resume, overwrite=args.overwrite, evaluators=evaluators)
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in result.final_metrics.items() if isinstance(v, float))
+    before = result.start_metrics
+    shown = ", ".join(
+        f"{k} {before[k]:.4g} -> {v:.4g}" if k in before else f"{k} {v:.4g}"
+        for k, v in result.final_metrics.items() if isinstance(v, float)
+    )
     print(f"done: {result.steps} steps; {shown}; final model in {result.final_dir}")
     return 0
 
@@ -183,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return args.func(args)
     except TunelabError as exc:

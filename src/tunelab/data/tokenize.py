@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,9 +167,8 @@ def _tokenize_split(
     report.dropped = {f.removeprefix("dropped: "): n for f, n in flags.items() if f.startswith("dropped: ")}
     report.truncated = flags.get("truncated", 0)
     report.split_into_chunks = flags.get("split", 0)
-    kept = mapped.filter(lambda flags: [not f.startswith(("error", "dropped")) for f in flags],
-                         input_columns=["flag"], batched=True, desc="Filtering")
-    kept = kept.remove_columns(["flag"])
+    keep = [i for i, f in enumerate(mapped["flag"]) if not f.startswith(("error", "dropped"))]
+    kept = (mapped.select(keep) if len(keep) < len(mapped) else mapped).remove_columns(["flag"])
     if len(kept) == 0:
         raise DataError("no usable training sequences after tokenization:\n" + "\n".join(report.lines()))
     lengths = np.array([len(ids) for ids in kept["input_ids"]])
@@ -179,6 +180,18 @@ def _tokenize_split(
         "p95": float(np.percentile(lengths, 95)), "max": float(lengths.max()),
     }
     return kept, report
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Hide datasets' progress bars for quick internal steps (saving the cache)."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def default_cache_dir() -> Path:
@@ -255,9 +268,10 @@ def prepare_data(
     tmp = cache / f".tmp-{fingerprint}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    train.save_to_disk(str(tmp / "train"))
-    if evaluation is not None:
-        evaluation.save_to_disk(str(tmp / "eval"))
+    with _quiet_datasets():
+        train.save_to_disk(str(tmp / "train"))
+        if evaluation is not None:
+            evaluation.save_to_disk(str(tmp / "eval"))
     meta = {
         "train_report": {k: v for k, v in asdict(train_report).items() if k != "from_cache"},
         "eval_report": {k: v for k, v in asdict(eval_report).items() if k != "from_cache"} if eval_report else None,

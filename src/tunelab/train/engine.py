@@ -57,6 +57,7 @@ class TrainResult:
     final_dir: Path
     steps: int
     final_metrics: dict[str, Any] = field(default_factory=dict)
+    start_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -165,6 +166,28 @@ def evaluate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.de
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
+def backward_window(
+    model: torch.nn.Module,
+    window: Sequence[Batch],
+    device: torch.device,
+    autocast: Callable[[], Any] = nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
+    """Forward and backward every micro-batch of one optimizer step; return the step's loss.
+
+    Each micro-batch's summed token loss is divided by the trained tokens of the whole window,
+    so the accumulated gradients equal those of one batch holding all micro-batches.
+    """
+    window_trained = sum(batch.num_trained for batch in window)
+    step_loss = torch.zeros((), device=device)
+    for batch in window:
+        with autocast():
+            loss = causal_lm_loss(model, batch.to(device)) / window_trained
+        (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += loss.detach()
+    return step_loss
+
+
 def train(
     config: TunelabConfig,
     resume: bool = False,
@@ -270,8 +293,7 @@ def train(
                         cfg.train.keep_checkpoints)
 
     window_start = time.perf_counter()
-    if cfg.train.eval_at_start and start_step == 0:
-        run_evaluation(0)
+    start_eval = run_evaluation(0) if cfg.train.eval_at_start and start_step == 0 else {}
     log_loss, log_tokens, log_trained, log_start = 0.0, 0, 0, time.perf_counter()
     last_eval: dict[str, Any] = {}
     try:
@@ -280,13 +302,7 @@ def train(
             end = state["micro"] + grad_accum if total_micro is None else min(state["micro"] + grad_accum, total_micro)
             window = [stream.get(m) for m in range(state["micro"], end)]
             window_trained = sum(batch.num_trained for batch in window)
-            step_loss = torch.zeros((), device=device)
-            for batch in window:
-                with autocast():
-                    loss = causal_lm_loss(model, batch.to(device)) / window_trained
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.detach()
-            loss_value = float(step_loss)
+            loss_value = float(backward_window(model, window, device, autocast, scaler))
             if not math.isfinite(loss_value):
                 raise TrainingError(
                     f"loss became {loss_value} at step {step + 1}; stopped without updating the weights. "
@@ -348,7 +364,7 @@ def train(
     write_run_json(out, cfg, data.fingerprint, device, precision, params, total_steps, elapsed,
                    time.perf_counter() - started, last_eval)
     console.print(f"saved {final_dir}")
-    return TrainResult(out, final_dir, total_steps, last_eval)
+    return TrainResult(out, final_dir, total_steps, last_eval, start_eval)
 
 
 def save_final(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int],

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny model built once per session, an isolated data cache, CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+ALPACA_DEMO = SHARED_DATA / "llamafactory_demo" / "alpaca_en_demo.json"
+SHAREGPT_DEMO = SHARED_DATA / "fastchat_sharegpt" / "dummy_conversation.json"
+ARITHMETIC_TRAIN = REPO / "examples" / "data" / "arithmetic_train.jsonl"
+ARITHMETIC_TEST = REPO / "examples" / "data" / "arithmetic_test.jsonl"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep tokenized-data caches of the tests out of the user's home."""
+    os.environ["TUNELAB_CACHE"] = str(tmp_path_factory.mktemp("tunelab-cache"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-64 Llama with a BPE tokenizer trained on the shipped corpus."""
+    from tunelab.models.tiny import create_tiny_model
+
+    return create_tiny_model(tmp_path_factory.mktemp("models") / "tiny", hidden=64, layers=2, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model: Path):
+    """The tiny model's tokenizer."""
+    from tunelab.models.load import load_tokenizer
+
+    return load_tokenizer(str(tiny_model))
+
+
+def make_config(tmp_path: Path, model: Path, train: Any, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A config dict for tests: the tiny model, the given data and small, fast defaults."""
+    config: dict[str, Any] = {
+        "model": {"path": str(model)},
+        "method": {"type": "lora", "rank": 4},
+        "data": {"train": [str(p) for p in train] if isinstance(train, list) else str(train), "max_length": 256},
+        "train": {"max_steps": 4, "lr": 1e-3, "batch_tokens": 1024, "log_every": 1, "seed": 0},
+        "output_dir": str(tmp_path / "out"),
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+    return config
+
+
+def write_config(tmp_path: Path, config: dict[str, Any], name: str = "run.yaml") -> Path:
+    """Write a config dict as YAML and return its path."""
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m tunelab ARGS`` in a subprocess (real exit codes, real stderr)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout
+    )
