@@ -42,12 +42,13 @@ def tokenizer(tiny_model: Path):
     return load_tokenizer(str(tiny_model))
 
 
-def make_config(tmp_path: Path, model: Path, train: Any, **sections: dict[str, Any]) -> dict[str, Any]:
+def make_config(tmp_path: Path, model: Path, data_file: Any, **sections: dict[str, Any]) -> dict[str, Any]:
     """A config dict for tests: the tiny model, the given data and small, fast defaults."""
     config: dict[str, Any] = {
         "model": {"path": str(model)},
         "method": {"type": "lora", "rank": 4},
-        "data": {"train": [str(p) for p in train] if isinstance(train, list) else str(train), "max_length": 256},
+        "data": {"train": [str(p) for p in data_file] if isinstance(data_file, list) else str(data_file),
+                 "max_length": 256},
         "train": {"max_steps": 4, "lr": 1e-3, "batch_tokens": 1024, "log_every": 1, "seed": 0},
         "output_dir": str(tmp_path / "out"),
     }

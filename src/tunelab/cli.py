@@ -83,7 +83,7 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     from tunelab.models.load import load_tokenizer, stop_token_ids
 
     config = load_config(args.config, args.overrides)
-    console = Console()
+    console = Console(soft_wrap=True, force_terminal=True if args.style == "color" else None)
     style = args.style if args.style != "auto" else ("color" if console.is_terminal else "brackets")
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code, config.model.revision)
     stop_ids = stop_token_ids(config.model.path, tokenizer, config.model.trust_remote_code)

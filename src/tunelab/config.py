@@ -9,6 +9,7 @@ line and the key, and for an unknown key suggests the closest valid one.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -230,6 +231,9 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and context_mark:
+            problem += f" ({context} started at line {context_mark.line + 1})"
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     if data is None:
         data = {}
@@ -280,10 +284,43 @@ def all_keys(model: type[BaseModel] = TunelabConfig, prefix: str = "") -> list[s
     return keys
 
 
+# Names other tools use for our keys, so that "did you mean" finds them.
+ALIASES = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "micro_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler_type": "train.schedule",
+    "lr_scheduler": "train.schedule",
+    "warmup": "train.warmup_ratio",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "lora_rank": "method.rank",
+    "lora_r": "method.rank",
+    "lora_alpha": "method.alpha",
+    "lora_dropout": "method.dropout",
+    "lora_target_modules": "method.target_modules",
+    "finetuning_type": "method.type",
+    "model_name_or_path": "model.path",
+    "base_model": "model.path",
+    "dataset": "data.train",
+    "sequence_len": "data.max_length",
+    "cutoff_len": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "sample_packing": "data.packing",
+    "output": "output_dir",
+}
+
+
 def suggest_key(wrong: str) -> str | None:
     """The valid key closest to a wrong dotted key, or None when nothing is close."""
     valid = all_keys()
     section, _, leaf = wrong.rpartition(".")
+    alias = difflib.get_close_matches(leaf, list(ALIASES), n=1, cutoff=0.8)
+    if alias:
+        return ALIASES[alias[0]]
     candidates = [k for k in valid if k.rpartition(".")[0] == section] if section else []
     for pool in (candidates, valid):
         match = difflib.get_close_matches(wrong, pool, n=1, cutoff=0.6)
@@ -298,28 +335,44 @@ def suggest_key(wrong: str) -> str | None:
     return leaves[match[0]] if match else None
 
 
+def _key_of(loc: tuple, keep_unknown: bool) -> str:
+    """The dotted config key of a pydantic error location (dropping union-branch and index parts)."""
+    model: type[BaseModel] | None = TunelabConfig
+    parts: list[str] = []
+    for part in loc:
+        if model is not None and part in model.model_fields:
+            parts.append(str(part))
+            annotation = model.model_fields[part].annotation
+            nested = [a for a in (annotation, *typing.get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+            model = nested[0] if nested else None
+        elif keep_unknown and isinstance(part, str):
+            parts.append(part)
+            break
+        elif model is not None and model is not TunelabConfig:
+            break
+    return ".".join(parts)
+
+
 def _format_errors(exc: ValidationError, source: str, lines: dict[str, int], overridden: set[str]) -> str:
-    messages = []
+    messages: dict[str, str] = {}  # one message per key (a union type reports each branch)
     for error in exc.errors():
-        loc = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
-        # Drop pydantic's union/literal branch tags from the location.
-        loc = [part for part in loc if part not in {"str", "list[str]", "literal['all-linear']", "int", "list[int]"}]
-        key = ".".join(part for part in loc if not part.isdigit()) or "(top level)"
-        where = "command line" if key in overridden else f"{source}:{lines[key]}" if key in lines else source
+        key = _key_of(error["loc"], keep_unknown=error["type"] == "extra_forbidden")
+        from_command_line = key in overridden or any(o.startswith(f"{key}.") for o in overridden)
+        where = "command line" if from_command_line else f"{source}:{lines[key]}" if key in lines else source
         kind = error["type"]
         if kind == "extra_forbidden":
             hint = suggest_key(key)
             text = f"unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
         elif kind == "missing":
             text = f"missing required key '{key}'"
+        elif not key:
+            text = error["msg"].removeprefix("Value error, ")
         else:
             value = error.get("input")
             shown = repr(value) if not isinstance(value, dict) else "a mapping"
             text = f"'{key}' = {shown}: {error['msg']}"
-        entry = f"{where}: {text}"
-        if entry not in messages:
-            messages.append(entry)
-    return "\n".join(messages)
+        messages.setdefault(key, f"{where}: {text}")
+    return "\n".join(messages.values())
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TunelabConfig:

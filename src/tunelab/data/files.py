@@ -35,7 +35,7 @@ def _decode_lines(path: Path) -> list[str]:
     decoded = []
     for number, line in enumerate(lines, start=1):
         try:
-            decoded.append(line.decode("utf-8"))
+            decoded.append(line.decode("utf-8").removesuffix("\r"))  # CRLF line ends, as text mode reads them
         except UnicodeDecodeError as exc:
             raise DataError(
                 f"{path}:{number}: not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
@@ -57,7 +57,22 @@ def _json_rows(path: Path, lines: list[str]) -> Iterator[Row]:
         for index, line in _array_item_lines(text, len(items)):
             yield Row(items[index], f"{path}:{line}")
         return
+    if stripped.startswith("{") and "\n" in stripped.rstrip():
+        _reject_single_object(path, text)
     yield from _jsonl_rows(path, lines)
+
+
+def _reject_single_object(path: Path, text: str) -> None:
+    """A whole file that is one multi-line JSON object reads as bad JSONL; say what it really is."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return  # JSONL (several objects) or broken JSON: the line-by-line reader names the line
+    if isinstance(whole, dict):
+        raise DataError(
+            f"{path}:1: the file is one JSON object (keys {sorted(whole)}), not records; "
+            "write a JSON array of records ([{...}, ...]) or one record per line (JSONL)"
+        )
 
 
 def _array_item_lines(text: str, count: int) -> Iterator[tuple[int, int]]:
@@ -162,7 +177,7 @@ def read_rows(name: str) -> Iterator[Row]:
         count += 1
         yield row
     if count == 0:
-        raise DataError(f"{name}: the file is empty (no records)")
+        raise DataError(f"{name}: no records (the file is empty or holds only blank lines or an empty array)")
 
 
 def file_fingerprint(name: str) -> str:

@@ -129,14 +129,17 @@ def _check_conversation(messages: list[dict[str, str]]) -> None:
 def _from_alpaca(data: dict[str, Any]) -> Conversation:
     if "output" not in data:
         raise DataError("record has no 'output' field")
-    instruction = _text_field(data.get("instruction"), "instruction")
+    instruction = _text_field(data.get("instruction"), "instruction", required=False)
     extra = _text_field(data.get("input"), "input", required=False)
     output = _text_field(data["output"], "output")
     messages: list[dict[str, str]] = []
     system = _text_field(data.get("system"), "system", required=False)
     if system:
         messages.append({"role": "system", "content": system})
-    for turn in data.get("history") or []:
+    history = data.get("history") or []
+    if not isinstance(history, list):
+        raise DataError("'history' must be a list of [user, assistant] pairs")
+    for turn in history:
         if not (isinstance(turn, list | tuple) and len(turn) == 2):
             raise DataError("'history' must be a list of [user, assistant] pairs")
         messages.append({"role": "user", "content": _text_field(turn[0], "history")})
@@ -184,6 +187,8 @@ def _from_messages(data: dict[str, Any]) -> Conversation:
 
 
 def _from_text(data: Any, text_field: str) -> Text:
+    if not isinstance(data, str | dict):
+        raise DataError(f"expected a string or an object with a '{text_field}' field, got {type(data).__name__}")
     text = data if isinstance(data, str) else _text_field(data.get(text_field), text_field)
     if not text.strip():
         raise DataError("text is empty")
@@ -210,9 +215,9 @@ def to_record(row: Row, fmt: Format, text_field: str = "text", system_prompt: st
             if not isinstance(row.data, dict):
                 raise DataError(f"expected an object, got {type(row.data).__name__}")
             record = CONVERTERS[fmt](row.data)
+            _check_conversation(record.messages)
             if system_prompt and record.messages[0]["role"] != "system":
                 record.messages.insert(0, {"role": "system", "content": system_prompt})
-            _check_conversation(record.messages)
     except DataError as exc:
         raise DataError(f"{row.source}: {exc}") from None
     record.source = row.source

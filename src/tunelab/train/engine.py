@@ -14,7 +14,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,15 @@ Evaluator = Callable[[torch.nn.Module, PreTrainedTokenizerBase, str, list[dict]]
 
 @dataclass
 class TrainResult:
-    """Where the run wrote its outputs and how it ended."""
+    """Where the run wrote its outputs, how it ended, and the trained model in memory."""
 
     output_dir: Path
     final_dir: Path
     steps: int
-    final_metrics: dict[str, Any] = field(default_factory=dict)
-    start_metrics: dict[str, Any] = field(default_factory=dict)
+    final_metrics: dict[str, Any]
+    start_metrics: dict[str, Any]
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
 
 
 def seed_everything(seed: int) -> None:
@@ -364,7 +366,7 @@ def train(
     write_run_json(out, cfg, data.fingerprint, device, precision, params, total_steps, elapsed,
                    time.perf_counter() - started, last_eval)
     console.print(f"saved {final_dir}")
-    return TrainResult(out, final_dir, total_steps, last_eval, start_eval)
+    return TrainResult(out, final_dir, total_steps, last_eval, start_eval, model, tokenizer)
 
 
 def save_final(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int],

@@ -1,0 +1,187 @@
+"""The plain Hugging Face + PEFT SFT recipe that ``sft_throughput.py`` measures tunelab against.
+
+This is the loop most fine-tuning scripts and tutorials write by hand: AutoTokenizer +
+AutoModelForCausalLM + ``peft.get_peft_model``, ``tokenizer.apply_chat_template`` per record,
+labels masking the prompt (and the padding) with -100, a torch ``DataLoader`` of batch size 8,
+AdamW with warmup + cosine decay, and
+
+    for batch in loader:
+        loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
+
+Two padding variants:
+
+* ``max_length``: every record padded to ``--max-length`` (``padding="max_length"``), the
+  recipe of many tutorials;
+* ``dynamic``: each batch padded to its longest record (``DataCollatorForSeq2Seq``).
+
+It is run as its own process by ``sft_throughput.py`` (so import and load time count) and writes
+a JSON summary (steps, tokens, per-step losses) to ``--result``. It deliberately imports nothing
+from tunelab. Run it alone with ``python benchmarks/_hf_baseline.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    PreTrainedTokenizerBase,
+    get_cosine_schedule_with_warmup,
+)
+
+IGNORE_INDEX = -100
+
+
+def alpaca_messages(record: dict[str, Any]) -> list[dict[str, str]]:
+    """One alpaca record as chat messages (user = instruction, a blank line, then input if any)."""
+    instruction, extra = record.get("instruction") or "", record.get("input") or ""
+    user = f"{instruction}\n\n{extra}" if instruction and extra else instruction or extra
+    messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def tokenize_record(
+    tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], max_length: int, pad_to_max: bool
+) -> dict[str, list[int]]:
+    """Chat-template one record; labels are -100 on the prompt and on padding.
+
+    The prompt is the conversation up to and including the assistant header
+    (``add_generation_prompt=True``); everything after it (the answer and its end-of-turn
+    token) is trained.
+
+    Args:
+        tokenizer: tokenizer with a chat template and a pad token.
+        record: an alpaca record (instruction, input, output).
+        max_length: truncate (and, with ``pad_to_max``, pad) to this many tokens.
+        pad_to_max: pad with ``padding="max_length"``; otherwise leave unpadded.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and ``labels`` of equal length.
+    """
+    messages = alpaca_messages(record)
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)
+    encoded = tokenizer.apply_chat_template(
+        messages,
+        tokenize=True,
+        return_dict=True,
+        truncation=True,
+        max_length=max_length,
+        padding="max_length" if pad_to_max else False,
+    )
+    ids, mask = list(encoded["input_ids"]), list(encoded["attention_mask"])
+    prompt_len = len(prompt["input_ids"])
+    labels = [
+        IGNORE_INDEX if k < prompt_len or not keep else token for k, (token, keep) in enumerate(zip(ids, mask))
+    ]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pad_to_max_collate(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Stack already padded examples into tensors."""
+    return {key: torch.tensor([e[key] for e in examples]) for key in ("input_ids", "attention_mask", "labels")}
+
+
+def main() -> None:
+    """Train one epoch of LoRA SFT with the plain loop and write the JSON summary."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="HF model directory")
+    parser.add_argument("--data", required=True, help="alpaca JSON file")
+    parser.add_argument("--records", type=int, default=None, help="use only the first N records")
+    parser.add_argument("--padding", choices=["max_length", "dynamic"], required=True)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--warmup-ratio", type=float, default=0.03)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--output-dir", required=True, help="where the adapter is saved")
+    parser.add_argument("--result", required=True, help="JSON summary to write")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    records = json.loads(Path(args.data).read_text(encoding="utf-8"))[: args.records]
+    pad_to_max = args.padding == "max_length"
+    examples = [tokenize_record(tokenizer, r, args.max_length, pad_to_max) for r in records]
+    collate = (
+        pad_to_max_collate
+        if pad_to_max
+        else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    )
+    loader = DataLoader(
+        examples,  # type: ignore[arg-type]
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    lora = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    total_steps = len(loader)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
+
+    losses: list[float] = []
+    real_tokens = computed_tokens = trained_tokens = 0
+    train_start = time.perf_counter()
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        real_tokens += int(batch["attention_mask"].sum())
+        computed_tokens += batch["input_ids"].numel()
+        trained_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+        if len(losses) % 10 == 0 or len(losses) == total_steps:
+            print(f"step {len(losses)}/{total_steps}: loss {losses[-1]:.4f}", flush=True)
+    train_s = time.perf_counter() - train_start
+    model.save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+
+    summary = {
+        "recipe": f"hf_{args.padding}",
+        "steps": total_steps,
+        "records": len(examples),
+        "real_tokens": real_tokens,
+        "computed_tokens": computed_tokens,
+        "trained_tokens": trained_tokens,
+        "losses": losses,
+        "precision": "fp32",
+        "train_loop_s": train_s,
+        "in_process_s": time.perf_counter() - started,
+        "threads": torch.get_num_threads(),
+    }
+    Path(args.result).write_text(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Bad data: every failure is a DataError naming the file (and line), through the API and the CLI.
+
+With ``on_error: skip`` bad records are dropped, counted by reason with the first place each
+happened, and training runs on the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import make_config, run_cli, write_config
+from tunelab.data.records import load_records
+from tunelab.errors import DataError
+
+SKIP_HINT = "(set data.on_error: skip"
+
+
+def jsonl(*rows: object) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+GOOD = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
+
+
+@dataclass
+class Case:
+    """One bad file: its name and bytes, the line the error must name (None: no line applies), the message."""
+
+    name: str
+    content: bytes | None  # None: the file does not exist
+    line: int | None
+    message: str
+    record_level: bool = False  # a bad record (skippable), not an unreadable file
+
+
+CASES = {
+    "jsonl_malformed_line": Case(
+        "bad.jsonl",
+        (jsonl(GOOD, GOOD) + '{"instruction": "x", "output": oops}\n' + jsonl(GOOD, GOOD)).encode(),
+        3,
+        "invalid JSON at column 32: Expecting value",
+    ),
+    "json_array_syntax_error": Case(
+        "bad.json",
+        b'[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c", "output": "d"}\n  {"instruction": "e"}\n]\n',
+        4,
+        "invalid JSON at column 3: Expecting ',' delimiter",
+    ),
+    "alpaca_missing_output": Case(
+        "alpaca.jsonl", jsonl(GOOD, {"instruction": "No answer here."}, GOOD).encode(), 2,
+        "record has no 'output' field", record_level=True,
+    ),
+    "empty_file": Case("empty.jsonl", b"", None, "no records (the file is empty"),
+    "only_blank_lines": Case("blank.jsonl", b"\n   \n\t\n\n", None, "no records (the file is empty or holds only blank lines"),
+    "latin1_bytes": Case(
+        "latin1.jsonl", jsonl(GOOD).encode() + '{"instruction": "Café?", "output": "Oui."}\n'.encode("latin-1"), 2,
+        "not UTF-8 text (byte 0xe9 at column 21); re-encode the file as UTF-8",
+    ),
+    "unknown_sharegpt_speaker": Case(
+        "speaker.json",
+        json.dumps([
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Beep"}]},
+        ], indent=2).encode(),
+        14,  # the line where the second array element starts
+        "unknown speaker 'robot' (expected one of assistant, bot,",
+        record_level=True,
+    ),
+    "no_assistant_message": Case(
+        "noassistant.jsonl",
+        jsonl(
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+            {"conversations": [{"from": "system", "value": "Be nice."}, {"from": "human", "value": "Hi"}]},
+        ).encode(),
+        2,
+        "conversation has no assistant message",
+        record_level=True,
+    ),
+    "missing_file": Case("nowhere.jsonl", None, None, "data file not found"),
+    "unsupported_extension": Case(
+        "data.xml", b"<data/>\n", None, "unsupported file type '.xml'; use one of .csv, .json, .jsonl, .parquet, .txt"
+    ),
+    "csv_wrong_field_count": Case(
+        "rows.csv", b"instruction,output\nSay hi.,Hi!\nAdd 2 and 3.,5,extra\nSay bye.,Bye!\n", 3,
+        "3 fields where the header has 2",
+    ),
+}
+
+
+def write_case(tmp_path: Path, case: Case) -> Path:
+    path = tmp_path / case.name
+    if case.content is not None:
+        path.write_bytes(case.content)
+    return path
+
+
+def expected_prefix(path: Path, case: Case) -> str:
+    return f"{path}:{case.line}: " if case.line is not None else f"{path}: "
+
+
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_load_records_names_file_and_line(tmp_path: Path, case_id: str) -> None:
+    case = CASES[case_id]
+    path = write_case(tmp_path, case)
+    with pytest.raises(DataError) as info:
+        load_records([str(path)])
+    message = str(info.value)
+    assert message.startswith(expected_prefix(path, case) + case.message), message
+    # The skip hint only where skipping would help (a bad record, not an unreadable file).
+    assert (SKIP_HINT in message) == case.record_level
+
+
+def test_jsonl_error_reports_the_first_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "two_bad.jsonl"
+    path.write_text(jsonl(GOOD) + "{not json}\n" + jsonl(GOOD) + "{also: bad}\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: invalid JSON"):
+        load_records([str(path)])
+
+
+def test_non_utf8_in_txt_and_csv(tmp_path: Path) -> None:
+    txt = tmp_path / "t.txt"
+    txt.write_bytes(b"fine line\nna\xefve line\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(txt))}:2: not UTF-8 text \(byte 0xef at column 3\)"):
+        load_records([str(txt)])
+    csv_file = tmp_path / "c.csv"
+    csv_file.write_bytes(b"text\nok\nok\n\xff\xfe\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(csv_file))}:4: not UTF-8 text \(byte 0xff at column 1\)"):
+        load_records([str(csv_file)])
+
+
+def test_directory_is_not_a_data_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}: is a directory; name the data file\(s\) inside it"):
+        load_records([str(tmp_path)])
+
+
+def test_corrupt_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"this is not parquet")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: cannot read Parquet"):
+        load_records([str(path)])
+
+
+def test_error_in_second_file_names_that_file(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text(jsonl(GOOD, GOOD))
+    bad = write_case(tmp_path, CASES["alpaca_missing_output"])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(bad))}:2: record has no 'output' field"):
+        load_records([str(good), str(bad)])
+
+
+# --- on_error: skip -----------------------------------------------------------------------------
+
+MIXED_ROWS = [
+    GOOD,                                              # line 1
+    {"instruction": "No answer."},                     # line 2: no output
+    {"instruction": "Empty answer.", "output": "  "},  # line 3: assistant message is empty
+    {"instruction": "Add 1 and 1.", "output": "2"},    # line 4
+    {"instruction": "Another, no answer."},            # line 5: no output
+    {"instruction": "", "input": "", "output": "x"},   # line 6: nothing to ask
+    {"instruction": "Add 2 and 2.", "output": "4"},    # line 7
+]
+
+
+def test_skip_drops_and_counts_bad_records(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(jsonl(*MIXED_ROWS))
+    records, report = load_records([str(path)], on_error="skip")
+    assert [r.source for r in records] == [f"{path}:1", f"{path}:4", f"{path}:7"]
+    assert (report.read, report.kept) == (7, 3)
+    assert report.skipped == {
+        "record has no 'output' field": 2,
+        "assistant message is empty": 1,
+        "'instruction' and 'input' are both empty": 1,
+    }
+    assert report.examples == {
+        "record has no 'output' field": f"{path}:2",
+        "assistant message is empty": f"{path}:3",
+        "'instruction' and 'input' are both empty": f"{path}:6",
+    }
+    lines = report.summary().splitlines()
+    assert lines[0] == f"2 skipped: record has no 'output' field (first at {path}:2)"
+    assert sorted(lines[1:]) == [
+        f"1 skipped: 'instruction' and 'input' are both empty (first at {path}:6)",
+        f"1 skipped: assistant message is empty (first at {path}:3)",
+    ]
+
+
+def test_skip_counts_across_files_keep_the_first_place(tmp_path: Path) -> None:
+    first = write_case(tmp_path, CASES["no_assistant_message"])
+    second = tmp_path / "more.jsonl"
+    second.write_text(jsonl(
+        {"conversations": [{"from": "human", "value": "Hi"}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "alien", "value": "?"}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    ))
+    records, report = load_records([str(first), str(second)], on_error="skip")
+    assert [r.source for r in records] == [f"{first}:1", f"{second}:3"]
+    assert report.skipped["conversation has no assistant message"] == 2
+    assert report.examples["conversation has no assistant message"] == f"{first}:2"
+    unknown = [reason for reason in report.skipped if reason.startswith("unknown speaker 'alien'")]
+    assert len(unknown) == 1 and report.examples[unknown[0]] == f"{second}:2"
+
+
+def test_skip_when_every_record_is_bad(tmp_path: Path) -> None:
+    path = tmp_path / "allbad.jsonl"
+    path.write_text(jsonl({"instruction": "a"}, {"instruction": "b"}, {"instruction": "c", "output": ""}))
+    with pytest.raises(DataError) as info:
+        load_records([str(path)], on_error="skip")
+    assert str(info.value) == (
+        f"{path}: no usable records\n"
+        f"2 skipped: record has no 'output' field (first at {path}:1)\n"
+        f"1 skipped: assistant message is empty (first at {path}:3)"
+    )
+
+
+@pytest.mark.parametrize("case_id", ["jsonl_malformed_line", "latin1_bytes", "csv_wrong_field_count"])
+def test_skip_does_not_hide_an_unreadable_file(tmp_path: Path, case_id: str) -> None:
+    """Skipping is for bad records; a file that cannot be parsed still stops with its file:line."""
+    case = CASES[case_id]
+    path = write_case(tmp_path, case)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{case.line}: "):
+        load_records([str(path)], on_error="skip")
+
+
+# --- through the CLI ----------------------------------------------------------------------------
+
+
+def assert_clean_cli_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "error: " in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+# Each CLI call costs 6-10 s (mostly imports), so one case per path to the CLI: a file that cannot
+# be parsed (raised by the file reader) and a bad record (raised by the record reader, with the
+# skip hint). Every case of CASES is checked through load_records above.
+@pytest.mark.parametrize("case_id", ["jsonl_malformed_line", "alpaca_missing_output"])
+def test_cli_train_reports_bad_data_without_traceback(tmp_path: Path, tiny_model: Path, case_id: str) -> None:
+    case = CASES[case_id]
+    path = write_case(tmp_path, case)
+    config = write_config(tmp_path, make_config(tmp_path, tiny_model, path))
+    result = run_cli("train", str(config))
+    assert_clean_cli_error(result, f"error: {expected_prefix(path, case)}{case.message}")
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_cli_train_skips_bad_records_and_says_so(tmp_path: Path, tiny_model: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(jsonl(*MIXED_ROWS))
+    config = write_config(
+        tmp_path, make_config(tmp_path, tiny_model, path, data={"on_error": "skip"}, train={"max_steps": 2})
+    )
+    result = run_cli("train", str(config))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Traceback" not in output
+    assert "3 sequences from 7 records" in output
+    assert f"2 skipped: record has no 'output' field (first at {path}:2)" in output
+    assert f"1 skipped: assistant message is empty (first at {path}:3)" in output
+    assert "done: 2 steps" in result.stdout
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in metrics if "loss" in row] == [1, 2]
+    assert (tmp_path / "out" / "final").is_dir()
+
+
+def test_cli_train_when_every_record_is_bad(tmp_path: Path, tiny_model: Path) -> None:
+    path = tmp_path / "allbad.jsonl"
+    path.write_text(jsonl({"instruction": "a"}, {"conversations": []}, {"instruction": "c", "output": ""}))
+    config = write_config(tmp_path, make_config(tmp_path, tiny_model, path, data={"on_error": "skip"}))
+    result = run_cli("train", str(config))
+    assert_clean_cli_error(
+        result,
+        f"error: {path}: no usable records",
+        f"2 skipped: record has no 'output' field (first at {path}:1)",
+        f"1 skipped: assistant message is empty (first at {path}:3)",
+    )
