@@ -44,6 +44,7 @@ CASES = {
         (jsonl(GOOD, GOOD) + '{"instruction": "x", "output": oops}\n' + jsonl(GOOD, GOOD)).encode(),
         3,
         "invalid JSON at column 32: Expecting value",
+        record_level=True,
     ),
     "json_array_syntax_error": Case(
         "bad.json",
@@ -59,7 +60,8 @@ CASES = {
     "only_blank_lines": Case("blank.jsonl", b"\n   \n\t\n\n", None, "no records (the file is empty or holds only blank lines"),
     "latin1_bytes": Case(
         "latin1.jsonl", jsonl(GOOD).encode() + '{"instruction": "Café?", "output": "Oui."}\n'.encode("latin-1"), 2,
-        "not UTF-8 text (byte 0xe9 at column 21); re-encode the file as UTF-8",
+        "not UTF-8 text (byte 0xe9 at byte 21 of the line); re-encode the file as UTF-8",
+        record_level=True,
     ),
     "unknown_sharegpt_speaker": Case(
         "speaker.json",
@@ -88,6 +90,7 @@ CASES = {
     "csv_wrong_field_count": Case(
         "rows.csv", b"instruction,output\nSay hi.,Hi!\nAdd 2 and 3.,5,extra\nSay bye.,Bye!\n", 3,
         "3 fields where the header has 2",
+        record_level=True,
     ),
 }
 
@@ -125,12 +128,13 @@ def test_jsonl_error_reports_the_first_bad_line(tmp_path: Path) -> None:
 def test_non_utf8_in_txt_and_csv(tmp_path: Path) -> None:
     txt = tmp_path / "t.txt"
     txt.write_bytes(b"fine line\nna\xefve line\n")
-    with pytest.raises(DataError, match=rf"^{re.escape(str(txt))}:2: not UTF-8 text \(byte 0xef at column 3\)"):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(txt))}:2: not UTF-8 text \(byte 0xef at byte 3 of the line\)"):
         load_records([str(txt)])
     csv_file = tmp_path / "c.csv"
     csv_file.write_bytes(b"text\nok\nok\n\xff\xfe\n")
-    with pytest.raises(DataError, match=rf"^{re.escape(str(csv_file))}:4: not UTF-8 text \(byte 0xff at column 1\)"):
-        load_records([str(csv_file)])
+    # A CSV cannot be read around a bad line (quotes may span lines): it stops even with skip.
+    with pytest.raises(DataError, match=rf"^{re.escape(str(csv_file))}:4: not UTF-8 text \(byte 0xff at byte 1 of the line\)"):
+        load_records([str(csv_file)], on_error="skip")
 
 
 def test_directory_is_not_a_data_file(tmp_path: Path) -> None:
@@ -219,9 +223,21 @@ def test_skip_when_every_record_is_bad(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case_id", ["jsonl_malformed_line", "latin1_bytes", "csv_wrong_field_count"])
-def test_skip_does_not_hide_an_unreadable_file(tmp_path: Path, case_id: str) -> None:
-    """Skipping is for bad records; a file that cannot be parsed still stops with its file:line."""
+def test_skip_drops_unreadable_lines_and_counts_them(tmp_path: Path, case_id: str) -> None:
+    """A line that cannot be read (truncated JSONL, bad bytes, a wrong CSV row) is one bad record."""
     case = CASES[case_id]
+    path = write_case(tmp_path, case)
+    records, report = load_records([str(path)], on_error="skip")
+    assert case.line not in [int(r.source.rsplit(":", 1)[1]) for r in records]
+    assert report.kept == len(records) >= 1
+    assert list(report.skipped.values()) == [1]
+    assert list(report.examples.values()) == [f"{path}:{case.line}"]
+    assert next(iter(report.skipped)).startswith(case.message)
+
+
+def test_skip_does_not_hide_a_broken_json_array(tmp_path: Path) -> None:
+    """A JSON array with a syntax error cannot be split into records: it stops even with skip."""
+    case = CASES["json_array_syntax_error"]
     path = write_case(tmp_path, case)
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{case.line}: "):
         load_records([str(path)], on_error="skip")

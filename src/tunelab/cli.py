@@ -116,7 +116,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{k} {before[k]:.4g} -> {v:.4g}" if k in before else f"{k} {v:.4g}"
         for k, v in result.final_metrics.items() if isinstance(v, float)
     )
-    print(f"done: {result.steps} steps; {shown}; final model in {result.final_dir}")
+    print(f"done: {result.steps} steps; " + (f"{shown}; " if shown else "") + f"final model in {result.final_dir}")
     return 0
 
 

@@ -23,33 +23,49 @@ SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".txt"}
 
 @dataclass
 class Row:
-    """One raw record and where it came from."""
+    """One raw record and where it came from; ``error`` says why a line could not be read as one.
+
+    A line-level error (a malformed JSONL line, a CSV row with the wrong number of fields, a
+    non-UTF-8 line in JSONL/TXT) leaves the rest of the file readable, so it is reported per
+    row and ``data.on_error: skip`` can drop it. Errors that make the whole file unreadable
+    (a broken JSON array, an unsupported type) raise :class:`DataError` at once.
+    """
 
     data: Any
     source: str
+    error: str | None = None
 
 
-def _decode_lines(path: Path) -> list[str]:
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    decoded = []
-    for number, line in enumerate(lines, start=1):
+def _decode_lines(path: Path) -> tuple[list[str], dict[int, str]]:
+    """The file's lines as text, and the line numbers (1-based) that are not UTF-8, with why."""
+    lines: list[str] = []
+    errors: dict[int, str] = {}
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
         try:
-            decoded.append(line.decode("utf-8").removesuffix("\r"))  # CRLF line ends, as text mode reads them
+            lines.append(line.decode("utf-8").removesuffix("\r"))  # CRLF line ends, as text mode reads them
         except UnicodeDecodeError as exc:
-            raise DataError(
-                f"{path}:{number}: not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
+            errors[number] = (
+                f"not UTF-8 text (byte 0x{line[exc.start]:02x} at byte {exc.start + 1} of the line); "
                 "re-encode the file as UTF-8"
-            ) from None
-    if decoded and decoded[0].startswith("\ufeff"):
-        decoded[0] = decoded[0][1:]
-    return decoded
+            )
+            lines.append("")
+    if lines and lines[0].startswith("\ufeff"):
+        lines[0] = lines[0][1:]
+    return lines, errors
 
 
-def _json_rows(path: Path, lines: list[str]) -> Iterator[Row]:
+def _fail_on_encoding(path: Path, errors: dict[int, str]) -> None:
+    """JSON arrays and CSV cannot be read around a bad line: stop at the first one."""
+    if errors:
+        first = min(errors)
+        raise DataError(f"{path}:{first}: {errors[first]}")
+
+
+def _json_rows(path: Path, lines: list[str], errors: dict[int, str]) -> Iterator[Row]:
     text = "\n".join(lines)
     stripped = text.lstrip()
     if stripped.startswith("["):
+        _fail_on_encoding(path, errors)
         try:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -59,7 +75,7 @@ def _json_rows(path: Path, lines: list[str]) -> Iterator[Row]:
         return
     if stripped.startswith("{") and "\n" in stripped.rstrip():
         _reject_single_object(path, text)
-    yield from _jsonl_rows(path, lines)
+    yield from _jsonl_rows(path, lines, errors)
 
 
 def _reject_single_object(path: Path, text: str) -> None:
@@ -91,17 +107,30 @@ def _array_item_lines(text: str, count: int) -> Iterator[tuple[int, int]]:
         position = end
 
 
-def _jsonl_rows(path: Path, lines: list[str]) -> Iterator[Row]:
+def _jsonl_rows(path: Path, lines: list[str], errors: dict[int, str]) -> Iterator[Row]:
     for number, line in enumerate(lines, start=1):
+        source = f"{path}:{number}"
+        if number in errors:
+            yield Row(None, source, errors[number])
+            continue
         if not line.strip():
             continue
         try:
-            yield Row(json.loads(line), f"{path}:{number}")
+            yield Row(json.loads(line), source)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+            yield Row(None, source, f"invalid JSON at column {exc.colno}: {exc.msg}")
 
 
-def _csv_rows(path: Path, lines: list[str]) -> Iterator[Row]:
+def _text_rows(path: Path, lines: list[str], errors: dict[int, str]) -> Iterator[Row]:
+    for number, line in enumerate(lines, start=1):
+        if number in errors:
+            yield Row(None, f"{path}:{number}", errors[number])
+        elif line.strip():
+            yield Row(line, f"{path}:{number}")
+
+
+def _csv_rows(path: Path, lines: list[str], errors: dict[int, str]) -> Iterator[Row]:
+    _fail_on_encoding(path, errors)
     reader = csv.reader(io.StringIO("\n".join(lines)))
     try:
         header = next(reader, None)
@@ -113,7 +142,8 @@ def _csv_rows(path: Path, lines: list[str]) -> Iterator[Row]:
             if not values:
                 continue
             if len(values) != len(header):
-                raise DataError(f"{path}:{start}: {len(values)} fields where the header has {len(header)}")
+                yield Row(None, f"{path}:{start}", f"{len(values)} fields where the header has {len(header)}")
+                continue
             yield Row(dict(zip(header, values)), f"{path}:{start}")
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: invalid CSV: {exc}") from None
@@ -148,8 +178,10 @@ def _hub_rows(name: str) -> Iterator[Row]:
 def read_rows(name: str) -> Iterator[Row]:
     """Yield the raw rows of one data file (or hub dataset id), each with its ``file:line``.
 
+    Rows whose line cannot be read carry an ``error`` (see :class:`Row`).
+
     Raises:
-        DataError: missing file, unknown extension, invalid JSON/CSV, non-UTF-8 text or no records.
+        DataError: missing file, unknown extension, a broken JSON array or CSV, or no records.
     """
     path = Path(name).expanduser()
     if not path.exists():
@@ -166,13 +198,13 @@ def read_rows(name: str) -> Iterator[Row]:
     if suffix == ".parquet":
         rows: Iterator[Row] = _parquet_rows(path)
     else:
-        lines = _decode_lines(path)
+        lines, errors = _decode_lines(path)
         if suffix in (".json", ".jsonl"):
-            rows = _json_rows(path, lines)
+            rows = _json_rows(path, lines, errors)
         elif suffix == ".csv":
-            rows = _csv_rows(path, lines)
+            rows = _csv_rows(path, lines, errors)
         else:
-            rows = (Row(line, f"{path}:{n}") for n, line in enumerate(lines, start=1) if line.strip())
+            rows = _text_rows(path, lines, errors)
     for row in rows:
         count += 1
         yield row

@@ -257,6 +257,8 @@ def load_records(
                 break
             report.read += 1
             try:
+                if row.error is not None:
+                    raise DataError(f"{row.source}: {row.error}")
                 file_format = file_format or detect_format(row.data, row.source)
                 records.append(to_record(row, file_format, text_field, system_prompt))
             except DataError as exc:
