@@ -107,6 +107,10 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="bf16 base weights and bf16 autocast (GPU)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     parser.add_argument("--output-dir", required=True, help="where the adapter is saved")
     parser.add_argument("--result", required=True, help="JSON summary to write")
     args = parser.parse_args()
@@ -132,7 +136,12 @@ def main() -> None:
         generator=torch.Generator().manual_seed(args.seed),
     )
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    device = torch.device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    model.to(device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     lora = LoraConfig(
         r=args.rank,
         lora_alpha=args.alpha,
@@ -144,20 +153,29 @@ def main() -> None:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    total_steps = len(loader)
+    total_steps = min(len(loader), args.max_steps or len(loader))
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
 
     losses: list[float] = []
+    step_seconds: list[float] = []
+    step_real_tokens: list[int] = []
     real_tokens = computed_tokens = trained_tokens = 0
     train_start = time.perf_counter()
     for batch in loader:
-        loss = model(**batch).loss
+        if len(losses) == total_steps:
+            break
+        step_start = time.perf_counter()
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+        step_seconds.append(time.perf_counter() - step_start)
+        step_real_tokens.append(int(batch["attention_mask"].sum()))
         real_tokens += int(batch["attention_mask"].sum())
         computed_tokens += batch["input_ids"].numel()
         trained_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
@@ -175,7 +193,10 @@ def main() -> None:
         "computed_tokens": computed_tokens,
         "trained_tokens": trained_tokens,
         "losses": losses,
-        "precision": "fp32",
+        "precision": "bf16" if args.bf16 else "fp32",
+        "step_seconds": step_seconds,
+        "step_real_tokens": step_real_tokens,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "train_loop_s": train_s,
         "in_process_s": time.perf_counter() - started,
         "threads": torch.get_num_threads(),

@@ -11,6 +11,17 @@ tokenization, model loading and saving count for every recipe alike):
 2. ``hf_max_length``: the plain loop, every record padded to max_length (``_hf_baseline.py``);
 3. ``hf_dynamic``: the same loop, each batch padded to its longest record.
 
+tunelab packs rows of at most 1600 tokens (``train.batch_tokens``), about 8 records of the mean
+length (~200 tokens), so it takes about as many optimizer steps (and tokens per step) as the
+batch-size-8 baselines and the final losses are comparable.
+
+The full run uses all 999 records of alpaca_en_demo.json, max_length 512 (35 records are
+truncated; at 1024 the pad-to-max recipe alone takes about 10 minutes on 2 cores) and a 7.3M
+parameter Llama (hidden 256, 4 layers, 4 heads, vocab 8000); about 7 minutes in all on 2 idle
+cores. The numbers mean something only on an otherwise idle machine: before each recipe the script
+waits for the CPU to go idle, measures the CPU other processes used while the recipe ran, and runs
+a recipe again when that share was 10% or more (``--wait-idle``, ``--tries``).
+
 Reported per recipe: wall seconds, real (non-pad) tokens per second, tokens computed including
 padding, optimizer steps and the final training loss (the mean step loss over the last 10% of
 steps), then tunelab's speed-up over each baseline (baseline wall / tunelab wall).
@@ -18,7 +29,7 @@ steps), then tunelab's speed-up over each baseline (baseline wall / tunelab wall
 Usage::
 
     python benchmarks/sft_throughput.py            # full run, appends to benchmarks/RESULTS.md
-    python benchmarks/sft_throughput.py --quick    # smoke check: 100 records, smaller model
+    python benchmarks/sft_throughput.py --quick --no-write   # smoke check: ~30 s, 100 records, 0.4M params
     python benchmarks/sft_throughput.py --no-write --recipes tunelab,hf_dynamic
 
 The parent process imports only the standard library; the machine should otherwise be idle.
@@ -50,6 +61,7 @@ LABELS = {
     "hf_max_length": "HF+PEFT, pad to max_length",
     "hf_dynamic": "HF+PEFT, dynamic padding",
 }
+CONTENDED = 0.10  # other processes using this share of the CPU make a measurement untrustworthy
 GOALS = {"hf_max_length": 3.0, "hf_dynamic": 1.3}  # tunelab speed-up the issue asks for
 PACKAGES = ("torch", "transformers", "peft", "datasets", "tokenizers", "accelerate", "tunelab")
 
@@ -90,6 +102,7 @@ class Result:
     losses: list[float] = field(default_factory=list)
     precision: str = "fp32"
     others_cpu: float = 0.0  # share of the machine's CPU used by other processes meanwhile
+    attempt: int = 1  # which try this measurement came from (a contended try is run again)
 
     @property
     def tokens_per_s(self) -> float:
@@ -117,7 +130,7 @@ def busy_cpu_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_for_idle(max_wait_s: float, threshold: float = 0.1, window_s: float = 5.0) -> float:
+def wait_for_idle(max_wait_s: float, threshold: float = CONTENDED, window_s: float = 5.0) -> float:
     """Wait until other processes use under ``threshold`` of the CPU for ``window_s``, at most ``max_wait_s``.
 
     Returns:
@@ -233,6 +246,31 @@ def run_hf(setup: Setup, model: Path, data: Path, work: Path, padding: str) -> R
                   summary["computed_tokens"], summary["losses"], summary["precision"], timed.others_cpu)
 
 
+def measure(name: str, setup: Setup, model: Path, data: Path, work: Path, wait_s: float, tries: int) -> Result:
+    """Run one recipe, again while other processes disturbed it (up to ``tries``); keep the least disturbed try."""
+    attempts: list[Result] = []
+    for attempt in range(1, tries + 1):
+        if wait_s > 0:
+            busy = wait_for_idle(wait_s)
+            if busy >= CONTENDED:
+                print(f"  the machine is still {busy:.0%} busy with other work after {wait_s:.0f} s; running anyway",
+                      flush=True)
+        print(f"running {name}{f' (try {attempt})' if attempt > 1 else ''} ...", flush=True)
+        if name == "tunelab":
+            result = run_tunelab(setup, model, data, work)
+        else:
+            result = run_hf(setup, model, data, work, name.removeprefix("hf_"))
+        result.attempt = attempt
+        print(f"  {result.wall_s:.1f} s, {result.steps} steps, {result.tokens_per_s:,.0f} real tok/s, "
+              f"final loss {result.final_loss:.4f}, other load {result.others_cpu:.0%}", flush=True)
+        attempts.append(result)
+        if result.others_cpu < CONTENDED:
+            break
+        if attempt < tries:
+            print(f"  other processes used {result.others_cpu:.0%} of the CPU meanwhile; running it again", flush=True)
+    return min(attempts, key=lambda r: r.others_cpu)
+
+
 def machine() -> str:
     """CPU model (from lscpu) and core count."""
     model = platform.processor() or platform.machine()
@@ -278,7 +316,8 @@ def table(results: list[Result]) -> str:
         speedup = f"{r.wall_s / base.wall_s:.2f}x" if base else "-"
         lines.append(
             f"| {LABELS[r.recipe]} | {r.wall_s:.1f} | {r.steps} | {r.real_tokens:,} | {r.computed_tokens:,} | "
-            f"{r.tokens_per_s:,.0f} | {r.final_loss:.4f} | {speedup} | {r.others_cpu:.0%} |"
+            f"{r.tokens_per_s:,.0f} | {r.final_loss:.4f} | {speedup} | {r.others_cpu:.0%}"
+            f"{f' (try {r.attempt})' if r.attempt > 1 else ''} |"
         )
     return "\n".join(lines)
 
@@ -290,6 +329,10 @@ def verdicts(results: list[Result]) -> list[str]:
     if ours is None:
         return []
     lines = []
+    contended = [LABELS[r.recipe] for r in results if r.others_cpu >= CONTENDED]
+    if contended:
+        lines.append(f"WARNING: other processes used >= {CONTENDED:.0%} of the CPU during {', '.join(contended)}; "
+                     "those numbers are not trustworthy")
     for name, goal in GOALS.items():
         if name in by_name:
             other = by_name[name]
@@ -316,14 +359,18 @@ def append_results(path: Path, text: str) -> None:
 def parse_args() -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description="One epoch of LoRA SFT: tunelab vs the plain HF+PEFT loop.")
-    parser.add_argument("--quick", action="store_true", help="smoke check: 100 records, a 0.4M-parameter model")
+    parser.add_argument("--quick", action="store_true", help="smoke check: 100 records, a 0.4M-parameter model (start-up dominates; not a measurement)")
     parser.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated subset of {','.join(RECIPES)}")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="alpaca JSON file")
     parser.add_argument("--records", type=int, default=None, help="override the number of records")
+    parser.add_argument("--max-length", type=int, default=None, help="override max_length (full run: 512)")
     parser.add_argument("--wait-idle", type=float, default=None, metavar="SECONDS",
                         help="before each recipe, wait up to this long for other processes to leave the CPU "
                         "idle (default: 300, 0 with --quick)")
+    parser.add_argument("--tries", type=int, default=None,
+                        help=f"run a recipe again (up to this many times in all) when other processes used "
+                        f">= {CONTENDED:.0%}% of the CPU during it; the least contended try is kept (default: 3, 1 with --quick)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep model, logs and outputs here (default: a temp dir, removed)")
     return parser.parse_args()
 
@@ -334,6 +381,8 @@ def main() -> int:
     setup = QUICK if args.quick else FULL
     if args.records is not None:
         setup = replace(setup, records=args.records)
+    if args.max_length is not None:
+        setup = replace(setup, max_length=args.max_length, batch_tokens=max(setup.batch_tokens, args.max_length))
     recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
@@ -356,22 +405,9 @@ def main() -> int:
             run_logged([sys.executable, "-c", "import torch, transformers, peft, datasets, tunelab.train.engine"],
                        work / "warmup.log")
 
-        results: list[Result] = []
-        for name in recipes:
-            wait = args.wait_idle if args.wait_idle is not None else (0 if args.quick else 300)
-            if wait > 0:
-                busy = wait_for_idle(wait)
-                if busy >= 0.1:
-                    print(f"  the machine is still {busy:.0%} busy with other work after {wait:.0f} s; "
-                          "running anyway (see the other load column)", flush=True)
-            print(f"running {name} ...", flush=True)
-            if name == "tunelab":
-                result = run_tunelab(setup, model, data, work)
-            else:
-                result = run_hf(setup, model, data, work, name.removeprefix("hf_"))
-            print(f"  {result.wall_s:.1f} s, {result.steps} steps, {result.tokens_per_s:,.0f} real tok/s, "
-                  f"final loss {result.final_loss:.4f}, other load {result.others_cpu:.0%}", flush=True)
-            results.append(result)
+        wait = args.wait_idle if args.wait_idle is not None else (0 if args.quick else 300)
+        tries = max(1, args.tries if args.tries is not None else (1 if args.quick else 3))
+        results = [measure(name, setup, model, data, work, wait, tries) for name in recipes]
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -24,7 +24,8 @@ class Batch:
     """One micro-batch, ready for the model.
 
     ``attention_mask`` is None for packed rows; ``seq_lens`` then lists the sequence lengths of
-    each row (for the packed attention kernel).
+    each row (for the packed attention kernel) and ``trained_positions`` the positions of the
+    single row that have a target (the only ones whose logits are needed).
     """
 
     input_ids: torch.Tensor
@@ -34,12 +35,13 @@ class Batch:
     seq_lens: list[list[int]] | None
     num_tokens: int
     num_trained: int
+    trained_positions: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         """This batch on another device."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.targets), move(self.position_ids), move(self.attention_mask),
-                     self.seq_lens, self.num_tokens, self.num_trained)
+                     self.seq_lens, self.num_tokens, self.num_trained, move(self.trained_positions))
 
     def model_inputs(self) -> dict:
         """Keyword arguments for the model's forward."""
@@ -106,6 +108,7 @@ def collate_packed(examples: Sequence[dict]) -> Batch:
         positions.extend(range(len(example["input_ids"])))
         lengths.append(len(example["input_ids"]))
     target_tensor = torch.tensor([targets])
+    trained = (target_tensor[0] != IGNORE_INDEX).nonzero().squeeze(1)
     return Batch(
         input_ids=torch.tensor([ids]),
         targets=target_tensor,
@@ -113,7 +116,8 @@ def collate_packed(examples: Sequence[dict]) -> Batch:
         attention_mask=None,
         seq_lens=[lengths],
         num_tokens=len(ids),
-        num_trained=int((target_tensor != IGNORE_INDEX).sum()),
+        num_trained=len(trained),
+        trained_positions=trained,
     )
 
 

@@ -49,20 +49,15 @@ def packed_sdpa_forward(
     lengths = kwargs.get("packed_seq_lens") or segment_lengths(position_ids.expand(query.shape[0], -1))
     rows = []
     for row, row_lengths in enumerate(lengths):
-        pieces, start = [], 0
-        for length in row_lengths:
-            end = start + length
-            out, _ = sdpa_attention_forward(
-                module,
-                query[row : row + 1, :, start:end],
-                key[row : row + 1, :, start:end],
-                value[row : row + 1, :, start:end],
-                None,
-                dropout=dropout,
-                scaling=scaling,
+        # split (not slicing): its backward is one concatenation, not a full-size zero tensor per piece.
+        pieces = [
+            sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling)[0]
+            for q, k, v in zip(
+                query[row : row + 1].split(row_lengths, dim=2),
+                key[row : row + 1].split(row_lengths, dim=2),
+                value[row : row + 1].split(row_lengths, dim=2),
             )
-            pieces.append(out)
-            start = end
+        ]
         rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
     return (torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]), None
 

@@ -348,6 +348,8 @@ def train(
                     "tokens": state["tokens"],
                     "tokens_per_s": log_tokens / max(now - log_start, 1e-9),
                     "elapsed_s": round(state["elapsed"] + now - window_start, 2),
+                    **({"peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
+                       if device.type == "cuda" else {}),
                 })
                 log_loss, log_tokens, log_trained, log_start = 0.0, 0, 0, now
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total_steps:
