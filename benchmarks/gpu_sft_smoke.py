@@ -16,7 +16,8 @@ Run on the GPU machine (the data file and wheels travel in ignored folders):
 
     python benchmarks/gpu_sft_smoke.py --data .gpu/alpaca_en_demo.json --out $OUT
 
-It writes ``results.json`` and ``table.md`` under ``--out`` and prints the table.
+It writes ``results.json``, ``table.md`` and ``runs.log`` (every run's output) under ``--out`` and
+prints the table.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 MAX_LENGTH = 2048
 BATCH_TOKENS = 16384
 SMOKE = False  # --smoke: a tiny model on the CPU, to check this script without a GPU
+LOG_FILE = Path("runs.log")  # set under --out by main()
 
 
 def log(text: str) -> None:
@@ -44,9 +46,14 @@ def log(text: str) -> None:
 
 
 def run(command: list[str], log_file: Path, timeout: float) -> float:
-    """Run a command, its output to ``log_file``; return wall seconds (raise on failure)."""
+    """Run a command, appending its output to ``log_file``; return wall seconds (raise on failure).
+
+    All runs share one log file under ``--out`` so it comes back even when the call times out.
+    """
     start = time.perf_counter()
-    with log_file.open("w") as handle:
+    with log_file.open("a") as handle:
+        handle.write(f"\n===== {' '.join(command)}\n")
+        handle.flush()
         result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO)
     if result.returncode != 0:
         print(log_file.read_text()[-4000:], flush=True)
@@ -113,7 +120,7 @@ def run_tunelab(name: str, config: dict[str, Any], work: Path, *extra: str) -> d
 
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    wall = run([sys.executable, "-m", "tunelab", "train", str(path), *extra], work / f"{name}.log", timeout=400)
+    wall = run([sys.executable, "-m", "tunelab", "train", str(path), *extra], LOG_FILE, timeout=400)
     rows = [json.loads(line) for line in (Path(config["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     timed = [r for r in steps if r["step"] > 5] or steps
@@ -135,7 +142,7 @@ def run_hf(name: str, model_dir: Path, data: Path, work: Path, padding: str, ste
                "--result", str(result)] + ([] if SMOKE else ["--device", "cuda", "--bf16"])
     if checkpointing:
         command.append("--gradient-checkpointing")
-    wall = run(command, work / f"{name}.log", timeout=400)
+    wall = run(command, LOG_FILE, timeout=400)
     summary = json.loads(result.read_text())
     seconds, tokens = summary["step_seconds"][3:], summary["step_real_tokens"][3:]
     return {
@@ -170,10 +177,11 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/tunelab-gpu", help="scratch folder")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script only")
     args = parser.parse_args()
-    global SMOKE
+    global SMOKE, LOG_FILE
     SMOKE = args.smoke
     out, work, data = Path(args.out), Path(args.work), Path(args.data).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    LOG_FILE = out / "runs.log"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     os.environ.setdefault("TUNELAB_CACHE", str(work / "cache"))

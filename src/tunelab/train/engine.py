@@ -295,10 +295,10 @@ def train(
                         cfg.train.keep_checkpoints)
 
     window_start = time.perf_counter()
-    start_eval = run_evaluation(0) if cfg.train.eval_at_start and start_step == 0 else {}
-    log_loss, log_tokens, log_trained, log_start = 0.0, 0, 0, time.perf_counter()
     last_eval: dict[str, Any] = {}
     try:
+        start_eval = run_evaluation(0) if cfg.train.eval_at_start and start_step == 0 else {}
+        log_loss, log_tokens, log_trained, log_start = 0.0, 0, 0, time.perf_counter()
         for step in range(start_step, total_steps):
             model.train()
             end = state["micro"] + grad_accum if total_micro is None else min(state["micro"] + grad_accum, total_micro)
