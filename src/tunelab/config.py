@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, read_user_text
 
 
 class _Section(BaseModel):
@@ -218,15 +218,11 @@ def _compose_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    text = read_user_text(path, "config file", ConfigError)
+    loader = _LineLoader(text)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.load(text, Loader=_LineLoader)
+        node = loader.get_single_node()  # parsed once: the node gives key lines, then the data
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -235,6 +231,8 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         if context and context_mark:
             problem += f" ({context} started at line {context_mark.line + 1})"
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from tunelab.data.templates import BUILTIN_TEMPLATES
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, read_user_text
 
 SPECIAL_TOKENS = {
     "bos_token": "<s>",
@@ -32,16 +32,7 @@ def default_corpus() -> str:
 
 
 def _corpus_lines(corpus_file: str | Path | None) -> list[str]:
-    if corpus_file is None:
-        text = default_corpus()
-    else:
-        path = Path(corpus_file)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise TunelabError(f"{path}: tokenizer corpus not found") from None
-        except UnicodeDecodeError as exc:
-            raise TunelabError(f"{path}: tokenizer corpus is not UTF-8 text (byte {exc.start})") from None
+    text = default_corpus() if corpus_file is None else read_user_text(corpus_file, "tokenizer corpus")
     # JSON/JSONL corpora: train on the string values, not on the JSON punctuation.
     lines: list[str] = []
     for line in text.splitlines():
