@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ALPACA_DEMO, SHAREGPT_DEMO, make_config, run_cli, write_config
-from tunelab.config import config_from_dict
+from tunelab.config import ModelConfig, config_from_dict
 from tunelab.data.tokenize import prepare_data
-from tunelab.models.load import load_tokenizer, stop_token_ids
+from tunelab.errors import TunelabError
+from tunelab.models.load import load_model, load_tokenizer, stop_token_ids
 
 
 def test_help_lists_the_subcommands():
@@ -84,3 +87,20 @@ def test_tokenized_data_is_cached_by_fingerprint(tmp_path, tiny_model):
     data_copy.write_text(json.dumps(records))
     edited = config.data.model_copy(update={"train": [str(data_copy)]})
     assert not prepare_data(edited, "sft", 0, tokenizer, stops).train_report.from_cache
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    config = write_config(tmp_path, make_config(tmp_path, tmp_path / "no" / "such-model", ALPACA_DEMO))
+    result = run_cli("train", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"model.path {tmp_path / 'no' / 'such-model'}: no such model directory" in result.stderr
+
+
+def test_pickled_weights_are_never_loaded(tmp_path, tiny_model):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model, pickled)
+    state = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    (pickled / "model.safetensors").unlink()
+    torch.save(state, pickled / "pytorch_model.bin")
+    with pytest.raises(TunelabError, match="no safetensors weights found; tunelab never loads pickled"):
+        load_model(ModelConfig(path=str(pickled)), torch.float32, torch.device("cpu"))

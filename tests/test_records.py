@@ -251,7 +251,7 @@ def test_alpaca_parquet_nulls_and_history(tmp_path: Path) -> None:
 def test_alpaca_history_must_be_pairs(tmp_path: Path) -> None:
     for history in (5, [["only one"]], "text"):
         path = write_jsonl(tmp_path / "h.jsonl", [{"instruction": "q", "output": "a", "history": history}])
-        with pytest.raises(DataError, match=rf"h\.jsonl:1: 'history' must be a list of \[user, assistant\] pairs"):
+        with pytest.raises(DataError, match=r"h\.jsonl:1: 'history' must be a list of \[user, assistant\] pairs"):
             load_records([str(path)])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -58,9 +59,13 @@ def resolve_load_dtype(model_cfg: ModelConfig, method_type: str, device: torch.d
     return torch.float32
 
 
+def _looks_like_hub_id(path: str) -> bool:
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None and not path.startswith(".")
+
+
 def _check_local(path: str) -> None:
     local = Path(path).expanduser()
-    if local.exists() or path.startswith((".", "/", "~")):
+    if local.exists() or not _looks_like_hub_id(path):
         if not local.is_dir():
             raise TunelabError(f"model.path {path}: no such model directory")
         if not (local / "config.json").is_file():
