@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ALPACA_DEMO, SHAREGPT_DEMO, make_config, run_cli, write_config
+from conftest import ALPACA_DEMO, ARITHMETIC_TRAIN, SHAREGPT_DEMO, make_config, run_cli, write_config
 from tunelab.config import ModelConfig, config_from_dict
 from tunelab.data.tokenize import prepare_data
 from tunelab.errors import TunelabError
@@ -104,3 +104,16 @@ def test_pickled_weights_are_never_loaded(tmp_path, tiny_model):
     torch.save(state, pickled / "pytorch_model.bin")
     with pytest.raises(TunelabError, match="no safetensors weights found; tunelab never loads pickled"):
         load_model(ModelConfig(path=str(pickled)), torch.float32, torch.device("cpu"))
+
+
+def test_multi_process_tokenization_gives_the_same_data(tmp_path, tiny_model):
+    tokenizer = load_tokenizer(str(tiny_model))
+    stops = stop_token_ids(str(tiny_model), tokenizer)
+    results = {}
+    for procs in (1, 2):
+        config = config_from_dict(make_config(tmp_path, tiny_model, ARITHMETIC_TRAIN,
+                                              data={"num_proc": procs, "cache_dir": str(tmp_path / f"c{procs}")}))
+        results[procs] = prepare_data(config.data, "sft", 0, tokenizer, stops)
+    assert len(results[2].train) == 4000
+    assert results[2].train["input_ids"] == results[1].train["input_ids"]
+    assert results[2].train["labels"] == results[1].train["labels"]
