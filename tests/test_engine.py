@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from conftest import ALPACA_DEMO, SHARED_DATA, make_config
 from tunelab.config import config_from_dict
 from tunelab.data.packing import collate_packed, collate_padded
-from tunelab.errors import TrainingError, TunelabError
+from tunelab.errors import ConfigError, TrainingError, TunelabError
+from tunelab.eval.generation_eval import GenerationEvaluator
 from tunelab.train.engine import backward_window, train
 from tunelab.train.reporting import read_metrics
 from test_packing import random_examples
@@ -155,3 +156,18 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
     assert not list((tmp_path / "out" / "checkpoints").glob(".tmp-*"))
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
     assert state["step"] >= 1
+
+
+def test_generation_metrics_are_logged_during_training(tmp_path, tiny_model):
+    config = config_from_dict(make_config(
+        tmp_path, tiny_model, ALPACA_DEMO, data={"val_ratio": 0.02},
+        train={"max_steps": 2, "eval_every": 1},
+        eval={"generate_samples": 4, "max_new_tokens": 8, "metrics": ["exact_match", "bleu", "distinct_1"]},
+    ))
+    result = train(config, evaluators=[GenerationEvaluator(config.eval)])
+    rows = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert {"eval_exact_match", "eval_bleu", "eval_distinct_1"} <= row.keys()
+    with pytest.raises(ConfigError, match="unknown metric"):
+        config_from_dict(make_config(tmp_path, tiny_model, ALPACA_DEMO, eval={"metrics": ["bleux"]}))

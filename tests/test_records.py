@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ALPACA_DEMO, SHAREGPT_DEMO, SHARED_DATA
 from tunelab.data.files import read_rows
-from tunelab.data.records import Conversation, LoadReport, Text, detect_format, load_records, to_record
+from tunelab.data.records import Conversation, LoadReport, Text, detect_format, load_prompts, load_records, to_record
 from tunelab.errors import DataError
 
 C4_DEMO = SHARED_DATA / "llamafactory_demo" / "c4_demo.jsonl"
@@ -354,8 +354,8 @@ def test_detection_is_per_file(tmp_path: Path) -> None:
 
 
 def test_undetectable_record_lists_its_keys(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "u.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"u\.jsonl:1: cannot detect the data format from keys \['answer', 'question'\]"):
+    path = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "q", "completion": "a"}])
+    with pytest.raises(DataError, match=r"u\.jsonl:1: cannot detect the data format from keys \['completion', 'prompt'\]"):
         load_records([str(path)])
 
 
@@ -491,3 +491,37 @@ def test_real_pretraining_text_demos() -> None:
     assert wiki[0].text.startswith("Anarchism is a political philosophy and movement")
     assert wiki[1].text.startswith("Autism is a neurodevelopmental disorder")
     assert not any(r.text != r.text.strip("\r\n") for r in wiki)
+
+
+def test_question_answer_records_gsm8k(tmp_path: Path) -> None:
+    gsm8k = SHARED_DATA / "gsm8k" / "test.jsonl"
+    if not gsm8k.is_file():
+        pytest.skip("shared data not available")
+    records, report = load_records([str(gsm8k)], limit=5)
+    first = json.loads(gsm8k.read_text().splitlines()[0])
+    assert [m["role"] for m in records[0].messages] == ["user", "assistant"]
+    assert records[0].messages[0]["content"] == first["question"]
+    assert records[0].messages[1]["content"] == first["answer"] and "####" in first["answer"]
+    prompts, _ = load_prompts([str(gsm8k)], limit=5)
+    assert prompts[0].messages == [{"role": "user", "content": first["question"]}]
+    assert prompts[0].reference == first["answer"] and prompts[0].source == f"{gsm8k}:1"
+
+
+def test_prompts_take_the_final_assistant_turn_as_reference(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "No answer yet"}]},
+        {"instruction": "Add 1 and 2."},
+        {"instruction": "Add 2 and 2.", "output": "4"},
+        {"messages": [{"role": "assistant", "content": "only me"}]},
+    ])
+    prompts, report = load_prompts([str(path)], fmt="auto")
+    assert [p.reference for p in prompts] == ["Hello", None]
+    # Detection is per file from its first record (messages), so the alpaca rows are bad records here.
+    assert report.kept == 2 and sum(report.skipped.values()) == 3
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add 1 and 2."}, {"instruction": "Add 2 and 2.", "output": "4"}])
+    prompts, _ = load_prompts([str(alpaca)])
+    assert [(p.messages[-1]["content"], p.reference) for p in prompts] == [("Add 1 and 2.", None), ("Add 2 and 2.", "4")]
+    with pytest.raises(DataError, match="prompt has no user message"):
+        load_prompts([str(write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "assistant", "content": "x"}]}]))],
+                     on_error="fail")

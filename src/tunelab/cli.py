@@ -7,6 +7,7 @@ non-zero; only bugs show a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -105,11 +106,11 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
-    from tunelab.eval.exact_match import ExactMatchEvaluator
+    from tunelab.eval.generation_eval import GenerationEvaluator
     from tunelab.train.engine import train
 
     config = load_config(args.config, args.overrides)
-    evaluators = [ExactMatchEvaluator(config.eval)] if config.eval.generate_samples else []
+    evaluators = [GenerationEvaluator(config.eval)] if config.eval.generate_samples else []
     result = train(config, resume=args.resume, overwrite=args.overwrite, evaluators=evaluators)
     before = result.start_metrics
     shown = ", ".join(
@@ -118,6 +119,67 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     print(f"done: {result.steps} steps; " + (f"{shown}; " if shown else "") + f"final model in {result.final_dir}")
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+    from tunelab.eval.report import markdown_table, write_eval_report
+    from tunelab.eval.suite import EvalOptions, check_thresholds, device_dtype, run_eval
+    from tunelab.models.load import generation_stop_ids, load_for_inference, resolve_device
+
+    defaults: dict = {}
+    model_path, files = args.model, args.data or []
+    if args.config:
+        config = load_config(args.config, args.overrides)
+        model_path = model_path or str(Path(config.output_dir) / "final")
+        files = files or list(config.data.eval or [])
+        defaults = {"template": config.data.template, "max_length": config.data.max_length,
+                    "answer_pattern": config.eval.answer_pattern, "max_new_tokens": config.eval.max_new_tokens}
+    if not model_path or not files or not args.out:
+        raise TunelabError("tunelab eval needs --model (or --config), --data (or data.eval in the config) and --out")
+    options = EvalOptions(
+        metrics=[m.strip() for m in args.metrics.split(",")] if args.metrics else None,
+        max_new_tokens=args.max_new_tokens or defaults.get("max_new_tokens", 256),
+        batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        max_length=args.max_length or defaults.get("max_length", 2048), packing=not args.no_packing,
+        template=args.template or defaults.get("template", "auto"),
+        answer_pattern=args.answer_pattern or defaults.get("answer_pattern", EvalOptions.answer_pattern),
+        max_samples=args.max_samples,
+    )
+    device = resolve_device(args.device)
+    model, tokenizer = load_for_inference(model_path, args.adapter, device, device_dtype(device))
+    description = {"model": model_path, "adapter": args.adapter, "device": str(device)}
+    stop_ids = generation_stop_ids(model.generation_config, tokenizer)
+    results = run_eval(model, tokenizer, files, args.out, options, stop_ids, description)
+    predictions = [json.loads(line) for line in (Path(args.out) / "predictions.jsonl").read_text().splitlines()]
+    write_eval_report(args.out, results, predictions)
+    rows = [[name, value] for name, value in results["metrics"].items()]
+    print(markdown_table(["metric", "value"], rows))
+    print(f"wrote {args.out}/results.json, predictions.jsonl, report.md, report.html")
+    failures = check_thresholds(results["metrics"], args.fail_below or [])
+    for failure in failures:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from tunelab.eval.compare import run_compare
+    from tunelab.eval.report import markdown_table, write_compare_report
+    from tunelab.eval.suite import check_thresholds
+
+    results = run_compare(args.predictions or [], args.judge, args.out, judge_model=args.judge_model,
+                          labels_path=args.labels, resamples=args.resamples, seed=args.seed,
+                          answer_pattern=args.answer_pattern)
+    write_compare_report(args.out, results)
+    rows = [[p["model_a"], p["model_b"], p["wins"], p["ties"], p["losses"], p["no_verdict"], p["win_rate"],
+             p["ci_low"], p["ci_high"], p["p_value"]] for p in results["pairs"]]
+    print(markdown_table(["A", "B", "wins", "ties", "losses", "no verdict", "win rate", "ci_low", "ci_high", "p"], rows))
+    print(f"wrote {args.out}/results.json, verdicts.jsonl, report.md, report.html")
+    first = results["pairs"][0]
+    failures = check_thresholds({k: first[k] for k in ("win_rate", "ci_low", "ci_high")}, args.fail_below or [])
+    for failure in failures:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +226,44 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("-n", type=int, default=3, help="examples to show")
     preview.add_argument("--style", choices=["auto", "color", "brackets"], default="auto")
     preview.set_defaults(func=_cmd_data_preview)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model (or base + adapter) on eval sets")
+    evaluate.add_argument("overrides", nargs="*", help="section.key=value for --config")
+    evaluate.add_argument("--model", help="HF model directory, or a PEFT adapter directory")
+    evaluate.add_argument("--adapter", help="PEFT adapter directory on top of --model")
+    evaluate.add_argument("--config", help="a training config: its output_dir/final and data.eval by default")
+    evaluate.add_argument("--data", action="append", help="eval file (repeat for several sets)")
+    evaluate.add_argument("--out", help="output directory")
+    evaluate.add_argument("--metrics", help="comma-separated metric names (default: all)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=None)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: seeded sampling")
+    evaluate.add_argument("--top-p", type=float, default=1.0)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--max-length", type=int, default=None, help="longest prompt + answer in tokens")
+    evaluate.add_argument("--no-packing", action="store_true", help="padded batches for the perplexity pass")
+    evaluate.add_argument("--template", choices=["auto", "tokenizer", "chatml", "llama3", "alpaca", "plain"])
+    evaluate.add_argument("--max-samples", type=int, default=None, help="first N examples of each set")
+    evaluate.add_argument("--answer-pattern", default=None, help="regex whose group 1 is the final answer")
+    evaluate.add_argument("--fail-below", action="append", metavar="METRIC=VALUE",
+                          help="exit 1 when a metric is below the value (CI regression gate)")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    compare = commands.add_parser("compare", help="A/B test models' predictions: win rates with CIs")
+    compare.add_argument("--predictions", action="append", metavar="[NAME=]FILE",
+                         help="predictions.jsonl of one model (tunelab eval); give two or more")
+    compare.add_argument("--judge", default="metric:exact_match",
+                         help="metric:NAME, openai:BASE_URL, hf:MODEL_DIR or labels (default metric:exact_match)")
+    compare.add_argument("--judge-model", help="model name for an OpenAI-compatible judge")
+    compare.add_argument("--labels", help="human labels JSONL {id, model_a, model_b, winner} for --judge labels")
+    compare.add_argument("--out", required=True, help="output directory")
+    compare.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--answer-pattern", default=None, help="regex whose group 1 is the final answer")
+    compare.add_argument("--fail-below", action="append", metavar="METRIC=VALUE",
+                         help="exit 1 when win_rate/ci_low/ci_high of the first pair is below the value")
+    compare.set_defaults(func=_cmd_compare)
 
     train = commands.add_parser("train", help="fine-tune a model from a config")
     train.add_argument("config")

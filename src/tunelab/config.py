@@ -93,7 +93,7 @@ class DataConfig(_Section):
 
     train: list[str] = Field(description="Training data file(s): JSON, JSONL, CSV, Parquet or TXT, or a hub dataset id.")
     eval: list[str] | None = Field(None, description="Held-out data file(s). Without it, val_ratio splits train.")
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = Field(
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "qa", "text"] = Field(
         "auto", description="Record format; auto detects it from the first record."
     )
     val_ratio: float = Field(
@@ -174,6 +174,20 @@ class EvalConfig(_Section):
         description="Regex whose first group is the final answer, for exact_match; the whole text when it does not match.",
     )
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    metrics: list[str] = Field(
+        default_factory=lambda: ["exact_match"],
+        description="Generation metrics logged at each evaluation as eval_<name> (see tunelab eval --metrics).",
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, names: list[str]) -> list[str]:
+        from tunelab.eval.metrics import METRICS
+
+        unknown = [name for name in names if name not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+        return names
 
 
 class TunelabConfig(_Section):

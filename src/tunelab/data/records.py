@@ -16,7 +16,7 @@ from typing import Any, Literal
 from tunelab.data.files import Row, read_rows
 from tunelab.errors import DataError
 
-Format = Literal["alpaca", "sharegpt", "messages", "text"]
+Format = Literal["alpaca", "sharegpt", "messages", "qa", "text"]
 ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {
     "human": "user",
@@ -47,6 +47,15 @@ class Text:
     """Raw text for continued pretraining."""
 
     text: str
+    source: str = ""
+
+
+@dataclass
+class Prompt:
+    """Messages to answer (ending with a user or tool turn) and an optional reference answer."""
+
+    messages: list[dict[str, str]]
+    reference: str | None = None
     source: str = ""
 
 
@@ -90,11 +99,13 @@ def detect_format(data: Any, source: str) -> Format:
         return "sharegpt"
     if "instruction" in data or ("output" in data and "input" in data):
         return "alpaca"
+    if "question" in data and "answer" in data:
+        return "qa"
     if "text" in data:
         return "text"
     raise DataError(
         f"{source}: cannot detect the data format from keys {sorted(data)}; "
-        "expected messages, conversations, instruction/output or text (or set data.format)"
+        "expected messages, conversations, instruction/output, question/answer or text (or set data.format)"
     )
 
 
@@ -195,10 +206,19 @@ def _from_text(data: Any, text_field: str) -> Text:
     return Text(text)
 
 
-CONVERTERS: dict[str, Callable[[Any], Record]] = {
+def _from_qa(data: dict[str, Any]) -> Conversation:
+    question = _text_field(data.get("question"), "question")
+    if not question.strip():
+        raise DataError("'question' is empty")
+    return Conversation([{"role": "user", "content": question},
+                         {"role": "assistant", "content": _text_field(data.get("answer"), "answer")}])
+
+
+CONVERTERS: dict[str, Callable[[Any], Conversation]] = {
     "alpaca": _from_alpaca,
     "sharegpt": _from_sharegpt,
     "messages": _from_messages,
+    "qa": _from_qa,
 }
 
 
@@ -224,6 +244,71 @@ def to_record(row: Row, fmt: Format, text_field: str = "text", system_prompt: st
     return record
 
 
+def to_prompt(row: Row, fmt: Format, text_field: str = "text", system_prompt: str | None = None) -> Prompt:
+    """Convert one raw row into a prompt: a final assistant turn, when present, is the reference.
+
+    Records without an answer are valid prompts (alpaca without ``output``, a conversation
+    ending with the user); their reference is None.
+
+    Raises:
+        DataError: the row cannot be read as a prompt; the message starts with its source.
+    """
+    try:
+        if fmt == "text":
+            raise DataError("a plain-text record is not a prompt (expected a conversation or instruction)")
+        if not isinstance(row.data, dict):
+            raise DataError(f"expected an object, got {type(row.data).__name__}")
+        data = row.data
+        if fmt == "alpaca" and data.get("output") is None:
+            data = {**data, "output": ""}
+        if fmt == "qa" and data.get("answer") is None:
+            data = {**data, "answer": ""}
+        messages = CONVERTERS[fmt](data).messages
+        reference = None
+        if messages and messages[-1]["role"] == "assistant":
+            reference = messages.pop()["content"] or None
+        if not any(m["role"] == "user" for m in messages):
+            raise DataError("prompt has no user message")
+        if system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system_prompt})
+    except DataError as exc:
+        raise DataError(f"{row.source}: {exc}") from None
+    return Prompt(messages, reference, row.source)
+
+
+def _load(
+    files: Iterable[str],
+    fmt: Literal["auto"] | Format,
+    on_error: Literal["fail", "skip"],
+    limit: int | None,
+    convert: Callable[[Row, Format], Any],
+) -> tuple[list, LoadReport]:
+    files = list(files)
+    items: list = []
+    report = LoadReport()
+    for name in files:
+        file_format = None if fmt == "auto" else fmt
+        for row in read_rows(name):
+            if limit is not None and len(items) >= limit:
+                break
+            report.read += 1
+            try:
+                if row.error is not None:
+                    raise DataError(f"{row.source}: {row.error}")
+                file_format = file_format or detect_format(row.data, row.source)
+                items.append(convert(row, file_format))
+            except DataError as exc:
+                if on_error == "fail":
+                    raise DataError(f"{exc}\n(set data.on_error: skip to drop bad records and count them)") from None
+                reason = str(exc).removeprefix(f"{row.source}: ")
+                report.skip(reason, row.source)
+    report.kept = len(items)
+    if not items:
+        detail = f"\n{report.summary()}" if report.skipped else ""
+        raise DataError(f"{', '.join(files)}: no usable records{detail}")
+    return items, report
+
+
 def load_records(
     files: Iterable[str],
     fmt: Literal["auto"] | Format = "auto",
@@ -232,7 +317,7 @@ def load_records(
     system_prompt: str | None = None,
     limit: int | None = None,
 ) -> tuple[list[Record], LoadReport]:
-    """Read data files into canonical records.
+    """Read data files into canonical records (conversations or texts) for training.
 
     Args:
         files: data files (or hub dataset ids).
@@ -248,26 +333,18 @@ def load_records(
     Raises:
         DataError: a file cannot be read, or (``fail``) a record is bad, or no record is usable.
     """
-    records: list[Record] = []
-    report = LoadReport()
-    for name in files:
-        file_format = None if fmt == "auto" else fmt
-        for row in read_rows(name):
-            if limit is not None and len(records) >= limit:
-                break
-            report.read += 1
-            try:
-                if row.error is not None:
-                    raise DataError(f"{row.source}: {row.error}")
-                file_format = file_format or detect_format(row.data, row.source)
-                records.append(to_record(row, file_format, text_field, system_prompt))
-            except DataError as exc:
-                if on_error == "fail":
-                    raise DataError(f"{exc}\n(set data.on_error: skip to drop bad records and count them)") from None
-                reason = str(exc).removeprefix(f"{row.source}: ")
-                report.skip(reason, row.source)
-    report.kept = len(records)
-    if not records:
-        detail = f"\n{report.summary()}" if report.skipped else ""
-        raise DataError(f"{', '.join(files)}: no usable records{detail}")
-    return records, report
+    return _load(files, fmt, on_error, limit, lambda row, f: to_record(row, f, text_field, system_prompt))
+
+
+def load_prompts(
+    files: Iterable[str],
+    fmt: Literal["auto"] | Format = "auto",
+    on_error: Literal["fail", "skip"] = "skip",
+    system_prompt: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[Prompt], LoadReport]:
+    """Read data files into prompts with optional references (evaluation, RL).
+
+    Same arguments as :func:`load_records`; bad records are skipped and counted by default.
+    """
+    return _load(files, fmt, on_error, limit, lambda row, f: to_prompt(row, f, system_prompt=system_prompt))

@@ -129,23 +129,63 @@ def load_model(
     return model.to(device)
 
 
-def stop_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False) -> set[int]:
-    """Token ids that end an assistant turn at inference: EOS and the generation config's EOS ids.
-
-    Read from the model directory without loading weights, so data can be checked first.
-    """
+def generation_stop_ids(generation: GenerationConfig | None, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Token ids that end an assistant turn at inference: EOS and the generation config's EOS ids."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    eos = generation.eos_token_id if generation is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(eos)
+    return ids
+
+
+def stop_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False) -> set[int]:
+    """:func:`generation_stop_ids` read from a model directory, without loading its weights."""
     try:
         generation = GenerationConfig.from_pretrained(model_path)
     except OSError:
         generation = GenerationConfig.from_model_config(
             AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         )
-    eos = generation.eos_token_id
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(eos)
-    return ids
+    return generation_stop_ids(generation, tokenizer)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether a directory holds a PEFT adapter (adapter_config.json) rather than a whole model."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_for_inference(
+    model_path: str, adapter: str | None = None, device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model ready for evaluation: an HF model directory, or a base plus a PEFT adapter.
+
+    ``model_path`` may itself be an adapter directory (its base comes from adapter_config.json).
+    The tokenizer (with the chat template training saved) is taken from the adapter directory
+    when it has one, else from the base.
+
+    Raises:
+        TunelabError: missing directories, pickled adapter weights, or a model that cannot load.
+    """
+    from peft import PeftConfig, PeftModel
+
+    if adapter is None and is_adapter_dir(model_path):
+        adapter, model_path = model_path, PeftConfig.from_pretrained(model_path).base_model_name_or_path
+    device = device or resolve_device("auto")
+    model = load_model(ModelConfig(path=model_path, trust_remote_code=trust_remote_code), dtype, device)
+    tokenizer_dir = model_path
+    if adapter is not None:
+        adapter_dir = Path(adapter)
+        if not is_adapter_dir(adapter_dir):
+            raise TunelabError(f"adapter {adapter}: not a PEFT adapter directory (no adapter_config.json)")
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            raise TunelabError(f"adapter {adapter}: no adapter_model.safetensors; tunelab never loads pickled weights")
+        model = PeftModel.from_pretrained(model, adapter_dir).to(device)
+        if (adapter_dir / "tokenizer_config.json").is_file():
+            tokenizer_dir = str(adapter_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    return model.eval(), tokenizer

@@ -1,4 +1,4 @@
-"""Held-out exact match during training: answer the last user turn, compare final answers."""
+"""Generation metrics during training: answer held-out prompts every evaluation and score them."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.config import EvalConfig
 from tunelab.eval.generate import generate_answers
-from tunelab.eval.metrics import exact_match
+from tunelab.eval.metrics import corpus_metrics
 
 
-class ExactMatchEvaluator:
-    """Greedy answers to the first ``generate_samples`` held-out conversations, scored by exact match."""
+class GenerationEvaluator:
+    """Greedy answers to the first ``eval.generate_samples`` held-out conversations.
+
+    Each conversation's final assistant turn is the reference; ``eval.metrics`` (default
+    exact_match) are logged as ``eval_<metric>`` rows in metrics.jsonl.
+    """
 
     def __init__(self, cfg: EvalConfig) -> None:
         self.cfg = cfg
@@ -19,7 +23,7 @@ class ExactMatchEvaluator:
     def __call__(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: str, records: list[dict]
     ) -> dict[str, float]:
-        """``{"eval_exact_match": fraction}`` over the conversations that end with an assistant turn."""
+        """``{"eval_<metric>": value}`` over conversations that end with an assistant turn."""
         prompts, references = [], []
         for record in records:
             messages = record["messages"]
@@ -31,4 +35,5 @@ class ExactMatchEvaluator:
         if not prompts:
             return {}
         answers = generate_answers(model, tokenizer, template, prompts, self.cfg.max_new_tokens, self.cfg.batch_size)
-        return {"eval_exact_match": exact_match(answers, references, self.cfg.answer_pattern)}
+        scores = corpus_metrics(answers, references, self.cfg.metrics, self.cfg.answer_pattern)
+        return {f"eval_{name}": scores[name] for name in self.cfg.metrics if scores[name] is not None}
