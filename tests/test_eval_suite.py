@@ -12,8 +12,11 @@ import torch.nn.functional as F
 
 from conftest import run_cli
 from test_judge import ScriptedServer
+from tunelab.data.records import Prompt
 from tunelab.eval import suite
 from tunelab.eval.compare import run_compare
+from tunelab.eval.generate import generate_answers
+from tunelab.eval.judge import Judge, OpenAIBackend
 from tunelab.eval.suite import EvalOptions, check_thresholds, reference_loss, run_eval
 from tunelab.errors import TunelabError
 from tunelab.models.load import generation_stop_ids, load_for_inference
@@ -61,9 +64,6 @@ def test_perplexity_is_exp_of_mean_answer_token_nll(loaded, packing):
         total += float(F.cross_entropy(logits[len(prompt_ids) - 1 : -1], targets, reduction="sum"))
         count += len(targets)
     expected = math.exp(total / count)
-
-    from tunelab.data.records import Prompt
-
     prompts = [Prompt([{"role": "user", "content": q}], a) for q, a in QA]
     template = tokenizer.chat_template
     result, truncated = reference_loss(model, tokenizer, template, prompts, stop_ids, 512, packing, batch_size=2)
@@ -191,3 +191,43 @@ def test_compare_with_human_labels_and_bad_inputs(tmp_path):
     cli = run_cli("compare", "--predictions", a, "--predictions", str(tmp_path / "missing.jsonl"), "--out",
                   str(tmp_path / "y"))
     assert cli.returncode == 2 and "missing.jsonl: data file not found" in cli.stderr
+
+
+def test_single_answer_grading_in_eval(tmp_path, loaded):
+    model, tokenizer, stop_ids = loaded
+    rows = qa_rows() + [{"messages": [{"role": "user", "content": "No reference here."}]}]
+    data = write_eval_file(tmp_path / "graded.jsonl", rows)
+    server = ScriptedServer()
+    seen = []
+
+    def grade(body: dict) -> tuple[int, str]:
+        text = body["messages"][-1]["content"]
+        seen.append(text)
+        return (200, "Fine. [[8]]") if "Rome" not in text else (200, "no verdict here")
+
+    server.script = grade
+    try:
+        options = EvalOptions(metrics=["exact_match"], max_new_tokens=4,
+                              judge=Judge(server.backend(), cache_path=str(tmp_path / "cache.jsonl")))
+        results = run_eval(model, tokenizer, [str(data)], tmp_path / "out", options, stop_ids)
+    finally:
+        server.close()
+    entry = results["sets"][0]
+    assert results["metrics"]["judge_score"] == 8.0
+    assert (entry["accounting"]["judge_graded"], entry["accounting"]["judge_unparsable"]) == (5, 1)
+    assert sum("Bonjour!" in text for text in seen) == 1  # reference-guided when a reference exists
+    # An unreachable judge: graded by nobody, accounted, no crash.
+    options.judge = Judge(OpenAIBackend("http://127.0.0.1:9/v1", "judge-model", backoff=0))
+    results = run_eval(model, tokenizer, [str(data)], tmp_path / "down", options, stop_ids)
+    assert results["metrics"]["judge_score"] is None
+    assert results["sets"][0]["accounting"]["judge_failed"] == 6
+
+
+def test_seeded_sampling_is_reproducible(loaded):
+    model, tokenizer, _ = loaded
+    prompts = [[{"role": "user", "content": q}] for q, _ in QA]
+    greedy = generate_answers(model, tokenizer, tokenizer.chat_template, prompts, 12, 4)
+    assert greedy == generate_answers(model, tokenizer, tokenizer.chat_template, prompts, 12, 4)
+    sampled = [generate_answers(model, tokenizer, tokenizer.chat_template, prompts, 12, 4, temperature=1.0, seed=s)
+               for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]

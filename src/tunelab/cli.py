@@ -146,6 +146,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         answer_pattern=args.answer_pattern or defaults.get("answer_pattern", EvalOptions.answer_pattern),
         max_samples=args.max_samples,
     )
+    if args.judge:
+        from tunelab.eval.judge import Judge, parse_judge_spec
+
+        options.judge = Judge(parse_judge_spec(args.judge, judge_model=args.judge_model),
+                              cache_path=str(Path(args.out) / "judge_cache.jsonl"))
     device = resolve_device(args.device)
     model, tokenizer = load_for_inference(model_path, args.adapter, device, device_dtype(device))
     description = {"model": model_path, "adapter": args.adapter, "device": str(device)}
@@ -247,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--answer-pattern", default=None, help="regex whose group 1 is the final answer")
     evaluate.add_argument("--fail-below", action="append", metavar="METRIC=VALUE",
                           help="exit 1 when a metric is below the value (CI regression gate)")
+    evaluate.add_argument("--judge", help="grade answers 1-10 with openai:BASE_URL or hf:MODEL_DIR (judge_score)")
+    evaluate.add_argument("--judge-model", help="model name for an OpenAI-compatible judge")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=_cmd_eval)
 

@@ -51,6 +51,7 @@ class EvalOptions:
     template: str = "auto"
     answer_pattern: str = EvalConfig.model_fields["answer_pattern"].default
     max_samples: int | None = None
+    judge: Any = None  # a tunelab.eval.judge.Judge: adds judge_score (1-10, reference-guided when possible)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.metrics or []) - set(ALL_METRICS))
@@ -159,6 +160,15 @@ def evaluate_set(
         scores = corpus_metrics(answers, references, generation_metrics, options.answer_pattern)
         metrics.update({name: scores[name] for name in generation_metrics})
         cis = metric_cis(answers, references, generation_metrics, options.answer_pattern, seed=options.seed)
+    judge_counts: dict[str, int] = {}
+    if options.judge is not None:
+        grades = options.judge.grade_many([
+            {"question": p.messages[-1]["content"], "answer": a, "reference": p.reference if has_reference(p.reference)
+             else None} for p, a in zip(prompts, answers)])
+        scores = [g.score for g in grades if g.score is not None]
+        metrics["judge_score"] = sum(scores) / len(scores) if scores else None
+        judge_counts = {"judge_graded": len(scores), "judge_unparsable": sum(g.score is None and not g.error for g in grades),
+                        "judge_failed": sum(1 for g in grades if g.error)}
     loss_truncated = 0
     if any(m in LOSS_METRICS for m in wanted):
         with_reference = [p for p in prompts if has_reference(p.reference)]
@@ -174,12 +184,16 @@ def evaluate_set(
         "empty_prediction": sum(1 for a in answers if not a.strip()) if generation_metrics else 0,
         "prompt_truncated": prompt_truncated,
         "reference_truncated": loss_truncated,
+        **judge_counts,
     }
     predictions = [
         {"id": p.source, "set": Path(file).stem, "prompt": p.messages[-1]["content"], "messages": p.messages,
          "prediction": answer, "reference": p.reference}
         for p, answer in zip(prompts, answers)
     ]
+    if options.judge is not None:
+        for row, grade in zip(predictions, grades):
+            row.update({"judge_score": grade.score, "judge_error": grade.error})
     return SetResult(Path(file).stem, file, metrics, accounting, predictions, cis)
 
 
@@ -206,7 +220,7 @@ def run_eval(
     results = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **(description or {}),
-        "options": {k: v for k, v in vars(options).items()},
+        "options": {k: v for k, v in vars(options).items() if k != "judge"},
         "metrics": flat,
         "sets": [{"name": s.name, "file": s.file, "metrics": s.metrics, "ci": s.ci, "accounting": s.accounting}
                  for s in sets],
