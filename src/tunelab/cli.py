@@ -187,6 +187,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from tunelab.deploy.merge import merge_adapter
+
+    out = merge_adapter(args.adapter, args.out, args.dtype, args.base)
+    print(f"merged {args.adapter} into {out} ({args.dtype})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tunelab`` command."""
     from tunelab import __version__
@@ -271,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--fail-below", action="append", metavar="METRIC=VALUE",
                          help="exit 1 when win_rate/ci_low/ci_high of the first pair is below the value")
     compare.set_defaults(func=_cmd_compare)
+
+    merge = commands.add_parser("merge", help="merge a LoRA adapter into its base model")
+    merge.add_argument("--adapter", required=True, help="PEFT adapter directory (e.g. runs/x/final)")
+    merge.add_argument("--out", required=True, help="output model directory")
+    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    merge.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
+    merge.set_defaults(func=_cmd_merge)
 
     train = commands.add_parser("train", help="fine-tune a model from a config")
     train.add_argument("config")

@@ -63,18 +63,21 @@ def _looks_like_hub_id(path: str) -> bool:
     return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None and not path.startswith(".")
 
 
-def _check_local(path: str) -> None:
+def _check_local(path: str, markers: tuple[str, ...] = ("config.json",)) -> None:
     local = Path(path).expanduser()
     if local.exists() or not _looks_like_hub_id(path):
         if not local.is_dir():
             raise TunelabError(f"model.path {path}: no such model directory")
-        if not (local / "config.json").is_file():
-            raise TunelabError(f"model.path {path}: not a Hugging Face model directory (no config.json)")
+        if not any((local / marker).is_file() for marker in markers):
+            raise TunelabError(f"model.path {path}: not a Hugging Face model directory (no {markers[0]})")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedTokenizerBase:
-    """Load a fast tokenizer; add a pad token (EOS) when it has none. Masks never rely on pad."""
-    _check_local(path)
+    """Load a fast tokenizer; add a pad token (EOS) when it has none. Masks never rely on pad.
+
+    ``path`` may be a model directory or an adapter directory that holds a tokenizer.
+    """
+    _check_local(path, ("tokenizer_config.json", "tokenizer.json", "config.json"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as exc:

@@ -1,0 +1,1 @@
+"""Deployment: merge adapters, export (ONNX, GGUF)."""

@@ -1,0 +1,79 @@
+"""``tunelab merge``: fold a LoRA adapter into its base and save a plain HF model directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, PeftModel
+
+from tunelab.config import ModelConfig
+from tunelab.errors import TunelabError
+from tunelab.models.load import DTYPES, generation_stop_ids, is_adapter_dir, load_model, load_tokenizer
+
+
+def quantization_of(model_dir: str | Path) -> str | None:
+    """The quantization method recorded in a model's config.json (e.g. bitsandbytes 4-bit), or None."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    quantization = json.loads(config.read_text()).get("quantization_config")
+    if not quantization:
+        return None
+    bits = "4-bit" if quantization.get("load_in_4bit") else "8-bit" if quantization.get("load_in_8bit") else ""
+    return f"{quantization.get('quant_method', 'quantized')} {bits}".strip()
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
+                  base: str | None = None) -> Path:
+    """Merge a PEFT LoRA adapter into its base model and save the result.
+
+    The merge is done in float32 and the merged weights are then cast to ``dtype``. The output
+    holds safetensors weights, the adapter's tokenizer and chat template, and a generation
+    config whose EOS ids include every stop token training used.
+
+    Args:
+        adapter_dir: a PEFT adapter directory (tunelab's ``final/``).
+        out_dir: where to write the merged model.
+        dtype: float32, bfloat16 or float16.
+        base: the base model directory (default: the adapter's ``base_model_name_or_path``).
+
+    Raises:
+        TunelabError: not an adapter, a quantized base (dequantise first), an unknown dtype.
+    """
+    if not is_adapter_dir(adapter_dir):
+        raise TunelabError(f"--adapter {adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    if dtype not in DTYPES:
+        raise TunelabError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    base = base or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    quantized = quantization_of(base)
+    if quantized:
+        raise TunelabError(
+            f"base {base} is {quantized}: merging LoRA weights into quantized weights would round them away "
+            "and save a model that is neither. Dequantise first: load the base in bfloat16/float16 (the "
+            "unquantized checkpoint), then run tunelab merge --base on that directory."
+        )
+    model = load_model(ModelConfig(path=base), torch.float32, torch.device("cpu"))
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged = merged.to(DTYPES[dtype])
+    adapter_path = Path(adapter_dir)
+    tokenizer = load_tokenizer(str(adapter_path if (adapter_path / "tokenizer_config.json").is_file() else base))
+    generation = merged.generation_config
+    known = generation.eos_token_id
+    known = [known] if isinstance(known, int) else list(known or [])
+    stops = generation_stop_ids(generation, tokenizer)
+    if (adapter_path / "generation_config.json").is_file():
+        saved = json.loads((adapter_path / "generation_config.json").read_text()).get("eos_token_id")
+        stops |= set([saved] if isinstance(saved, int) else saved or [])
+    generation.eos_token_id = known + sorted(stops - set(known))
+    merged.config.use_cache = True
+    out = Path(out_dir)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
