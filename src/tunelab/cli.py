@@ -195,6 +195,48 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tunelab.data.templates import resolve_template
+    from tunelab.eval.suite import device_dtype
+    from tunelab.models.load import generation_stop_ids, load_with_adapters, resolve_device
+    from tunelab.serve.app import ServeSettings, create_app
+    from tunelab.serve.engine import GenerationEngine
+    from tunelab.serve.request_log import RequestLog
+
+    if args.engine == "vllm":
+        raise TunelabError("--engine vllm is not available in this version of tunelab; use the built-in engine "
+                           "or serve a merged model (tunelab merge) with vLLM's own OpenAI server")
+    adapters = {}
+    for spec in args.adapter or []:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            raise TunelabError(f"--adapter {spec!r}: expected NAME=DIR")
+        adapters[name] = directory
+    device = resolve_device(args.device)
+    model, tokenizer = load_with_adapters(args.model, adapters, device, device_dtype(device))
+    name = args.name or Path(args.model).resolve().name
+    settings = ServeSettings(
+        model_name=name, adapters=tuple(adapters), api_key=args.api_key or os.environ.get("TUNELAB_API_KEY"),
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=args.default_max_tokens, timeout=args.timeout, record_text=args.record_text,
+    )
+    engine = GenerationEngine(model, tokenizer, args.max_batch_size, args.max_wait_ms, args.max_queue)
+    default_log = Path(os.environ.get("TUNELAB_HOME", Path.home() / ".tunelab")) / "requests" / f"{name}.jsonl"
+    request_log = RequestLog(args.request_log or default_log)
+    app = create_app(engine, resolve_template(tokenizer, "auto"), generation_stop_ids(model.generation_config, tokenizer),
+                     settings, request_log)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
+        request_log.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tunelab`` command."""
     from tunelab import __version__
@@ -286,6 +328,26 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     merge.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
     merge.set_defaults(func=_cmd_merge)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with batched generation")
+    serve.add_argument("--model", required=True, help="HF model directory (e.g. a merged model)")
+    serve.add_argument("--adapter", action="append", metavar="NAME=DIR", help="a LoRA adapter served as model NAME")
+    serve.add_argument("--name", help="the base model's name in the API (default: its directory name)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set TUNELAB_API_KEY)")
+    serve.add_argument("--max-batch-size", type=int, default=8)
+    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    serve.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    serve.add_argument("--max-prompt-tokens", type=int, default=4096)
+    serve.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens allowed")
+    serve.add_argument("--default-max-tokens", type=int, default=256)
+    serve.add_argument("--request-log", help="JSONL file of per-request records (default: ~/.tunelab/requests/NAME.jsonl)")
+    serve.add_argument("--record-text", action="store_true", help="also record prompts and completions")
+    serve.add_argument("--engine", choices=["builtin", "vllm"], default="builtin")
+    serve.add_argument("--device", default="auto")
+    serve.set_defaults(func=_cmd_serve)
 
     train = commands.add_parser("train", help="fine-tune a model from a config")
     train.add_argument("config")

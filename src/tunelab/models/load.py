@@ -192,3 +192,27 @@ def load_for_inference(
             tokenizer_dir = str(adapter_dir)
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
     return model.eval(), tokenizer
+
+
+def load_with_adapters(
+    model_path: str, adapters: dict[str, str], device: torch.device, dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A base model with several named LoRA adapters (for serving), and the tokenizer to use.
+
+    The tokenizer (and its chat template) comes from the base when it has a chat template,
+    else from the first adapter directory that holds one.
+    """
+    from peft import PeftModel
+
+    model, tokenizer = load_for_inference(model_path, None, device, dtype, trust_remote_code)
+    for index, (name, directory) in enumerate(adapters.items()):
+        if not is_adapter_dir(directory) or not (Path(directory) / "adapter_model.safetensors").is_file():
+            raise TunelabError(f"--adapter {name}={directory}: not a PEFT adapter directory with safetensors weights")
+        if index == 0:
+            model = PeftModel.from_pretrained(model, directory, adapter_name=name)
+        else:
+            model.load_adapter(directory, adapter_name=name)
+        if not tokenizer.chat_template and (Path(directory) / "tokenizer_config.json").is_file():
+            tokenizer = load_tokenizer(directory, trust_remote_code)
+    return model.to(device).eval(), tokenizer
