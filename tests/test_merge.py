@@ -72,3 +72,15 @@ def test_merging_into_a_quantized_base_is_refused(tmp_path, tiny_model):
     assert "bitsandbytes 4-bit" in result.stderr and "Dequantise first" in result.stderr
     not_adapter = run_cli("merge", "--adapter", str(tiny_model), "--out", str(tmp_path / "n"))
     assert not_adapter.returncode == 2 and "not a PEFT adapter directory" in not_adapter.stderr
+
+
+def test_export_cli_writes_and_verifies_onnx_and_gguf(tmp_path, tiny_model):
+    gguf = run_cli("export", "--format", "gguf", "--model", str(tiny_model), "--out", str(tmp_path / "m.gguf"),
+                   "--outtype", "q8_0")
+    assert gguf.returncode == 0, gguf.stderr
+    assert "verified by reading it back: 21 tensors" in gguf.stdout and (tmp_path / "m.gguf").is_file()
+    onnx = run_cli("export", "--format", "onnx", "--model", str(tiny_model), "--out", str(tmp_path / "onnx"))
+    assert onnx.returncode == 0, onnx.stderr
+    assert "greedy generations equal: True" in onnx.stdout and (tmp_path / "onnx" / "model.onnx").is_file()
+    refused = run_cli("export", "--format", "gguf", "--model", str(tmp_path / "onnx"), "--out", str(tmp_path / "x.gguf"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr

@@ -237,6 +237,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "onnx":
+        from tunelab.deploy.onnx import export_onnx, verify_onnx
+
+        out = export_onnx(args.model, args.out, with_past=not args.no_past, dtype=args.dtype or "float32")
+        print(f"wrote {out}")
+        if not args.no_verify:
+            atol = 1e-4 if (args.dtype or "float32") == "float32" else 1e-2
+            result = verify_onnx(args.model, out, atol=atol)
+            print(f"verified with onnxruntime: max |logit difference| {result['max_abs_diff']:.2e}, "
+                  f"greedy generations equal: {result['generations_equal']}")
+        return 0
+    from tunelab.deploy.gguf import export_gguf, verify_gguf
+
+    out = export_gguf(args.model, args.out, args.outtype)
+    print(f"wrote {out}")
+    if not args.no_verify:
+        summary = verify_gguf(args.model, out)
+        errors = ", ".join(f"{kind} {error:.2e}" for kind, error in summary["max_abs_error"].items())
+        print(f"verified by reading it back: {summary['n_tensors']} tensors (max |error| {errors}); "
+              "tokenizer and chat template match")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tunelab`` command."""
     from tunelab import __version__
@@ -328,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     merge.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
     merge.set_defaults(func=_cmd_merge)
+
+    export = commands.add_parser("export", help="export a model to ONNX (onnxruntime) or GGUF (llama.cpp/Ollama)")
+    export.add_argument("--format", required=True, choices=["onnx", "gguf"])
+    export.add_argument("--model", required=True, help="HF model directory (merge adapters first: tunelab merge)")
+    export.add_argument("--out", required=True, help="output directory (onnx) or file (gguf)")
+    export.add_argument("--outtype", default="f16", choices=["f32", "f16", "q8_0"], help="gguf: weight type")
+    export.add_argument("--dtype", choices=["float32", "float16"], help="onnx: weight dtype (default float32)")
+    export.add_argument("--no-past", action="store_true", help="onnx: export without KV-cache inputs/outputs")
+    export.add_argument("--no-verify", action="store_true", help="skip the readback / onnxruntime parity check")
+    export.set_defaults(func=_cmd_export)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with batched generation")
     serve.add_argument("--model", required=True, help="HF model directory (e.g. a merged model)")
