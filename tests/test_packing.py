@@ -78,3 +78,35 @@ def test_padded_plan_groups_similar_lengths():
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     random_padded = sum(max(lengths[i] for i in range(k, k + 8)) * 8 for k in range(0, 512, 8))
     assert padded < 0.75 * random_padded
+
+
+def test_a_model_that_cannot_pack_is_detected(tiny_model):
+    """An attention that ignores restarting positions (plain causal over the row) fails the start-up probe."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from tunelab.train.engine import packing_supported
+
+    def causal_over_row(module, query, key, value, attention_mask, **kwargs):
+        return sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=kwargs.get("scaling"))
+
+    AttentionInterface.register("causal_over_row", causal_over_row)
+    AttentionMaskInterface.register("causal_over_row", lambda *args, **kwargs: None)
+    cannot = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="causal_over_row")
+    can = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=register_packed_sdpa())
+    assert not packing_supported(cannot, torch.device("cpu"))
+    assert packing_supported(can, torch.device("cpu"))
+
+
+def test_engine_falls_back_to_padded_batches(tmp_path, tiny_model, monkeypatch, capsys):
+    from conftest import ALPACA_DEMO, make_config
+    from tunelab.config import config_from_dict
+    from tunelab.train import engine
+
+    monkeypatch.setattr(engine, "packing_supported", lambda model, device: False)
+    seen = []
+    real = engine.collate_padded
+    monkeypatch.setattr(engine, "collate_padded", lambda *a, **k: seen.append(1) or real(*a, **k))
+    engine.train(config_from_dict(make_config(tmp_path, tiny_model, ALPACA_DEMO, train={"max_steps": 2})))
+    assert seen and "does not support padding-free packing; using padded batches" in capsys.readouterr().err
