@@ -7,7 +7,6 @@ non-zero; only bugs show a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -123,7 +122,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
-    from tunelab.eval.report import markdown_table, write_eval_report
+    from tunelab.eval.report import markdown_table
     from tunelab.eval.suite import EvalOptions, check_thresholds, device_dtype, run_eval
     from tunelab.models.load import generation_stop_ids, load_for_inference, resolve_device
 
@@ -156,8 +155,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     description = {"model": model_path, "adapter": args.adapter, "device": str(device)}
     stop_ids = generation_stop_ids(model.generation_config, tokenizer)
     results = run_eval(model, tokenizer, files, args.out, options, stop_ids, description)
-    predictions = [json.loads(line) for line in (Path(args.out) / "predictions.jsonl").read_text().splitlines()]
-    write_eval_report(args.out, results, predictions)
     rows = [[name, value] for name, value in results["metrics"].items()]
     print(markdown_table(["metric", "value"], rows))
     print(f"wrote {args.out}/results.json, predictions.jsonl, report.md, report.html")

@@ -8,10 +8,18 @@ from pathlib import Path
 
 import torch
 from peft import PeftConfig, PeftModel
+from transformers import GenerationConfig
 
 from tunelab.config import ModelConfig
 from tunelab.errors import TunelabError
-from tunelab.models.load import DTYPES, generation_stop_ids, is_adapter_dir, load_model, load_tokenizer
+from tunelab.models.load import (
+    DTYPES,
+    add_stop_ids,
+    generation_stop_ids,
+    is_adapter_dir,
+    load_model,
+    load_tokenizer,
+)
 
 
 def quantization_of(model_dir: str | Path) -> str | None:
@@ -60,14 +68,10 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     merged = merged.to(DTYPES[dtype])
     adapter_path = Path(adapter_dir)
     tokenizer = load_tokenizer(str(adapter_path if (adapter_path / "tokenizer_config.json").is_file() else base))
-    generation = merged.generation_config
-    known = generation.eos_token_id
-    known = [known] if isinstance(known, int) else list(known or [])
-    stops = generation_stop_ids(generation, tokenizer)
-    if (adapter_path / "generation_config.json").is_file():
-        saved = json.loads((adapter_path / "generation_config.json").read_text()).get("eos_token_id")
-        stops |= set([saved] if isinstance(saved, int) else saved or [])
-    generation.eos_token_id = known + sorted(stops - set(known))
+    stops = generation_stop_ids(merged.generation_config, tokenizer)
+    if (adapter_path / "generation_config.json").is_file():  # tunelab saves the training stop ids there
+        stops |= generation_stop_ids(GenerationConfig.from_pretrained(adapter_path), tokenizer)
+    add_stop_ids(merged.generation_config, stops)
     merged.config.use_cache = True
     out = Path(out_dir)
     tmp = out.with_name(f".tmp-{out.name}")

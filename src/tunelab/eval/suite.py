@@ -28,6 +28,7 @@ from tunelab.data.templates import render_conversation, render_prompt, resolve_t
 from tunelab.errors import DataError, TunelabError
 from tunelab.eval.generate import generate_answers
 from tunelab.eval.metrics import METRICS, corpus_metrics, example_scores
+from tunelab.eval.report import write_eval_report
 from tunelab.train.engine import eval_batches, evaluate_loss
 
 LOSS_METRICS = ("perplexity", "loss")
@@ -201,7 +202,7 @@ def run_eval(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, files: list[str], out_dir: str | Path,
     options: EvalOptions, stop_ids: set[int], description: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on every file; write results.json and predictions.jsonl under ``out_dir``.
+    """Evaluate on every file; write results.json, predictions.jsonl and the reports under ``out_dir``.
 
     Returns:
         The results: ``metrics`` (flat for one set, ``set/metric`` for several), ``sets`` and
@@ -225,11 +226,10 @@ def run_eval(
         "sets": [{"name": s.name, "file": s.file, "metrics": s.metrics, "ci": s.ci, "accounting": s.accounting}
                  for s in sets],
     }
+    predictions = [row for result in sets for row in result.predictions]
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    with (out / "predictions.jsonl").open("w") as handle:
-        for result in sets:
-            for row in result.predictions:
-                handle.write(json.dumps(row) + "\n")
+    (out / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in predictions))
+    write_eval_report(out, results, predictions)
     return results
 
 

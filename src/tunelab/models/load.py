@@ -145,6 +145,13 @@ def generation_stop_ids(generation: GenerationConfig | None, tokenizer: PreTrain
     return ids
 
 
+def add_stop_ids(generation: GenerationConfig, stop_ids: set[int]) -> None:
+    """Extend ``generation.eos_token_id`` with the stop ids it lacks (its own ids stay first)."""
+    eos = generation.eos_token_id
+    known = [eos] if isinstance(eos, int) else list(eos or [])
+    generation.eos_token_id = known + sorted(stop_ids - set(known))
+
+
 def stop_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False) -> set[int]:
     """:func:`generation_stop_ids` read from a model directory, without loading its weights."""
     try:

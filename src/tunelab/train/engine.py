@@ -30,6 +30,7 @@ from tunelab.data.tokenize import prepare_data
 from tunelab.errors import TrainingError, TunelabError
 from tunelab.models.adapters import apply_method, count_parameters, enable_gradient_checkpointing
 from tunelab.models.load import (
+    add_stop_ids,
     attention_for,
     load_model,
     load_tokenizer,
@@ -376,9 +377,7 @@ def save_final(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenize
     """Save the trained model (HF directory) or adapter (PEFT directory), ready for inference."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     base.config.use_cache = True
-    eos = base.generation_config.eos_token_id
-    known = [eos] if isinstance(eos, int) else list(eos or [])
-    base.generation_config.eos_token_id = known + sorted(stop_ids - set(known))
+    add_stop_ids(base.generation_config, stop_ids)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model_dir(model, tokenizer, tmp)
