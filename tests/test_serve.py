@@ -231,3 +231,16 @@ def test_full_queue_answers_429_and_timeouts_504(tiny_model):
     finally:
         live.close()
         engine.close()
+
+
+def test_stop_strings_end_the_answer(served):
+    client = served["client"]
+    whole = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=16)
+    text = whole.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=16, stop=stop)
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=QUESTION, temperature=0, max_tokens=16, stop=[stop], stream=True))
+    assert streamed == text[: text.index(stop)]

@@ -327,7 +327,8 @@ async def _complete(state: _State, http: Request, run: _Run, endpoint: str, mode
     watcher = asyncio.create_task(watch_disconnect())
     try:
         async for _ in run.tokens():
-            run.new_text()
+            if run.stop_strings:  # decoding as we go is only needed to stop at a stop string
+                run.new_text()
     finally:
         watcher.cancel()
     run.new_text(final=True)
