@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -110,3 +112,26 @@ def test_engine_falls_back_to_padded_batches(tmp_path, tiny_model, monkeypatch, 
     monkeypatch.setattr(engine, "collate_padded", lambda *a, **k: seen.append(1) or real(*a, **k))
     engine.train(config_from_dict(make_config(tmp_path, tiny_model, ALPACA_DEMO, train={"max_steps": 2})))
     assert seen and "does not support padding-free packing; using padded batches" in capsys.readouterr().err
+
+
+def test_every_epoch_visits_every_sequence_once_even_when_packing_changes_the_row_count():
+    import datasets
+
+    from tunelab.train.engine import MicroBatches
+
+    lengths = [int(x) for x in torch.randint(100, 500, (60,), generator=torch.Generator().manual_seed(1))]
+    dataset = datasets.Dataset.from_dict({"input_ids": [[7] * n for n in lengths],
+                                          "labels": [[-100] + [7] * (n - 1) for n in lengths]})
+    stream = MicroBatches(dataset, packing=True, batch_tokens=512, batch_size=8, pad_id=0, seed=0)
+    sizes = [len(plan_packed(lengths, 512, 0, epoch)) for epoch in range(6)]
+    assert len(set(sizes)) > 1  # the shuffle changes how many rows an epoch needs
+    assert stream.count(3) == sum(sizes[:3]) and stream.count(2.5) == sum(sizes[:2]) + math.ceil(sizes[2] / 2)
+    m = 0
+    for epoch in range(3):
+        tokens = 0
+        for _ in range(sizes[epoch]):
+            assert stream.locate(m)[0] == epoch
+            tokens += stream.get(m).num_tokens
+            m += 1
+        assert tokens == sum(lengths)
+    assert stream.progress(sizes[0] + sizes[1] // 2) == pytest.approx(1 + (sizes[1] // 2) / sizes[1])

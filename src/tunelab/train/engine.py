@@ -117,21 +117,43 @@ class MicroBatches:
         self.packing, self.batch_tokens, self.batch_size = packing, batch_tokens, batch_size
         self.pad_id, self.seed = pad_id, seed
         self._plans: dict[int, list[list[int]]] = {}
-        self.per_epoch = len(self._plan(0))
+        self._sizes: dict[int, int] = {}  # micro-batches per epoch: packing can give each epoch a different count
 
     def _plan(self, epoch: int) -> list[list[int]]:
         if epoch not in self._plans:
-            self._plans = {
+            self._plans = {  # only the current epoch's plan is kept
                 epoch: plan_packed(self.lengths, self.batch_tokens, self.seed, epoch)
                 if self.packing
                 else plan_padded(self.lengths, self.batch_size, self.seed, epoch)
             }
+            self._sizes[epoch] = len(self._plans[epoch])
         return self._plans[epoch]
+
+    def _size(self, epoch: int) -> int:
+        return self._sizes[epoch] if epoch in self._sizes else len(self._plan(epoch))
+
+    def locate(self, m: int) -> tuple[int, int]:
+        """``(epoch, index within the epoch)`` of micro-batch ``m`` of the run."""
+        epoch = 0
+        while m >= self._size(epoch):
+            m -= self._size(epoch)
+            epoch += 1
+        return epoch, m
+
+    def count(self, epochs: float) -> int:
+        """Micro-batches in the first ``epochs`` epochs (a fraction takes part of the last one)."""
+        whole = int(epochs)
+        return sum(self._size(e) for e in range(whole)) + math.ceil((epochs - whole) * self._size(whole))
+
+    def progress(self, m: int) -> float:
+        """Epochs done after ``m`` micro-batches, e.g. 1.5."""
+        epoch, index = self.locate(m)
+        return epoch + index / self._size(epoch)
 
     def get(self, m: int) -> Batch:
         """Micro-batch number ``m`` of the run (epochs follow each other)."""
-        indices = self._plan(m // self.per_epoch)[m % self.per_epoch]
-        return collate(self.dataset, indices, self.packing, self.pad_id)
+        epoch, index = self.locate(m)
+        return collate(self.dataset, self._plan(epoch)[index], self.packing, self.pad_id)
 
 
 def collate(dataset: datasets.Dataset, indices: Sequence[int], packing: bool, pad_id: int) -> Batch:
@@ -252,7 +274,7 @@ def train(
     pad_id = tokenizer.pad_token_id
     stream = MicroBatches(data.train, packing, cfg.train.batch_tokens, cfg.train.batch_size, pad_id, cfg.train.seed)
     grad_accum = cfg.train.grad_accum
-    total_micro = None if cfg.train.max_steps else math.ceil(cfg.train.epochs * stream.per_epoch)
+    total_micro = None if cfg.train.max_steps else stream.count(cfg.train.epochs)
     total_steps = cfg.train.max_steps or math.ceil(total_micro / grad_accum)
     held_out = (
         eval_batches(data.eval, packing, cfg.train.batch_tokens, cfg.train.batch_size, pad_id) if data.eval else []
@@ -342,7 +364,7 @@ def train(
                 now = time.perf_counter()
                 reporter.log({
                     "step": done,
-                    "epoch": round(state["micro"] / stream.per_epoch, 4),
+                    "epoch": round(stream.progress(state["micro"]), 4),
                     "loss": log_loss / log_trained,
                     "lr": lr,
                     "grad_norm": grad_norm,
