@@ -21,8 +21,9 @@ ARITHMETIC_TEST = REPO / "examples" / "data" / "arithmetic_test.jsonl"
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keep tokenized-data caches of the tests out of the user's home."""
+    """Keep tokenized-data caches, the run registry and monitoring stores of the tests out of the user's home."""
     os.environ["TUNELAB_CACHE"] = str(tmp_path_factory.mktemp("tunelab-cache"))
+    os.environ["TUNELAB_HOME"] = str(tmp_path_factory.mktemp("tunelab-home"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

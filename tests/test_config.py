@@ -73,7 +73,7 @@ def test_wrong_types_and_values_give_one_line_each(tmp_path):
         load_config(write(tmp_path, text))
     lines = str(error.value).splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith(f"{tmp_path / 'run.yaml'}:4: 'method.type' = 'lorra': Input should be 'full', 'freeze' or 'lora'")
+    assert lines[0].startswith(f"{tmp_path / 'run.yaml'}:4: 'method.type' = 'lorra': Input should be 'full', 'freeze', 'lora', 'qlora', 'prefix' or 'prompt'")
     assert lines[1].startswith(f"{tmp_path / 'run.yaml'}:5: 'method.rank' = 'eight'")
 
 

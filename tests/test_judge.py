@@ -13,10 +13,10 @@ import re
 import socket
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from scripted_openai import Script, ScriptedServer, user_text
 
 from tunelab.errors import TunelabError
 from tunelab.eval import judge as judge_module
@@ -33,82 +33,14 @@ from tunelab.eval.judge import (
     parse_score,
     parse_template,
 )
-
-Script = Callable[[dict], tuple[int, str]]
-
-
-# ---------------------------------------------------------------------------------------------
-# A scripted OpenAI-compatible judge server
-
-
-class ScriptedServer:
-    """Answers POST /v1/chat/completions with ``script(body) -> (status, content)``; records requests."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.headers: list[dict] = []
-        self.script: Script = lambda body: (200, "[[C]]")
-        self._lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer._lock:
-                    outer.requests.append(body)
-                    outer.headers.append(dict(self.headers))
-                if self.path != "/v1/chat/completions":
-                    status, content = 404, f"no route {self.path}"
-                else:
-                    status, content = outer.script(body)
-                if status == 200:
-                    payload = {
-                        "id": "chatcmpl-test",
-                        "object": "chat.completion",
-                        "model": body.get("model"),
-                        "choices": [
-                            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-                        ],
-                    }
-                else:
-                    payload = {"error": {"message": content, "type": "server_error"}}
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 64  # concurrent clients must not overflow the listen backlog
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def backend(self, **options) -> OpenAIBackend:
-        options.setdefault("backoff", 0)
-        return OpenAIBackend(self.url, "judge-model", **options)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from tunelab.generation import backends as backends_module
 
 
 @pytest.fixture
 def server():
-    scripted = ScriptedServer()
+    scripted = ScriptedServer(OpenAIBackend, "judge-model")
     yield scripted
     scripted.close()
-
-
-def user_text(body: dict) -> str:
-    return body["messages"][-1]["content"]
 
 
 # The planted comparison: question i, model 1 answers answer_a, model 2 answer_b.
@@ -229,7 +161,8 @@ def test_parse_judge_spec():
 
 
 def test_tunelab_needs_no_openai_or_httpx_client():
-    source = Path(judge_module.__file__).read_text(encoding="utf-8")
+    # The judge's HTTP client is the generic generation backend.
+    source = "\n".join(Path(m.__file__).read_text(encoding="utf-8") for m in (judge_module, backends_module))
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):

@@ -104,12 +104,12 @@ def test_a_model_that_cannot_pack_is_detected(tiny_model):
 def test_engine_falls_back_to_padded_batches(tmp_path, tiny_model, monkeypatch, capsys):
     from conftest import ALPACA_DEMO, make_config
     from tunelab.config import config_from_dict
-    from tunelab.train import engine
+    from tunelab.train import batches, engine
 
     monkeypatch.setattr(engine, "packing_supported", lambda model, device: False)
     seen = []
-    real = engine.collate_padded
-    monkeypatch.setattr(engine, "collate_padded", lambda *a, **k: seen.append(1) or real(*a, **k))
+    real = batches.collate_padded
+    monkeypatch.setattr(batches, "collate_padded", lambda *a, **k: seen.append(1) or real(*a, **k))
     engine.train(config_from_dict(make_config(tmp_path, tiny_model, ALPACA_DEMO, train={"max_steps": 2})))
     assert seen and "does not support padding-free packing; using padded batches" in capsys.readouterr().err
 
@@ -117,7 +117,7 @@ def test_engine_falls_back_to_padded_batches(tmp_path, tiny_model, monkeypatch, 
 def test_every_epoch_visits_every_sequence_once_even_when_packing_changes_the_row_count():
     import datasets
 
-    from tunelab.train.engine import MicroBatches
+    from tunelab.train.batches import MicroBatches
 
     lengths = [int(x) for x in torch.randint(100, 500, (60,), generator=torch.Generator().manual_seed(1))]
     dataset = datasets.Dataset.from_dict({"input_ids": [[7] * n for n in lengths],

@@ -105,12 +105,22 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
+    from tunelab.train.launch import check_engine_installed, check_launch, relaunch
+
+    config = load_config(args.config, args.overrides)
+    if args.nproc is not None:  # re-run this command under torchrun; does not return
+        relaunch(args.nproc, config.distributed,
+                 [args.config, *args.overrides, *(["--resume"] if args.resume else []),
+                  *(["--overwrite"] if args.overwrite else [])])
+    check_launch(config.distributed, os.environ)  # before the heavy imports: a wrong launch fails at once
+    check_engine_installed(config.distributed)
     from tunelab.eval.generation_eval import GenerationEvaluator
     from tunelab.train.engine import train
 
-    config = load_config(args.config, args.overrides)
     evaluators = [GenerationEvaluator(config.eval)] if config.eval.generate_samples else []
     result = train(config, resume=args.resume, overwrite=args.overwrite, evaluators=evaluators)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 reports for the run
     before = result.start_metrics
     shown = ", ".join(
         f"{k} {before[k]:.4g} -> {v:.4g}" if k in before else f"{k} {v:.4g}"
@@ -184,6 +194,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_reward_score(args: argparse.Namespace) -> int:
+    from tunelab.eval.reward_score import score_file, write_scores
+    from tunelab.models.load import resolve_device
+    from tunelab.train.rl.rewards import RewardModelScorer
+
+    scorer = RewardModelScorer(args.model, resolve_device(args.device), batch_size=args.batch_size)
+    for path in args.data:
+        rows, summary = score_file(scorer, path, "skip" if args.skip_bad else "fail")
+        print(f"{path}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in summary.items()))
+        if args.out:
+            out = Path(args.out) if len(args.data) == 1 else Path(args.out) / f"{Path(path).stem}.scores.jsonl"
+            write_scores(rows, out)
+            print(f"wrote {out}")
+    return 0
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from tunelab.deploy.merge import merge_adapter
 
@@ -198,6 +225,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tunelab.data.templates import resolve_template
     from tunelab.eval.suite import device_dtype
     from tunelab.models.load import generation_stop_ids, load_with_adapters, resolve_device
+    from tunelab.monitor.serving import start_serve_monitoring
     from tunelab.serve.app import ServeSettings, create_app
     from tunelab.serve.engine import GenerationEngine
     from tunelab.serve.request_log import RequestLog
@@ -211,30 +239,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not sep or not name or not directory:
             raise TunelabError(f"--adapter {spec!r}: expected NAME=DIR")
         adapters[name] = directory
+    name = args.name or Path(args.model).resolve().name
+    monitoring = start_serve_monitoring(args.model, name, args.monitor_db, not args.no_monitor, args.monitor_max_age,
+                                        args.monitor_max_rows, args.alert_rules)  # a bad path fails before loading
     device = resolve_device(args.device)
     model, tokenizer = load_with_adapters(args.model, adapters, device, device_dtype(device))
-    name = args.name or Path(args.model).resolve().name
     settings = ServeSettings(
         model_name=name, adapters=tuple(adapters), api_key=args.api_key or os.environ.get("TUNELAB_API_KEY"),
         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens, timeout=args.timeout, record_text=args.record_text,
     )
     engine = GenerationEngine(model, tokenizer, args.max_batch_size, args.max_wait_ms, args.max_queue)
-    default_log = Path(os.environ.get("TUNELAB_HOME", Path.home() / ".tunelab")) / "requests" / f"{name}.jsonl"
-    request_log = RequestLog(args.request_log or default_log)
+    request_log = RequestLog(args.request_log) if args.request_log else None
     app = create_app(engine, resolve_template(tokenizer, "auto"), generation_stop_ids(model.generation_config, tokenizer),
-                     settings, request_log)
+                     settings, request_log, monitoring.sinks)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
+    monitoring.register(args.model, adapters, {"name": name, "host": args.host, "port": args.port,
+                                               "adapters": adapters, "record_text": args.record_text})
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.close()
-        request_log.close()
+        if request_log is not None:
+            request_log.close()
+        monitoring.close()
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.track.record import record_export
+
     if args.format == "onnx":
         from tunelab.deploy.onnx import export_onnx, verify_onnx
 
@@ -245,6 +280,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             result = verify_onnx(args.model, out, atol=atol)
             print(f"verified with onnxruntime: max |logit difference| {result['max_abs_diff']:.2e}, "
                   f"greedy generations equal: {result['generations_equal']}")
+        record_export(args.model, out, {"format": "onnx", "dtype": args.dtype or "float32", "past": not args.no_past},
+                      None if args.no_verify else result)
         return 0
     from tunelab.deploy.gguf import export_gguf, verify_gguf
 
@@ -255,6 +292,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         errors = ", ".join(f"{kind} {error:.2e}" for kind, error in summary["max_abs_error"].items())
         print(f"verified by reading it back: {summary['n_tensors']} tensors (max |error| {errors}); "
               "tokenizer and chat template match")
+    record_export(args.model, out, {"format": "gguf", "outtype": args.outtype}, None if args.no_verify else summary)
     return 0
 
 
@@ -302,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("-n", type=int, default=3, help="examples to show")
     preview.add_argument("--style", choices=["auto", "color", "brackets"], default="auto")
     preview.set_defaults(func=_cmd_data_preview)
+    from tunelab.data.cli_tools import add_commands as add_data_tools
+
+    add_data_tools(data_commands)
+    from tunelab.data.cli_generate import add_commands as add_data_generation
+
+    add_data_generation(data_commands)
 
     evaluate = commands.add_parser("eval", help="evaluate a model (or base + adapter) on eval sets")
     evaluate.add_argument("overrides", nargs="*", help="section.key=value for --config")
@@ -343,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="exit 1 when win_rate/ci_low/ci_high of the first pair is below the value")
     compare.set_defaults(func=_cmd_compare)
 
+    reward = commands.add_parser("reward", help="reward model utilities")
+    reward_commands = reward.add_subparsers(dest="reward_command", metavar="ACTION", required=True)
+    score = reward_commands.add_parser("score", help="score answers (or preference pairs) with a reward model")
+    score.add_argument("--model", required=True, help="reward model or adapter directory (train.objective: reward)")
+    score.add_argument("--data", required=True, action="append", help="preference pairs or conversations (repeat)")
+    score.add_argument("--out", help="JSONL of scores (a directory when several --data are given)")
+    score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+    score.add_argument("--device", default="auto")
+    score.set_defaults(func=_cmd_reward_score)
+
     merge = commands.add_parser("merge", help="merge a LoRA adapter into its base model")
     merge.add_argument("--adapter", required=True, help="PEFT adapter directory (e.g. runs/x/final)")
     merge.add_argument("--out", required=True, help="output model directory")
@@ -374,7 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prompt-tokens", type=int, default=4096)
     serve.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens allowed")
     serve.add_argument("--default-max-tokens", type=int, default=256)
-    serve.add_argument("--request-log", help="JSONL file of per-request records (default: ~/.tunelab/requests/NAME.jsonl)")
+    serve.add_argument("--monitor-db", help="SQLite store of per-request records for tunelab monitor "
+                                            "(default: $TUNELAB_HOME/monitor/NAME.db, TUNELAB_HOME=~/.tunelab)")
+    serve.add_argument("--no-monitor", action="store_true", help="do not record requests in the monitoring store")
+    serve.add_argument("--monitor-max-age", default="30d", metavar="DURATION",
+                       help="delete stored requests older than this (default 30d)")
+    serve.add_argument("--monitor-max-rows", type=int, help="keep at most this many stored requests (the newest)")
+    serve.add_argument("--alert-rules", metavar="FILE", help="YAML alert rules checked while serving (docs/monitor.md)")
+    serve.add_argument("--request-log", help="also write per-request records to this JSONL file")
     serve.add_argument("--record-text", action="store_true", help="also record prompts and completions")
     serve.add_argument("--engine", choices=["builtin", "vllm"], default="builtin")
     serve.add_argument("--device", default="auto")
@@ -385,7 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    train.add_argument("--nproc", type=int, metavar="N",
+                       help="train with N processes on this machine (runs torchrun; needs distributed.strategy)")
     train.set_defaults(func=_cmd_train)
+
+    from tunelab.monitor.cli import add_monitor_commands
+    from tunelab.track.cli import add_runs_commands
+
+    add_monitor_commands(commands)
+    add_runs_commands(commands)
     return parser
 
 

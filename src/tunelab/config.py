@@ -1,7 +1,7 @@
 """The run configuration: schema, YAML loading, command-line overrides and readable errors.
 
-A config is one YAML file with the sections ``model``, ``method``, ``data``, ``train``, ``eval``
-and the key ``output_dir``. ``section.key=value`` overrides given after the file win over it.
+A config is one YAML file with the sections ``model``, ``method``, ``data``, ``train``, ``eval``,
+``track`` and the key ``output_dir``. ``section.key=value`` overrides given after the file win over it.
 Every mistake becomes a :class:`~tunelab.errors.ConfigError` whose message names the file, the
 line and the key, and for an unknown key suggests the closest valid one.
 """
@@ -41,7 +41,7 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Dtype of the loaded weights. auto: float32 for trained weights; bfloat16 "
-        "for a frozen LoRA base on a GPU that supports it.",
+        "for the frozen base of an adapter method (lora, qlora, prefix, prompt) on a GPU that supports it.",
     )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Off unless you trust the source."
@@ -55,12 +55,32 @@ class ModelConfig(_Section):
     tiny: TinyModelConfig | None = Field(
         None, description="Build a tiny random model at model.path first when that directory does not exist."
     )
+    quantization: Literal["auto", "none", "4bit", "8bit"] = Field(
+        "auto",
+        description="Load the frozen base quantized with bitsandbytes (pip install 'tunelab[qlora]'). "
+        "auto: 4bit for method qlora, none otherwise. Only adapter methods (qlora, lora, prefix, prompt) "
+        "can train on a quantized base.",
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4bit: the 4-bit data type (NF4 is QLoRA's).")
+    quant_double: bool = Field(
+        True, description="4bit: double quantization (quantize the quantization constants too; ~0.4 bit/parameter less)."
+    )
+    quant_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="4bit: dtype the dequantized matmuls run in. auto: bfloat16 where the device runs it fast, else float32.",
+    )
 
 
 class MethodConfig(_Section):
-    """Which parameters train: all (full), chosen layers (freeze), or LoRA adapters."""
+    """Which parameters train: all (full), chosen layers (freeze), LoRA/QLoRA adapters, or virtual tokens
+    (prefix and prompt tuning)."""
 
-    type: Literal["full", "freeze", "lora"] = Field("lora", description="Fine-tuning method.")
+    type: Literal["full", "freeze", "lora", "qlora", "prefix", "prompt"] = Field(
+        "lora",
+        description="Fine-tuning method. qlora: LoRA on a base loaded in 4-bit NF4 (see model.quantization); "
+        "prefix: trained key/value vectors prepended in every layer; prompt: trained input embeddings prepended "
+        "to every sequence. See docs/methods.md.",
+    )
     rank: int = Field(16, ge=1, description="LoRA rank r.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale is alpha/r, or alpha/sqrt(r) with rsLoRA).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input (0 is the common default and the fastest).")
@@ -69,23 +89,98 @@ class MethodConfig(_Section):
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha/sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    init: Literal["default", "gaussian", "pissa"] = Field(
+        "default",
+        description="LoRA initialisation. default: A random, B zero (the adapter starts as a no-op); gaussian: "
+        "A Gaussian; pissa: A and B from the principal singular vectors of each weight, the base keeps the "
+        "residual (the model starts unchanged; final/ is saved as an ordinary LoRA of rank 2r for the "
+        "original base).",
+    )
+    pissa_niter: int | None = Field(
+        16, ge=1, description="pissa: subspace iterations of the fast randomised SVD (null: exact SVD, slow on big models)."
+    )
     lora_plus_ratio: float | None = Field(
         None, gt=0, description="LoRA+: learning rate of the B matrices is lr times this ratio (paper: 16)."
     )
     modules_to_save: list[str] = Field(
         default_factory=list, description="Modules trained in full next to LoRA (for example embed_tokens, lm_head)."
     )
-    trainable_layers: list[int] | int = Field(
-        2,
-        description="freeze: decoder layers that train. A list of indices (negative counts from the end) "
-        "or an int N meaning the last N layers.",
+    trainable_layers: list[int] | int | str | None = Field(
+        None,
+        description="Decoder layers that train (freeze) or get LoRA (lora, qlora): a list of indices (negative "
+        "counts from the end), an int N meaning the last N layers, or a Python slice such as '-8:' or ':4'. "
+        "null: the last 2 layers for freeze, every layer for LoRA.",
     )
     trainable_modules: list[str] = Field(
         default_factory=list,
         description="freeze: within the trainable layers, train only parameters whose name contains one of "
         "these strings (empty: the whole layer), e.g. [mlp].",
     )
-    train_embeddings: bool = Field(False, description="freeze: also train the input embeddings and output head.")
+    train_embeddings: bool | None = Field(
+        None,
+        description="full, freeze: whether the input embeddings and output head train. null: yes for full, "
+        "no for freeze.",
+    )
+    num_virtual_tokens: int = Field(20, ge=1, description="prefix, prompt: number of virtual tokens.")
+    prefix_projection: bool = Field(
+        False,
+        description="prefix: produce the prefix through a trained 2-layer MLP (more parameters, often more "
+        "stable); the saved adapter holds the projected prefix.",
+    )
+    prompt_init: Literal["vocab", "random", "text"] = Field(
+        "vocab",
+        description="prompt: initial virtual tokens. vocab: embeddings of random vocabulary tokens (the model's "
+        "own scale); random: N(0, 1) vectors; text: the embeddings of prompt_init_text.",
+    )
+    prompt_init_text: str | None = Field(
+        None,
+        description="prompt_init text: the text whose token embeddings start the virtual tokens (repeated or cut "
+        "to num_virtual_tokens), e.g. a task instruction.",
+    )
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether the method trains LoRA adapters (lora or qlora)."""
+        return self.type in ("lora", "qlora")
+
+    @property
+    def uses_virtual_tokens(self) -> bool:
+        """Whether the method prepends trained virtual tokens (prefix or prompt tuning)."""
+        return self.type in ("prefix", "prompt")
+
+    @field_validator("trainable_layers")
+    @classmethod
+    def _layer_slice(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = value.split(":")
+            if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts if p.strip()):
+                raise ValueError(f"{value!r} is not a layer slice; use start:stop such as '-8:', ':4' or '2:6'")
+        return value
+
+    @model_validator(mode="after")
+    def _options_of_the_method(self) -> MethodConfig:
+        # Options that would silently do nothing for the chosen method are errors.
+        wrong: list[str] = []
+        if self.trainable_modules and self.type != "freeze":
+            wrong.append("trainable_modules (freeze only)")
+        if self.train_embeddings is not None and self.type not in ("full", "freeze"):
+            wrong.append("train_embeddings (full, freeze; use modules_to_save with LoRA)")
+        if self.trainable_layers is not None and self.type not in ("freeze", "lora", "qlora"):
+            wrong.append("trainable_layers (freeze, lora, qlora)")
+        if not self.uses_lora and (self.init != "default" or self.lora_plus_ratio is not None or self.use_dora
+                                   or self.use_rslora):
+            wrong.append("init, lora_plus_ratio, use_dora, use_rslora (lora, qlora)")
+        if self.prefix_projection and self.type != "prefix":
+            wrong.append("prefix_projection (prefix only)")
+        if (self.prompt_init != "vocab" or self.prompt_init_text is not None) and self.type != "prompt":
+            wrong.append("prompt_init, prompt_init_text (prompt only)")
+        if wrong:
+            raise ValueError(f"method.type {self.type} does not use: {'; '.join(wrong)}")
+        if (self.prompt_init == "text") != bool(self.prompt_init_text and self.prompt_init_text.strip()):
+            raise ValueError("method.prompt_init text and method.prompt_init_text go together: set both, or neither")
+        if self.init == "pissa" and self.use_dora:
+            raise ValueError("method.init pissa cannot be combined with use_dora; choose one")
+        return self
 
 
 class DataConfig(_Section):
@@ -132,7 +227,61 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """The training loop: objective, optimisation, precision, evaluation, checkpoints, logging."""
 
-    objective: Literal["sft", "pretrain"] = Field("sft", description="sft: chat fine-tuning; pretrain: continued pretraining on text.")
+    objective: Literal["sft", "pretrain", "reward", "dpo", "simpo", "orpo", "kto", "grpo", "ppo"] = Field(
+        "sft",
+        description="sft: chat fine-tuning; pretrain: continued pretraining on text; reward: a Bradley-Terry "
+        "reward model on preference pairs; dpo, simpo, orpo: preference optimisation on pairs; kto: on "
+        "records labelled desirable or undesirable; grpo, ppo: online RL on prompts with a reward. "
+        "See docs/alignment.md.",
+    )
+    beta: float | None = Field(
+        None, gt=0,
+        description="Strength of the preference objective. dpo/kto: inverse temperature of the implicit reward "
+        "(default 0.1); simpo: reward scale (default 2.0); orpo: weight of the odds-ratio term (default 0.1).",
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="dpo: sigmoid (DPO), ipo (IPO, length-normalised) or hinge (SLiC)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="dpo/simpo sigmoid loss: probability that a preference label is flipped (cDPO)."
+    )
+    gamma: float = Field(0.5, ge=0.0, description="simpo: target reward margin.")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on desirable records.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on undesirable records.")
+    reward_fn: list[str] = Field(
+        default_factory=list,
+        description="grpo/ppo: reward functions, built-in (exact_match, gsm8k, format, length) or "
+        "module:function / path/file.py:function; several are summed with reward_weights.",
+    )
+    reward_weights: list[float] | None = Field(None, description="grpo/ppo: one weight per reward_fn (default 1 each).")
+    reward_model: str | None = Field(
+        None, description="grpo/ppo: a reward model directory (tunelab train.objective: reward output) scoring answers."
+    )
+    num_generations: int = Field(4, ge=1, description="grpo: answers sampled per prompt (the group size, at least 2); ppo: per prompt.")
+    prompts_per_step: int = Field(8, ge=1, description="grpo/ppo: prompts per rollout phase (one RL step).")
+    max_new_tokens: int = Field(64, ge=1, description="grpo/ppo: longest sampled answer.")
+    temperature: float = Field(1.0, ge=0.0, description="grpo/ppo: sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="grpo/ppo: nucleus sampling mass.")
+    generation_batch_size: int = Field(32, ge=1, description="grpo/ppo: sequences per generate call.")
+    kl_coef: float = Field(
+        0.04, ge=0.0, description="grpo/ppo: weight of the KL penalty to the reference model (ppo: its start value)."
+    )
+    kl_target: float | None = Field(None, gt=0, description="ppo: adapt kl_coef towards this KL per sequence (null: fixed).")
+    clip_range: float = Field(0.2, gt=0, description="grpo/ppo: clip range of the policy ratio.")
+    clip_range_high: float | None = Field(None, gt=0, description="grpo: upper clip range (DAPO clip-higher; null: clip_range).")
+    update_epochs: int = Field(1, ge=1, description="grpo/ppo: optimisation passes over each rollout batch.")
+    minibatches: int = Field(1, ge=1, description="grpo/ppo: optimizer steps per pass (the rollout batch is split).")
+    discount: float = Field(1.0, gt=0, le=1.0, description="ppo: discount gamma of GAE.")
+    gae_lambda: float = Field(0.95, ge=0, le=1.0, description="ppo: lambda of GAE.")
+    value_coef: float = Field(0.1, ge=0, description="ppo: weight of the value loss.")
+    value_clip_range: float = Field(0.2, gt=0, description="ppo: clip range of the value update.")
+    entropy_coef: float = Field(0.0, ge=0, description="grpo/ppo: entropy bonus weight.")
+    whiten_advantages: bool = Field(True, description="ppo: normalise advantages over the batch.")
+    precompute_reference: bool = Field(
+        False,
+        description="dpo/kto: compute the reference log-probs once before training and cache them on disk "
+        "(no reference forward per step; a full fine-tune then needs no second model in memory).",
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -152,6 +301,13 @@ class TrainConfig(_Section):
         "auto", description="Autocast precision. auto: bf16 where the device runs it fast and correctly, else fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    neftune_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="NEFTune: add uniform noise of scale alpha/sqrt(L*d) to the input embeddings while training "
+        "(L: each sequence's own length, also inside packed rows; d: hidden size). Paper: 5. Off in evaluation. "
+        "null: off.",
+    )
     seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")
     eval_at_start: bool = Field(False, description="Also evaluate before the first step (a baseline to compare with).")
@@ -190,6 +346,116 @@ class EvalConfig(_Section):
         return names
 
 
+class TrackConfig(_Section):
+    """Run tracking: the run registry (lineage, tunelab runs) and an optional MLflow server."""
+
+    registry: str | None = Field(
+        None,
+        description="Run registry file (SQLite). Default: $TUNELAB_REGISTRY, else $TUNELAB_HOME/runs.db "
+        "(~/.tunelab/runs.db). Merge, export, eval and serve use $TUNELAB_REGISTRY or the default, so set "
+        "that variable instead when their runs should land in the same registry.",
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        description="Also log each run (config as params, metrics, lineage tags, run.json) to this MLflow "
+        "tracking URI (pip install 'tunelab[track]'). Default: $TUNELAB_MLFLOW_URI.",
+    )
+    mlflow_experiment: str = Field("tunelab", description="MLflow experiment name.")
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _mlflow_installed(cls, uri: str | None) -> str | None:
+        import importlib.util
+
+        # Checked here so that a long training run does not fail only at its end.
+        if uri and importlib.util.find_spec("mlflow") is None:
+            raise ValueError("mlflow is not installed: pip install 'tunelab[track]' (or pip install mlflow), "
+                             "or remove track.mlflow_uri")
+        return uri
+
+
+class FSDPConfig(_Section):
+    """distributed.strategy fsdp: PyTorch FSDP2 (``fully_shard`` on every decoder layer, then the whole model)."""
+
+    cpu_offload: bool = Field(
+        False,
+        description="Keep the sharded parameters, gradients and optimizer state in CPU memory and run the "
+        "optimizer there (CPUOffloadPolicy): fits bigger models on the GPUs, slower.",
+    )
+    mixed_precision: Literal["none", "bf16", "fp16"] = Field(
+        "none",
+        description="Dtype the gathered parameters are computed in (MixedPrecisionPolicy param_dtype; gradients "
+        "are reduced in float32, the optimizer keeps the loaded dtype). Halves all-gather traffic against "
+        "float32 weights. none: as loaded; train.precision's autocast applies either way.",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="Free each layer's gathered parameters after its forward and gather them again for backward "
+        "(least memory, like ZeRO-3); false keeps them until backward (less communication, like ZeRO-2).",
+    )
+
+
+class DeepSpeedConfig(_Section):
+    """distributed.strategy deepspeed: DeepSpeed ZeRO (pip install --no-build-isolation 'tunelab[deepspeed]')."""
+
+    zero_stage: Literal[1, 2, 3] = Field(
+        2, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."
+    )
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: optimizer state and step in CPU memory (stage 1-3)."
+    )
+    offload_params: bool = Field(False, description="ZeRO-Infinity: parameters in CPU memory between uses (stage 3).")
+    config_file: str | None = Field(
+        None,
+        description="A DeepSpeed JSON config merged over the one tunelab builds (e.g. communication, "
+        "bf16/fp16, offload details). Batch size, accumulation, clipping, optimizer and scheduler always come "
+        "from train.*; the file must not set them differently.",
+    )
+
+
+class DistributedConfig(_Section):
+    """Training with several processes (GPUs, nodes), launched by ``tunelab train --nproc N`` or torchrun."""
+
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        "none",
+        description="none: one process. ddp: every process holds the whole model, gradients are all-reduced. "
+        "fsdp: FSDP2, parameters, gradients and optimizer state sharded across processes. deepspeed: ZeRO "
+        "stage 1/2/3. The global batch is train.grad_accum micro-batches per process times the number of "
+        "processes. See docs/distributed.md.",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend. auto: nccl on CUDA, gloo on CPU."
+    )
+    timeout_minutes: float = Field(
+        30.0, gt=0, description="How long a collective waits for the other processes before the run fails."
+    )
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="Options of strategy fsdp.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="Options of strategy deepspeed.")
+
+    @model_validator(mode="after")
+    def _options_of_the_strategy(self) -> DistributedConfig:
+        for section in ("fsdp", "deepspeed"):
+            if section in self.model_fields_set and self.strategy != section:
+                raise ValueError(f"{section} options apply to strategy {section} only (strategy is {self.strategy})")
+        if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs zero_stage 3 (only stage 3 shards parameters)")
+        if self.deepspeed.config_file is not None:
+            import json
+
+            path = Path(self.deepspeed.config_file).expanduser()
+            try:
+                user = json.loads(read_user_text(path, "DeepSpeed config file", ConfigError))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            owned = sorted({"optimizer", "scheduler"} & set(user))
+            if owned:
+                raise ValueError(f"{path}: remove {', '.join(owned)}; tunelab builds the optimizer and "
+                                 "schedule from train.lr, train.schedule, train.weight_decay ...")
+        return self
+
+
 class TunelabConfig(_Section):
     """A whole run."""
 
@@ -198,20 +464,92 @@ class TunelabConfig(_Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    track: TrackConfig = Field(default_factory=TrackConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output_dir: str = Field(description="Where config.yaml, metrics.jsonl, checkpoints/ and final/ are written.")
+
+    @model_validator(mode="after")
+    def _check_distributed(self) -> TunelabConfig:
+        # Combinations that would fail deep inside the engines, or train something else than asked.
+        strategy = self.distributed.strategy
+        if strategy == "none":
+            return self
+        if self.train.objective in ("grpo", "ppo"):
+            raise ValueError(f"train.objective {self.train.objective} runs in one process; "
+                             "set distributed.strategy none")
+        sharded = strategy == "fsdp" or (strategy == "deepspeed" and self.distributed.deepspeed.zero_stage == 3)
+        if strategy in ("fsdp", "deepspeed") and self.train.precision == "fp16":
+            raise ValueError(f"train.precision fp16 with distributed.strategy {strategy}: use bf16 (fp16 needs a "
+                             "loss scaler synchronised across shards)")
+        quantized = self.model.quantization not in ("none", "auto") or self.method.type == "qlora"
+        if strategy in ("fsdp", "deepspeed") and quantized:
+            raise ValueError(f"a quantized base (method qlora, model.quantization) cannot be sharded by "
+                             f"distributed.strategy {strategy}; use strategy ddp (each process holds the "
+                             "small 4-bit base)")
+        if strategy == "deepspeed" and self.distributed.deepspeed.zero_stage == 3 and self.method.uses_virtual_tokens:
+            raise ValueError(f"method.type {self.method.type} with DeepSpeed ZeRO-3: PEFT computes the saved virtual "
+                             "tokens in one process, which ZeRO-3's partitioned encoder cannot do; use strategy "
+                             "fsdp, ddp, or deepspeed zero_stage 1 or 2")
+        if sharded and self.method.init == "pissa":
+            raise ValueError("method.init pissa converts the trained adapter with the whole weights in one "
+                             "process; use distributed.strategy ddp or deepspeed with zero_stage 1 or 2")
+        return self
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TunelabConfig:
         if self.train.objective == "pretrain" and self.data.train_on != "all":
             # Continued pretraining trains every token by definition.
             self.data.train_on = "all"
-        if self.data.packing and self.train.batch_tokens < self.data.max_length:
+        train = self.train
+        uses_reference = train.objective in ("dpo", "kto") or (train.objective in ("grpo", "ppo") and train.kl_coef > 0)
+        if self.method.init == "pissa" and uses_reference and not (
+                train.precompute_reference and train.objective in ("dpo", "kto")):
+            # PiSSA moves the principal components into the adapter: adapters off is not the base.
+            raise ValueError(f"method.init pissa with train.objective {train.objective}: switching the adapters off "
+                             "does not give the base model back, so it cannot be the reference; use "
+                             "train.precompute_reference: true (dpo/kto) or the default LoRA init")
+        if train.objective in ("grpo", "ppo"):
+            if not train.reward_fn and not train.reward_model:
+                raise ValueError(f"train.objective {train.objective} needs a reward: set train.reward_fn "
+                                 "(e.g. [gsm8k] or module:function) and/or train.reward_model")
+            if train.reward_weights is not None and len(train.reward_weights) != len(train.reward_fn):
+                raise ValueError(f"train.reward_weights has {len(train.reward_weights)} weights for "
+                                 f"{len(train.reward_fn)} reward functions")
+            if train.objective == "grpo" and train.num_generations < 2:
+                raise ValueError("train.num_generations must be at least 2 for grpo (advantages compare "
+                                 "the answers to the same prompt)")
+        per_row = 2 if self.train.objective in ("reward", "dpo", "simpo", "orpo", "kto") else 1
+        if train.objective in ("grpo", "ppo"):
+            per_row = 0  # rollouts are batched by generation_batch_size, not by tokens
+        if self.data.packing and self.train.batch_tokens < per_row * self.data.max_length:
+            what = "twice data.max_length" if per_row == 2 else "data.max_length"
             raise ValueError(
-                f"train.batch_tokens ({self.train.batch_tokens}) must be at least data.max_length "
-                f"({self.data.max_length}) when packing, so that every sequence fits in a row"
+                f"train.batch_tokens ({self.train.batch_tokens}) must be at least {what} "
+                f"({per_row * self.data.max_length}) when packing, so that every "
+                f"{'pair' if per_row == 2 else 'sequence'} fits in a row"
             )
         if self.train.max_grad_norm is not None and self.train.max_grad_norm <= 0:
             raise ValueError("train.max_grad_norm must be positive, or null for no clipping")
+        if self.model.quantization == "auto":
+            self.model.quantization = "4bit" if self.method.type == "qlora" else "none"
+        if self.method.type == "qlora" and self.model.quantization == "none":
+            raise ValueError("method.type qlora needs a quantized base: model.quantization 4bit or 8bit (or use lora)")
+        if self.model.quantization != "none" and self.method.init == "pissa":
+            raise ValueError(
+                "method.init pissa with a quantized base would quantize the residual weights, and the saved "
+                "adapter would not fit the full-precision base; use pissa with method.type lora, or qlora with "
+                "init default"
+            )
+        if self.model.quantization != "none" and self.method.type in ("full", "freeze"):
+            raise ValueError(
+                f"model.quantization {self.model.quantization}: quantized weights cannot be trained by method "
+                f"{self.method.type}; use qlora, lora, prefix or prompt, or model.quantization none"
+            )
+        if self.train.objective not in ("sft", "pretrain"):
+            if self.method.uses_virtual_tokens:
+                raise ValueError(f"method.type {self.method.type} trains with train.objective sft or pretrain only")
+            if self.train.neftune_alpha is not None:
+                raise ValueError("train.neftune_alpha (NEFTune) applies to train.objective sft or pretrain only")
         return self
 
 
@@ -381,8 +719,9 @@ def _format_errors(exc: ValidationError, source: str, lines: dict[str, int], ove
             text = error["msg"].removeprefix("Value error, ")
         else:
             value = error.get("input")
-            shown = repr(value) if not isinstance(value, dict) else "a mapping"
-            text = f"'{key}' = {shown}: {error['msg']}"
+            message = error["msg"].removeprefix("Value error, ")
+            # A whole section's check (e.g. options that do not fit method.type) has a mapping as input.
+            text = f"{key}: {message}" if isinstance(value, dict) else f"'{key}' = {value!r}: {message}"
         messages.setdefault(key, f"{where}: {text}")
     return "\n".join(messages.values())
 

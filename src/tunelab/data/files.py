@@ -1,13 +1,15 @@
 """Reading raw rows from data files, each with the place it came from (``file:line``).
 
 Supported: JSON (an array of objects, or one object per line), JSONL, CSV, Parquet and TXT
-(one record per non-empty line), and a hub dataset id (``owner/name`` or ``owner/name:split``)
+(one record per non-empty line), the text types also gzipped (``.jsonl.gz``), and a hub dataset
+id (``owner/name`` or ``owner/name:split``)
 when the network is reachable. Unreadable input raises :class:`DataError` naming file and line.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import json
@@ -40,7 +42,8 @@ def _decode_lines(path: Path) -> tuple[list[str], dict[int, str]]:
     """The file's lines as text, and the line numbers (1-based) that are not UTF-8, with why."""
     lines: list[str] = []
     errors: dict[int, str] = {}
-    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+    raw = gzip.decompress(path.read_bytes()) if path.suffix.lower() == ".gz" else path.read_bytes()
+    for number, line in enumerate(raw.split(b"\n"), start=1):
         try:
             lines.append(line.decode("utf-8").removesuffix("\r"))  # CRLF line ends, as text mode reads them
         except UnicodeDecodeError as exc:
@@ -185,15 +188,18 @@ def read_rows(name: str) -> Iterator[Row]:
     """
     path = Path(name).expanduser()
     if not path.exists():
-        if "/" in name and not name.startswith((".", "/", "~")) and Path(name).suffix not in SUFFIXES:
+        if "/" in name and not name.startswith((".", "/", "~")) and Path(name).suffix not in (*SUFFIXES, ".gz"):
             yield from _hub_rows(name)
             return
         raise DataError(f"{name}: data file not found")
     if path.is_dir():
         raise DataError(f"{name}: is a directory; name the data file(s) inside it")
     suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise DataError(f"{name}: unsupported file type {suffix!r}; use one of {', '.join(sorted(SUFFIXES))}")
+    if suffix == ".gz":  # data.jsonl.gz: gzip around a supported type
+        suffix = Path(path.stem).suffix.lower()
+    if suffix not in SUFFIXES or (path.suffix.lower() == ".gz" and suffix == ".parquet"):
+        raise DataError(f"{name}: unsupported file type {suffix!r}; use one of {', '.join(sorted(SUFFIXES))} "
+                        "(optionally gzipped: .jsonl.gz)")
     count = 0
     if suffix == ".parquet":
         rows: Iterator[Row] = _parquet_rows(path)

@@ -36,12 +36,20 @@ class Batch:
     num_tokens: int
     num_trained: int
     trained_positions: torch.Tensor | None = None
+    pair_labels: torch.Tensor | None = None  # pair batches: one bool per pair (KTO: desirable)
+    reference_logps: torch.Tensor | None = None  # pair batches: precomputed, one per sequence
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences in the batch (a pair batch holds two per pair: first, second, first, ...)."""
+        return len(self.seq_lens[0]) if self.seq_lens is not None else self.input_ids.shape[0]
 
     def to(self, device: torch.device) -> Batch:
         """This batch on another device."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.targets), move(self.position_ids), move(self.attention_mask),
-                     self.seq_lens, self.num_tokens, self.num_trained, move(self.trained_positions))
+                     self.seq_lens, self.num_tokens, self.num_trained, move(self.trained_positions),
+                     move(self.pair_labels), move(self.reference_logps))
 
     def model_inputs(self) -> dict:
         """Keyword arguments for the model's forward."""
@@ -141,3 +149,21 @@ def collate_padded(examples: Sequence[dict], pad_id: int) -> Batch:
         num_tokens=int(mask.sum()),
         num_trained=int((targets != IGNORE_INDEX).sum()),
     )
+
+
+def collate_pairs(examples: Sequence[dict], packing: bool, pad_id: int) -> Batch:
+    """A batch of pairs: each example's two sequences side by side (first, second, first, second ...).
+
+    ``examples`` hold ``input_ids``/``labels`` and ``pair_ids``/``pair_labels`` (see
+    :mod:`tunelab.data.pair_tokenize`), a bool ``label`` and optionally precomputed
+    ``reference_logps`` ``[first, second]``.
+    """
+    sequences = []
+    for example in examples:
+        sequences.append({"input_ids": example["input_ids"], "labels": example["labels"]})
+        sequences.append({"input_ids": example["pair_ids"], "labels": example["pair_labels"]})
+    batch = collate_packed(sequences) if packing else collate_padded(sequences, pad_id)
+    batch.pair_labels = torch.tensor([bool(e["label"]) for e in examples])
+    if "reference_logps" in examples[0]:
+        batch.reference_logps = torch.tensor([v for e in examples for v in e["reference_logps"]], dtype=torch.float32)
+    return batch

@@ -245,7 +245,7 @@ def to_record(row: Row, fmt: Format, text_field: str = "text", system_prompt: st
 
 
 def to_prompt(row: Row, fmt: Format, text_field: str = "text", system_prompt: str | None = None) -> Prompt:
-    """Convert one raw row into a prompt: a final assistant turn, when present, is the reference.
+    """Convert one raw row into a prompt: a final assistant turn, or a ``reference`` field, is the reference.
 
     Records without an answer are valid prompts (alpaca without ``output``, a conversation
     ending with the user); their reference is None.
@@ -264,9 +264,9 @@ def to_prompt(row: Row, fmt: Format, text_field: str = "text", system_prompt: st
         if fmt == "qa" and data.get("answer") is None:
             data = {**data, "answer": ""}
         messages = CONVERTERS[fmt](data).messages
-        reference = None
+        reference = _text_field(data.get("reference"), "reference", required=False) or None
         if messages and messages[-1]["role"] == "assistant":
-            reference = messages.pop()["content"] or None
+            reference = messages.pop()["content"] or reference
         if not any(m["role"] == "user" for m in messages):
             raise DataError("prompt has no user message")
         if system_prompt and messages[0]["role"] != "system":
@@ -348,3 +348,15 @@ def load_prompts(
     Same arguments as :func:`load_records`; bad records are skipped and counted by default.
     """
     return _load(files, fmt, on_error, limit, lambda row, f: to_prompt(row, f, system_prompt=system_prompt))
+
+
+def record_to_json(record: Conversation | Text | Prompt) -> dict[str, Any]:
+    """The canonical JSONL object of a record: ``{"messages"}``, ``{"text"}`` or ``{"messages", "reference"}``.
+
+    These are the objects ``tunelab data`` writes; every reader here reads them back unchanged.
+    """
+    if isinstance(record, Text):
+        return {"text": record.text}
+    if isinstance(record, Prompt):
+        return {"messages": record.messages, "reference": record.reference}
+    return {"messages": record.messages}

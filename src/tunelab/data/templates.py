@@ -131,6 +131,7 @@ def render_conversation(
     messages: list[dict],
     train_on: TrainOn,
     stop_ids: set[int],
+    skip_assistant_turns: int = 0,
 ) -> Rendered:
     """Tokenize a conversation and label the tokens that train.
 
@@ -141,6 +142,8 @@ def render_conversation(
         train_on: ``assistant`` (every assistant turn), ``last_assistant`` or ``all`` tokens.
         stop_ids: token ids that end a turn at inference (EOS and end-of-turn ids). Each trained
             assistant turn ends with one; EOS is inserted after a turn that does not.
+        skip_assistant_turns: leave the first N assistant turns untrained (they belong to the
+            prompt of a preference pair, and only the continuation is scored).
 
     Returns:
         ids and labels of equal length; the first label is always IGNORE_INDEX (nothing predicts it).
@@ -149,6 +152,7 @@ def render_conversation(
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(encoding["input_ids"])
     offsets: list[tuple[int, int]] = list(encoding["offset_mapping"])
+    spans = spans[skip_assistant_turns:]
     trained_spans = spans[-1:] if train_on == "last_assistant" else spans
 
     # Token index range of each span: tokens overlapping its characters.

@@ -25,11 +25,15 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.config import DataConfig
 from tunelab.data.files import file_fingerprint
+from tunelab.data.pair_tokenize import PairTokenizer, feedback_rows, preference_rows
+from tunelab.data.preferences import load_feedback, load_preferences
 from tunelab.data.records import Conversation, LoadReport, Text, load_records
 from tunelab.data.templates import IGNORE_INDEX, render_conversation, resolve_template
 from tunelab.errors import DataError
 
 CACHE_VERSION = 1  # bump when tokenization output changes for the same inputs
+PAIR_OBJECTIVES = {"reward", "dpo", "simpo", "orpo"}  # trained on preference pairs
+FEEDBACK_OBJECTIVES = {"kto"}  # trained on records labelled desirable or not
 
 
 @dataclass
@@ -145,9 +149,10 @@ class _Tokenizer:
 
 
 def _tokenize_split(
-    records: list, fn: _Tokenizer, num_proc: int, on_error: str, load_report: LoadReport, desc: str
+    rows: list[dict[str, Any]], fn: _Tokenizer | PairTokenizer, num_proc: int, on_error: str,
+    load_report: LoadReport, desc: str
 ) -> tuple[datasets.Dataset, TokenizeReport]:
-    raw = datasets.Dataset.from_list([_record_to_row(r) for r in records])
+    raw = datasets.Dataset.from_list(rows)
     procs = num_proc if len(raw) >= 1000 * num_proc else 1
     mapped = raw.map(fn, batched=True, batch_size=256, num_proc=procs if procs > 1 else None,
                      remove_columns=raw.column_names, desc=desc)
@@ -172,9 +177,13 @@ def _tokenize_split(
     if len(kept) == 0:
         raise DataError("no usable training sequences after tokenization:\n" + "\n".join(report.lines()))
     lengths = np.array([len(ids) for ids in kept["input_ids"]])
+    if "pair_ids" in kept.column_names:  # a pair row is both of its sequences
+        lengths = lengths + np.array([len(ids) for ids in kept["pair_ids"]])
     report.examples = len(kept)
     report.tokens = int(lengths.sum())
-    report.trained_tokens = int(sum(sum(1 for x in labels if x != IGNORE_INDEX) for labels in kept["labels"]))
+    label_columns = ["labels", "pair_labels"] if "pair_labels" in kept.column_names else ["labels"]
+    report.trained_tokens = int(sum(sum(1 for x in labels if x != IGNORE_INDEX)
+                                    for column in label_columns for labels in kept[column]))
     report.lengths = {
         "min": float(lengths.min()), "mean": float(lengths.mean()), "p50": float(np.percentile(lengths, 50)),
         "p95": float(np.percentile(lengths, 95)), "max": float(lengths.max()),
@@ -248,22 +257,40 @@ def prepare_data(
         eval_report = TokenizeReport(**{**meta["eval_report"], "from_cache": True}) if meta["eval_report"] else None
         return TokenizedData(train, evaluation, train_report, eval_report, meta["eval_records"], template, fingerprint)
 
-    fn = _Tokenizer(tokenizer, template, cfg.train_on, cfg.max_length, cfg.overlong, stop_ids, objective)
-    records, load_report = load_records(
-        cfg.train, cfg.format, cfg.on_error, cfg.text_field, cfg.system_prompt, cfg.max_samples
-    )
+    fn: _Tokenizer | PairTokenizer
+    if objective in PAIR_OBJECTIVES | FEEDBACK_OBJECTIVES:
+        fn = PairTokenizer(tokenizer, template, cfg.max_length, cfg.overlong, stop_ids)
+        pairs = objective in PAIR_OBJECTIVES
+        to_rows = preference_rows if pairs else feedback_rows
+
+        def load(files: list[str], limit: int | None = None) -> tuple[list, LoadReport]:
+            loader = load_preferences if pairs else load_feedback
+            return loader(files, cfg.on_error, cfg.system_prompt, limit)
+    else:
+        fn = _Tokenizer(tokenizer, template, cfg.train_on, cfg.max_length, cfg.overlong, stop_ids, objective)
+
+        def to_rows(records: list) -> list[dict[str, Any]]:
+            return [_record_to_row(r) for r in records]
+
+        def load(files: list[str], limit: int | None = None) -> tuple[list, LoadReport]:
+            return load_records(files, cfg.format, cfg.on_error, cfg.text_field, cfg.system_prompt, limit)
+
+    records, load_report = load(cfg.train, cfg.max_samples)
     if cfg.eval:
         train_records = records
-        eval_records, eval_load = load_records(cfg.eval, cfg.format, cfg.on_error, cfg.text_field, cfg.system_prompt)
+        eval_records, eval_load = load(cfg.eval)
     else:
         train_records, eval_records = split_records(records, cfg.val_ratio, seed)
         eval_load = LoadReport(read=len(eval_records), kept=len(eval_records))
         load_report.read -= len(eval_records)
-    train, train_report = _tokenize_split(train_records, fn, cfg.num_proc, cfg.on_error, load_report, "Tokenizing train")
+    train, train_report = _tokenize_split(to_rows(train_records), fn, cfg.num_proc, cfg.on_error, load_report,
+                                          "Tokenizing train")
     evaluation, eval_report = None, None
     if eval_records:
-        evaluation, eval_report = _tokenize_split(eval_records, fn, cfg.num_proc, cfg.on_error, eval_load, "Tokenizing eval")
-    eval_rows = [_record_to_row(r) for r in eval_records]
+        evaluation, eval_report = _tokenize_split(to_rows(eval_records), fn, cfg.num_proc, cfg.on_error, eval_load,
+                                                  "Tokenizing eval")
+    # Generation evaluators take conversations; pair objectives are scored on held-out pairs instead.
+    eval_rows = to_rows(eval_records) if isinstance(fn, _Tokenizer) else []
 
     tmp = cache / f".tmp-{fingerprint}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ from tunelab.models.load import (
     load_model,
     load_tokenizer,
 )
+from tunelab.track.record import Artifact, record_run
 
 
 def quantization_of(model_dir: str | Path) -> str | None:
@@ -39,8 +40,9 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     """Merge a PEFT LoRA adapter into its base model and save the result.
 
     The merge is done in float32 and the merged weights are then cast to ``dtype``. The output
-    holds safetensors weights, the adapter's tokenizer and chat template, and a generation
-    config whose EOS ids include every stop token training used.
+    holds safetensors weights, the adapter's tokenizer and chat template, a generation config
+    whose EOS ids include every stop token training used, and ``run.json`` (the merge is
+    registered as a run whose parent is the training run that wrote the adapter).
 
     Args:
         adapter_dir: a PEFT adapter directory (tunelab's ``final/``).
@@ -80,4 +82,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    record_run("merge", out / "run.json", inputs=[Artifact("adapter", str(adapter_dir)), Artifact("model", base)],
+               outputs=[Artifact("model", str(out))], details={"base_model": base, "dtype": dtype},
+               config={"adapter": str(adapter_dir), "base": base, "dtype": dtype, "out": str(out)})
     return out

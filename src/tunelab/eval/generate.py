@@ -1,56 +1,11 @@
-"""Batched generation with the chat template saved with the model."""
+"""Batched generation with the chat template saved with the model.
+
+The implementation lives in :mod:`tunelab.generation.local` (the data tools use it too, and data
+must not import evaluation); this name stays for evaluation code and user scripts.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from tunelab.generation.local import generate_answers
 
-import torch
-from transformers import PreTrainedTokenizerBase
-
-from tunelab.data.templates import render_prompt
-
-
-def generate_answers(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    template: str,
-    conversations: Sequence[list[dict]],
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    max_prompt_tokens: int | None = None,
-) -> list[str]:
-    """Answers to conversations (each ending with the user turn to answer), in order.
-
-    Greedy when ``temperature`` is 0; otherwise sampling seeded by ``seed`` (the same seed gives
-    the same answers). Prompts are left-padded and batched; generation stops at any of the
-    model's EOS ids. With ``max_prompt_tokens``, longer prompts keep their last tokens.
-    """
-    model.eval()
-    prompts = [render_prompt(tokenizer, template, messages) for messages in conversations]
-    device = next(model.parameters()).device
-    answers: list[str] = []
-    padding_side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    if temperature > 0:
-        torch.manual_seed(seed)
-    try:
-        for start in range(0, len(prompts), batch_size):
-            encoded = tokenizer(
-                prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False,
-                truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens,
-            ).to(device)
-            with torch.no_grad():
-                output = model.generate(
-                    **encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                    **sampling,
-                )
-            new_tokens = output[:, encoded["input_ids"].shape[1] :]
-            answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = padding_side, truncation_side
-    return answers
+__all__ = ["generate_answers"]

@@ -29,33 +29,33 @@ no calls. Failed calls are not cached; unparsable replies are (asking again woul
 Backends implement :class:`JudgeBackend`: :class:`OpenAIBackend` (any OpenAI-compatible
 ``/chat/completions`` server, through ``urllib``) and :class:`HFBackend` (a local Hugging Face
 model, greedy, batched with tunelab's own generation). :func:`parse_judge_spec` turns the CLI
-strings ``openai:BASE_URL`` and ``hf:MODEL_DIR`` into one.
+strings ``openai:BASE_URL`` and ``hf:MODEL_DIR`` into one. They are the generation backends of
+:mod:`tunelab.generation` (shared with the data tools), and the calls run through its
+:class:`~tunelab.generation.runner.Generator` (concurrency, batching, the cache file).
 """
 
 from __future__ import annotations
 
-import email.utils
-import hashlib
-import http.client
-import ipaddress
-import json
-import os
 import re
-import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from tunelab.errors import TunelabError, read_user_text
+from tunelab.generation import backends as _backends
+from tunelab.generation.backends import DEFAULT_OPENAI_URL, BatchBackend, HFBackend, parse_backend_spec
+from tunelab.generation.cache import ReplyCache
+from tunelab.generation.runner import PROGRESS_MIN_CALLS, Generation, Generator
 
-DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
+# Re-exported: these names were defined here before the backends moved to tunelab.generation.
+__all__ = [
+    "DEFAULT_OPENAI_MODEL", "DEFAULT_OPENAI_URL", "PROGRESS_MIN_CALLS", "BatchJudgeBackend", "Grade", "HFBackend",
+    "Judge", "JudgeBackend", "JudgeError", "JudgeStats", "OpenAIBackend", "PairVerdict", "PromptTemplate",
+    "combine_verdicts", "load_templates", "parse_judge_spec", "parse_pair_verdict", "parse_score", "parse_template",
+]
+
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
 TEMPLATE_NAMES = ("single", "single_reference", "pairwise", "pairwise_reference")
 PLACEHOLDERS = ("question", "answer", "answer_a", "answer_b", "reference")
@@ -71,7 +71,6 @@ _NAME_IN_BRACES = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SCORE = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 _PAIR = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 _CACHE_VERSION = "tunelab-judge-1"
-PROGRESS_MIN_CALLS = 16  # batches with fewer calls show no progress bar
 
 
 class JudgeError(TunelabError):
@@ -103,225 +102,26 @@ class JudgeBackend(Protocol):
         ...
 
 
-@runtime_checkable
-class BatchJudgeBackend(JudgeBackend, Protocol):
-    """A backend that answers many prompts faster in one batch (a local model)."""
-
-    batch_size: int
-
-    def complete_batch(self, batch: list[list[dict]]) -> list[str]:
-        """Replies to each conversation of ``batch``, in order."""
-        ...
+BatchJudgeBackend = BatchBackend  # a judge that answers many prompts in one batch (a local model)
 
 
-def _is_local(url: str) -> bool:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class OpenAIBackend:
+class OpenAIBackend(_backends.OpenAIBackend):
     """A judge served by an OpenAI-compatible chat API (OpenAI, vLLM, tunelab serve, ...).
 
-    Args:
-        base_url: the API root, e.g. ``http://127.0.0.1:8000/v1``; requests go to
-            ``{base_url}/chat/completions``.
-        model: the model name the server knows.
-        api_key_env: environment variable holding the API key; sent as a Bearer token when set
-            (local servers usually need none).
-        timeout: seconds to wait for one response.
-        max_retries: retries after the first attempt on connection errors, timeouts, HTTP 429 and
-            5xx; other HTTP errors fail at once.
-        concurrency: requests the batch API runs at once.
-        backoff: first retry delay in seconds, doubled each retry (a 429/503 ``Retry-After``
-            header overrides it, at most ``max_backoff``).
-        max_backoff: longest delay between two attempts.
-        max_tokens: ``max_tokens`` sent to the server; None leaves it to the server.
+    The generic :class:`tunelab.generation.backends.OpenAIBackend` (same arguments; retries with
+    backoff, ``Retry-After``, API key from ``api_key_env``) with ``gpt-4o-mini`` as the default
+    model and :class:`JudgeError` for its failures.
     """
 
-    def __init__(
-        self,
-        base_url: str,
-        model: str = DEFAULT_OPENAI_MODEL,
-        api_key_env: str | None = "OPENAI_API_KEY",
-        timeout: float = 60,
-        max_retries: int = 3,
-        concurrency: int = 8,
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
-        max_tokens: int | None = None,
-    ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise JudgeError(f"judge base URL {base_url!r}: must start with http:// or https://")
-        if max_retries < 0 or concurrency < 1:
-            raise JudgeError("judge: max_retries must be >= 0 and concurrency >= 1")
-        self.base_url = base_url.rstrip("/")
-        self.url = f"{self.base_url}/chat/completions"
-        self.model = model
-        self.api_key_env = api_key_env
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.concurrency = concurrency
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.max_tokens = max_tokens
-        self.name = f"openai:{model}@{self.base_url}"
-        # Loopback servers bypass any http_proxy from the environment; others honour it.
-        handlers = [urllib.request.ProxyHandler({})] if _is_local(self.base_url) else []
-        self._opener = urllib.request.build_opener(*handlers)
+    label = "judge"
+    error = JudgeError
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "tunelab-judge"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def complete(self, messages: list[dict]) -> str:
-        """POST the messages at temperature 0 and return the reply's content.
-
-        Raises:
-            JudgeError: after the last retry (naming the URL and the cause), at once for other
-                HTTP errors, or for a response without ``choices[0].message``.
-        """
-        body: dict = {"model": self.model, "messages": messages, "temperature": 0}
-        if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
-        data = json.dumps(body).encode("utf-8")
-        cause = ""
-        delay = self.backoff
-        for attempt in range(self.max_retries + 1):
-            request = urllib.request.Request(self.url, data=data, headers=self._headers(), method="POST")
-            retry_after: float | None = None
-            try:
-                with self._opener.open(request, timeout=self.timeout) as response:
-                    payload = response.read()
-            except urllib.error.HTTPError as exc:
-                detail = _error_detail(exc)
-                if exc.code == 429 or exc.code >= 500:
-                    cause = f"HTTP {exc.code}: {detail}"
-                    retry_after = _retry_after(exc.headers.get("Retry-After") if exc.headers else None)
-                else:
-                    raise JudgeError(f"judge {self.url}: HTTP {exc.code}: {detail}{self._hint(exc.code)}") from None
-            except urllib.error.URLError as exc:
-                cause = f"cannot connect: {exc.reason}"
-            except (TimeoutError, OSError, http.client.HTTPException) as exc:
-                cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            else:
-                return self._content(payload)
-            if attempt < self.max_retries:
-                wait = retry_after if retry_after is not None else delay
-                if wait > 0:
-                    time.sleep(min(wait, self.max_backoff))
-                delay *= 2
-        attempts = self.max_retries + 1
-        raise JudgeError(f"judge {self.url}: {cause} (gave up after {attempts} attempt{'s' * (attempts > 1)})")
-
-    def _hint(self, code: int) -> str:
-        if code in (401, 403):
-            where = f"set {self.api_key_env}" if self.api_key_env else "give an api_key_env"
-            return f" (is the API key right? {where})"
-        if code == 404:
-            return f" (check the base URL, usually ending in /v1, and the judge model name {self.model!r})"
-        return ""
-
-    def _content(self, payload: bytes) -> str:
-        try:
-            content = json.loads(payload)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            shown = payload[:200].decode("utf-8", "replace")
-            raise JudgeError(f"judge {self.url}: not a chat completion response: {shown!r}") from None
-        return content if isinstance(content, str) else ""
-
-
-def _error_detail(exc: urllib.error.HTTPError) -> str:
-    try:
-        text = exc.read().decode("utf-8", "replace")
-    except (OSError, http.client.HTTPException):
-        text = ""
-    try:
-        error = json.loads(text).get("error")
-        message = error.get("message") if isinstance(error, dict) else error
-        if message:
-            return str(message)[:300]
-    except (ValueError, AttributeError):
-        pass
-    return text.strip()[:300] or str(exc.reason)
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        date = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, date.timestamp() - time.time())
-
-
-class HFBackend:
-    """A local Hugging Face chat model as the judge: greedy, batched, the model's own chat template.
-
-    Args:
-        model_dir: HF model directory (safetensors, a chat template in the tokenizer preferred;
-            chatml otherwise).
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
-        max_new_tokens: longest judge reply; a reply cut before its verdict is unparsable.
-        batch_size: prompts generated together.
-
-    Raises:
-        TunelabError: the directory is not a loadable model.
-    """
-
-    concurrency = 1
-
-    def __init__(
-        self, model_dir: str | Path, device: str = "auto", max_new_tokens: int = 512, batch_size: int = 8
-    ) -> None:
-        import torch
-
-        from tunelab.config import ModelConfig
-        from tunelab.data.templates import resolve_template
-        from tunelab.models.load import load_model, load_tokenizer, resolve_device
-
-        path = str(model_dir)
-        self.tokenizer = load_tokenizer(path)
-        self.device = resolve_device(device)
-        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        self.model = load_model(ModelConfig(path=path), dtype, self.device, "sdpa")
-        self.template = resolve_template(self.tokenizer, "auto")
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        local = Path(path).expanduser()
-        self.name = f"hf:{local.resolve() if local.exists() else path}"
-        self._lock = threading.Lock()
-
-    def complete(self, messages: list[dict]) -> str:
-        """The model's greedy reply to one conversation."""
-        return self.complete_batch([messages])[0]
-
-    def complete_batch(self, batch: list[list[dict]]) -> list[str]:
-        """Greedy replies to several conversations, generated ``batch_size`` at a time."""
-        from tunelab.eval.generate import generate_answers
-
-        with self._lock:
-            return generate_answers(
-                self.model, self.tokenizer, self.template, batch,
-                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-            )
+    def __init__(self, base_url: str, model: str = DEFAULT_OPENAI_MODEL, **options) -> None:
+        super().__init__(base_url, model, **options)
 
 
 def parse_judge_spec(spec: str, judge_model: str | None = None, **options) -> JudgeBackend:
-    """A backend from a CLI string.
+    """A judge backend from a CLI string.
 
     Args:
         spec: ``openai:BASE_URL`` (``openai`` alone means the OpenAI API), or ``hf:MODEL_DIR``.
@@ -332,19 +132,8 @@ def parse_judge_spec(spec: str, judge_model: str | None = None, **options) -> Ju
     Raises:
         JudgeError: an unknown kind or a missing URL/directory.
     """
-    kind, _, target = spec.partition(":")
-    target = target.strip()
-    if kind == "openai":
-        return OpenAIBackend(target or DEFAULT_OPENAI_URL, judge_model or DEFAULT_OPENAI_MODEL, **options)
-    if kind == "hf":
-        if not target:
-            raise JudgeError(f"judge {spec!r}: name the model directory, as hf:MODEL_DIR")
-        if judge_model is not None:
-            raise JudgeError(
-                f"judge {spec!r}: a judge model name is only for openai: judges; hf:MODEL_DIR names the model"
-            )
-        return HFBackend(target, **options)
-    raise JudgeError(f"judge {spec!r}: expected openai:BASE_URL (e.g. openai:http://127.0.0.1:8000/v1) or hf:MODEL_DIR")
+    return parse_backend_spec(spec, judge_model, default_model=DEFAULT_OPENAI_MODEL, openai_class=OpenAIBackend,
+                              **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,12 +288,6 @@ class JudgeStats:
     failed: int = 0
 
 
-@dataclass
-class _Reply:
-    text: str = ""
-    error: str | None = None
-
-
 # ---------------------------------------------------------------------------------------------
 # The judge
 
@@ -542,7 +325,11 @@ class Judge:
         self.cache_path = Path(cache_path).expanduser() if cache_path is not None else None
         self.progress = progress
         self.stats = JudgeStats()
-        self._cache: dict[str, str] = self._read_cache() if self.cache_path is not None else {}
+        # Every reply that arrives is cached, parsable or not (asking again at temperature 0 would
+        # give the same); failed calls are not. A dead judge gives error entries, never an exception.
+        cache = ReplyCache(self.cache_path, name_field="judge", error=JudgeError)
+        self._generator = Generator(backend, cache, attempts=1, progress=progress, description="judging",
+                                    max_consecutive_failures=0, key_version=_CACHE_VERSION)
 
     # -- public API ------------------------------------------------------------------------
 
@@ -620,102 +407,17 @@ class Judge:
 
     def cache_key(self, messages: list[dict]) -> str:
         """sha256 of the backend name (with its model) and the full messages."""
-        blob = json.dumps([_CACHE_VERSION, self.backend.name, messages], ensure_ascii=False, sort_keys=True)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return self._generator.key(messages)
 
-    def _ask(self, requests: list[list[dict]]) -> list[_Reply]:
+    def _ask(self, requests: list[list[dict]]) -> list[Generation]:
         """One reply per request: cached, or asked of the backend (each distinct prompt once)."""
-        keys = [self.cache_key(messages) for messages in requests]
-        todo: dict[str, list[dict]] = {}
-        for key, messages in zip(keys, requests):
-            if key not in self._cache and key not in todo:
-                todo[key] = messages
-        self.stats.cached += len(requests) - len(todo)
-        self.stats.calls += len(todo)
-        failures: dict[str, str] = {}
-        if todo:
-            with self._progress_bar(len(todo)) as advance:
-                for key, text, error in self._run(list(todo.items())):
-                    if error is None:
-                        self._store(key, text)
-                    else:
-                        failures[key] = error
-                        self.stats.failed += 1
-                    advance()
-        return [_Reply(error=failures[key]) if key in failures else _Reply(text=self._cache[key]) for key in keys]
-
-    def _run(self, todo: list[tuple[str, list[dict]]]) -> Iterable[tuple[str, str, str | None]]:
-        """Yield (key, reply, error) as calls finish; exceptions become errors."""
-        backend = self.backend
-        if isinstance(backend, BatchJudgeBackend):
-            size = max(1, backend.batch_size)
-            for start in range(0, len(todo), size):
-                chunk = todo[start : start + size]
-                try:
-                    texts = backend.complete_batch([messages for _, messages in chunk])
-                except Exception as exc:  # noqa: BLE001 - a failing judge must not crash the batch
-                    yield from ((key, "", _describe(exc)) for key, _ in chunk)
-                    continue
-                yield from ((key, text, None) for (key, _), text in zip(chunk, texts))
-            return
-        workers = max(1, min(backend.concurrency, len(todo)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge") as pool:
-            futures = {pool.submit(backend.complete, messages): key for key, messages in todo}
-            for future in as_completed(futures):
-                try:
-                    yield futures[future], future.result(), None
-                except Exception as exc:  # noqa: BLE001 - a failing judge must not crash the batch
-                    yield futures[future], "", _describe(exc)
-
-    def _progress_bar(self, total: int):
-        from contextlib import contextmanager
-
-        @contextmanager
-        def bar():
-            if not self.progress or total < PROGRESS_MIN_CALLS:
-                yield lambda: None
-                return
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            columns = (TextColumn("judging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-            with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-                task = progress.add_task("judge", total=total)
-                yield lambda: progress.advance(task)
-
-        return bar()
-
-    def _read_cache(self) -> dict[str, str]:
-        assert self.cache_path is not None
-        cache: dict[str, str] = {}
-        if not self.cache_path.exists():
-            return cache
-        text = read_user_text(self.cache_path, "judge cache", JudgeError)
-        for line in text.splitlines():
-            try:
-                entry = json.loads(line)
-                cache[entry["key"]] = entry["reply"]
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut by a crash: that reply is asked again
-        return cache
-
-    def _store(self, key: str, text: str) -> None:
-        self._cache[key] = text
-        if self.cache_path is None:
-            return
-        line = json.dumps({"key": key, "judge": self.backend.name, "reply": text}, ensure_ascii=False) + "\n"
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.cache_path, "a+b") as handle:
-            handle.seek(0, os.SEEK_END)
-            if handle.tell() > 0:
-                handle.seek(-1, os.SEEK_END)
-                if handle.read(1) != b"\n":  # the last line was cut: start a fresh one
-                    line = "\n" + line
-            handle.write(line.encode("utf-8"))
-
-
-def _describe(exc: Exception) -> str:
-    return str(exc) if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"
+        counts = self._generator.stats
+        calls, cached, failed = counts.calls, counts.cached, counts.failed
+        replies = self._generator.generate(requests)
+        self.stats.calls += counts.calls - calls
+        self.stats.cached += counts.cached - cached
+        self.stats.failed += counts.failed - failed
+        return replies
 
 
 def _fields(item: Mapping | Sequence, names: tuple[str, ...], index: int) -> tuple:

@@ -8,17 +8,15 @@ are fractions from 0 to 1.
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Sequence
-from decimal import Decimal
 from functools import cache
 
 import numpy as np
 import sacrebleu
 from rouge_score import rouge_scorer
 
-ANSWER_PATTERN = r"(?im)^\s*answer\s*:\s*(.+?)\s*$"
-"""The default final-answer regex (the same as ``eval.answer_pattern`` in the config)."""
+# Answer extraction lives with the data (RL rewards use it too); importable from here as before.
+from tunelab.data.answers import ANSWER_PATTERN, extract_answer, extract_number, normalize_answer  # noqa: F401
 
 PER_EXAMPLE_METRICS: tuple[str, ...] = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match", "numeric_accuracy")
 """Metrics that compare one prediction with its reference, so that two predictions can be ranked."""
@@ -33,22 +31,7 @@ SELF_BLEU_SAMPLE = 200
 
 _ROUGE = ("rouge1", "rouge2", "rougeL")
 _LENGTH = ("length_mean", "length_p50", "length_p95", "length_max")
-# A number: optional minus, digits with optional thousands separators, optional decimals; not the tail of a word.
-_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
-
-def extract_answer(text: str, pattern: str) -> str:
-    """The final answer in ``text``: the first group of the last ``pattern`` match, else the stripped text."""
-    matches = list(re.finditer(pattern, text))
-    answer = matches[-1].group(1) if matches else text
-    return normalize_answer(answer)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, collapse whitespace, drop surrounding punctuation and thousands separators in numbers."""
-    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.strip().lower())
-    text = re.sub(r"\s+", " ", text)
-    return text.strip(" .,:;!?\"'")
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str], pattern: str) -> float:
@@ -57,38 +40,6 @@ def exact_match(predictions: Sequence[str], references: Sequence[str], pattern: 
         return 0.0
     hits = sum(extract_answer(p, pattern) == extract_answer(r, pattern) for p, r in zip(predictions, references))
     return hits / len(references)
-
-
-def extract_number(text: str, pattern: str = ANSWER_PATTERN) -> str | None:
-    """The numeric final answer of a GSM8K-style text, in a canonical form, or None when there is none.
-
-    The first number after the last ``####`` if there is one, else the first number in the last
-    ``pattern`` match (an ``answer: ...`` line by default), else the last number in the text.
-    Thousands separators are dropped and the number is written without trailing zeros, so equal
-    numbers give equal strings.
-
-    Example:
-        >>> extract_number("5 + 995 = 1,000 apples\\n#### 1,000.0")
-        '1000'
-    """
-    places = []
-    if "####" in text:
-        places.append(text.rsplit("####", 1)[1])
-    answers = list(re.finditer(pattern, text))
-    if answers:
-        places.append(answers[-1].group(1))
-    for place in places:
-        numbers = _NUMBER.findall(place)
-        if numbers:
-            return _canonical_number(numbers[0])
-    numbers = _NUMBER.findall(text)
-    return _canonical_number(numbers[-1]) if numbers else None
-
-
-def _canonical_number(number: str) -> str:
-    """``'1,000.50'`` -> ``'1000.5'``: no separators, no trailing zeros, no exponent."""
-    value = Decimal(number.replace(",", "")).normalize()
-    return format(value + 0, "f")  # + 0 turns -0 into 0 and 1E+3 into 1000
 
 
 def example_scores(

@@ -29,6 +29,9 @@ from tunelab.errors import DataError, TunelabError
 from tunelab.eval.generate import generate_answers
 from tunelab.eval.metrics import METRICS, corpus_metrics, example_scores
 from tunelab.eval.report import write_eval_report
+from tunelab.models.adapters import has_virtual_tokens
+from tunelab.track.provenance import files_fingerprint
+from tunelab.track.record import Artifact, model_artifact, record_run
 from tunelab.train.engine import eval_batches, evaluate_loss
 
 LOSS_METRICS = ("perplexity", "loss")
@@ -96,6 +99,7 @@ def reference_loss(
         return {}, truncated
     dataset = datasets.Dataset.from_dict(rows)
     device = next(model.parameters()).device
+    packing = packing and not has_virtual_tokens(model)  # prefix/prompt tuning: one sequence per row
     batches = eval_batches(dataset, packing, max(max_length, 4096), batch_size, tokenizer.pad_token_id)
     result = evaluate_loss(model, batches, device, nullcontext)
     return {"loss": result["eval_loss"], "perplexity": result["eval_ppl"]}, truncated
@@ -230,7 +234,17 @@ def run_eval(
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in predictions))
     write_eval_report(out, results, predictions)
+    _record_eval_run(out, results, files)
     return results
+
+
+def _record_eval_run(out: Path, results: dict[str, Any], files: list[str]) -> None:
+    """Write ``run.json`` and register the evaluation; its parent is the run that made the model."""
+    models = [model_artifact(results[key]) for key in ("model", "adapter") if results.get(key)]
+    eval_sets = [Artifact("dataset", file, files_fingerprint([file])) for file in files]
+    numbers = {k: v for k, v in results["metrics"].items() if isinstance(v, int | float)}
+    record_run("eval", out / "run.json", inputs=models + eval_sets, outputs=[Artifact("eval-report", str(out))],
+               config=results["options"], metrics=numbers, details={"base_model": results.get("model")})
 
 
 def check_thresholds(metrics: dict[str, Any], specs: list[str]) -> list[str]:

@@ -7,11 +7,20 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from tunelab.config import ModelConfig
 from tunelab.errors import TunelabError
 from tunelab.models.attention import register_packed_sdpa
+from tunelab.models.quant import quantization_config
 
 Precision = Literal["fp32", "bf16", "fp16"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,10 +60,10 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
 
 
 def resolve_load_dtype(model_cfg: ModelConfig, method_type: str, device: torch.device) -> torch.dtype:
-    """Dtype of the weights as loaded. auto: fp32 where weights train; bf16 for a frozen LoRA base on a GPU."""
+    """Dtype of the weights as loaded. auto: fp32 where weights train; bf16 for an adapter method's frozen base on a GPU."""
     if model_cfg.dtype != "auto":
         return DTYPES[model_cfg.dtype]
-    if method_type == "lora" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if method_type in ("lora", "qlora", "prefix", "prompt") and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
 
@@ -99,22 +108,38 @@ def attention_for(model_cfg: ModelConfig, packing: bool) -> str:
 
 
 def load_model(
-    model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa"
+    model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa",
+    reward_head: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM from safetensors onto a device.
 
+    With ``reward_head`` the model is a sequence classifier with one output (a scalar reward read
+    at the last token; a new, randomly initialised ``score`` layer over the same base).
+
+    With ``model_cfg.quantization`` 4bit/8bit the weights are quantized by bitsandbytes while they
+    load (see :mod:`tunelab.models.quant`).
+
     Raises:
-        TunelabError: missing directory, no safetensors weights, remote code needed but not allowed.
+        TunelabError: missing directory, no safetensors weights, remote code needed but not allowed,
+            quantization without bitsandbytes installed.
     """
     _check_local(model_cfg.path)
+    quantization = quantization_config(model_cfg, device)
+    # A quantized model is placed while it loads (it cannot be moved afterwards).
+    if quantization and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        head_kwargs = {"num_labels": 1} if reward_head else {}
+        model = (AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM).from_pretrained(
             model_cfg.path,
+            **head_kwargs,
             dtype=dtype,
             attn_implementation=attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code,
             revision=model_cfg.revision,
             use_safetensors=True,
+            **placement,
         )
     except (OSError, ValueError) as exc:
         message = str(exc)
@@ -129,7 +154,7 @@ def load_model(
                 "weights (.bin/.pt). Convert them to safetensors first."
             ) from None
         raise TunelabError(f"model.path {model_cfg.path}: cannot load the model: {message}") from None
-    return model.to(device)
+    return model if quantization else model.to(device)
 
 
 def generation_stop_ids(generation: GenerationConfig | None, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,7 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunelab.data.templates import render_prompt
 from tunelab.errors import DataError
 from tunelab.serve.engine import GenerationEngine, GenerationRequest, QueueFull
-from tunelab.serve.request_log import RequestLog, RequestRecord
+from tunelab.serve.request_log import RecordSink, RequestRecord
+
+logger = logging.getLogger("tunelab.serve")
 
 
 @dataclass
@@ -198,14 +201,19 @@ class _State:
     stop_ids: set[int]
     settings: ServeSettings
     metrics: ServerMetrics
-    request_log: RequestLog | None
+    sinks: tuple[RecordSink, ...]
 
 
 def create_app(engine: GenerationEngine, template: str, stop_ids: set[int], settings: ServeSettings,
-               request_log: RequestLog | None = None) -> FastAPI:
-    """The FastAPI application serving ``engine``."""
+               request_log: RecordSink | None = None, record_sinks: Sequence[RecordSink] = ()) -> FastAPI:
+    """The FastAPI application serving ``engine``.
+
+    Every finished request's :class:`RequestRecord` goes to ``request_log`` (a JSONL log) and to
+    each of ``record_sinks`` (e.g. the SQLite monitoring store).
+    """
     app = FastAPI(title="tunelab", docs_url=None, redoc_url=None)
-    state = _State(engine, engine.tokenizer, template, stop_ids, settings, ServerMetrics(), request_log)
+    sinks = tuple(s for s in (request_log, *record_sinks) if s is not None)
+    state = _State(engine, engine.tokenizer, template, stop_ids, settings, ServerMetrics(), sinks)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -408,5 +416,8 @@ def _fill_record(record: RequestRecord, run: _Run, text: str) -> None:
 def _finish_record(state: _State, record: RequestRecord, started: float) -> None:
     record.latency_s = time.monotonic() - started
     state.metrics.observe(record)
-    if state.request_log is not None:
-        state.request_log.record(record)
+    for sink in state.sinks:
+        try:
+            sink.record(record)
+        except Exception:  # monitoring must never fail a request
+            logger.exception("a request record could not be handed to %s", type(sink).__name__)

@@ -1,8 +1,9 @@
 """What the server records about every request, written off the request path.
 
 :class:`RequestLog` takes :class:`RequestRecord` rows from request handlers (a non-blocking
-put) and a background thread writes them in batches as JSON lines. The monitoring store takes
-the same records.
+put) and a background thread writes them in batches as JSON lines. The monitoring store
+(:class:`tunelab.monitor.store.RequestStore`, SQLite) takes the same records; both are
+:class:`RecordSink` objects the server hands every record to.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import queue
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 
 @dataclass
@@ -32,6 +34,13 @@ class RequestRecord:
     error: str | None = None
     prompt: str | None = None  # only when the server records text
     completion: str | None = None
+
+
+class RecordSink(Protocol):
+    """Anything that takes request records off the request path (``record`` must not block)."""
+
+    def record(self, row: RequestRecord) -> None:
+        """Take one record."""
 
 
 class RequestLog:

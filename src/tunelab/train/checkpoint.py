@@ -12,16 +12,18 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
 from peft.utils import load_peft_weights
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.errors import TunelabError
+from tunelab.models.adapters import PROMPT_ENCODER_FILE, load_prompt_encoder_state, prompt_encoder_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -50,9 +52,16 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_model_dir(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
-    """Save a model (safetensors) or a PEFT adapter, with its tokenizer and chat template."""
-    model.save_pretrained(path, safe_serialization=True)
+def save_model_dir(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, path: Path,
+                   state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save a model (safetensors) or a PEFT adapter, with its tokenizer and chat template.
+
+    ``state_dict``: the weights to write instead of the model's own (gathered from a sharded run).
+    """
+    if state_dict is None:
+        model.save_pretrained(path, safe_serialization=True)
+    else:
+        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(path)
 
 
@@ -68,13 +77,21 @@ def save_checkpoint(
     step: int,
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
     trainer_state: dict[str, Any],
     keep: int,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically and delete all but the newest ``keep``.
+
+    ``extra_tensors`` maps file names to state dicts saved beside the model as safetensors
+    (e.g. PPO's value head), inside the same atomic write. A sharded run passes its gathered
+    ``state_dict``, no ``optimizer`` (its state is sharded), and ``extra``, which puts the
+    sharded state into the checkpoint directory before it is renamed into place.
 
     Returns:
         The checkpoint directory.
@@ -85,8 +102,19 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model_dir(model, tokenizer, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_model_dir(model, tokenizer, tmp, state_dict)
+    encoder = prompt_encoder_state(model)  # prefix projection: the adapter file holds only its output
+    if encoder is not None and state_dict is not None:  # sharded: the module holds a shard, the gathered dict all
+        prefix = "prompt_encoder.default."
+        encoder = {name.removeprefix(prefix): t for name, t in state_dict.items() if name.startswith(prefix)}
+    if encoder is not None:
+        save_file(encoder, tmp / PROMPT_ENCODER_FILE)
+    for name, tensors in (extra_tensors or {}).items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / name)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if extra is not None:
+        extra(tmp)
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     if scaler is not None:
@@ -125,23 +153,34 @@ def _load_full_weights(model: PreTrainedModel, path: Path) -> None:
         )
 
 
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json`` (step, data position, process count of a distributed run)."""
+    return json.loads((path / "trainer_state.json").read_text())
+
+
 def load_checkpoint(
     path: Path,
-    model: PreTrainedModel | PeftModel,
-    optimizer: torch.optim.Optimizer,
+    model: PreTrainedModel | PeftModel | None,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
 ) -> dict[str, Any]:
     """Restore model/adapter weights, optimizer, scheduler, scaler and RNG from a checkpoint.
 
+    ``model`` and ``optimizer`` are None when a sharded run restores them from its own state.
+
     Returns:
         The trainer state (step, data position, ...).
     """
     if isinstance(model, PeftModel):
-        set_peft_model_state_dict(model, load_peft_weights(str(path), device=str(model.device)))
-    else:
+        if (path / PROMPT_ENCODER_FILE).is_file():
+            load_prompt_encoder_state(model, load_file(path / PROMPT_ENCODER_FILE, device=str(model.device)))
+        else:
+            set_peft_model_state_dict(model, load_peft_weights(str(path), device=str(model.device)))
+    elif model is not None:
         _load_full_weights(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if scaler is not None and (path / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
@@ -149,6 +188,6 @@ def load_checkpoint(
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = read_trainer_state(path)
     random.setstate(_tupled(state.pop("python_rng")))
     return state

@@ -33,15 +33,19 @@ class Reporter:
     """Writes metric rows to ``metrics.jsonl`` (and TensorBoard) and drives the progress bar.
 
     On resume, rows after the resumed step (written by the interrupted run after its last
-    checkpoint) are dropped, so the file reads as one uninterrupted run.
+    checkpoint) are dropped, so the file reads as one uninterrupted run. In a distributed run only
+    the main process (rank 0) reports; the others get a reporter that writes and shows nothing.
     """
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, tensorboard: bool) -> None:
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, tensorboard: bool,
+                 main_process: bool = True) -> None:
         self.path = output_dir / "metrics.jsonl"
-        kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= start_step]
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        self.enabled = main_process
+        if self.enabled:
+            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= start_step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         self.writer = None
-        if tensorboard:
+        if tensorboard and self.enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -58,13 +62,15 @@ class Reporter:
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=console,
-            disable=not self.interactive,
+            disable=not (self.interactive and self.enabled),
         )
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
         self.progress.start()
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one metrics row and show it."""
+        if not self.enabled:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with self.path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")
@@ -81,6 +87,11 @@ class Reporter:
     def advance(self, step: int) -> None:
         """Move the bar to optimizer step ``step``."""
         self.progress.update(self.task, completed=step)
+
+    def phase(self, text: str) -> None:
+        """Show what the step is doing now (e.g. ``rollout``/``update`` in online RL) beside the bar."""
+        if self.interactive:
+            self.progress.update(self.task, status=text)
 
     def message(self, text: str) -> None:
         """Print a line above the progress bar."""

@@ -1,42 +1,23 @@
-"""``run.json``: what produced a run (versions, git commit, data fingerprint) and how it went."""
+"""``run.json``: what produced a training run (versions, git commit, data fingerprint) and how it went.
+
+The run is also registered in the run registry (and MLflow when ``track.mlflow_uri`` is set),
+with the dataset and base model as its inputs and ``final/`` as its output, so that
+``tunelab runs lineage`` can follow it into merges, exports and servers.
+"""
 
 from __future__ import annotations
 
-import json
-import platform
-import subprocess
-from datetime import UTC, datetime
-from importlib import metadata
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunelab.config import TunelabConfig
+from tunelab.track.provenance import PACKAGES, files_fingerprint, git_commit, package_versions
+from tunelab.track.record import Artifact, model_artifact, record_run
 
-PACKAGES = ("tunelab", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "safetensors")
-
-
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of the packages that decide a run's numbers."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def git_commit(directory: Path | None = None) -> str | None:
-    """The commit of the git checkout holding ``directory`` (the current directory), if any."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
+__all__ = ["PACKAGES", "git_commit", "package_versions", "write_run_json"]
 
 
 def write_run_json(
@@ -51,11 +32,16 @@ def write_run_json(
     wall_seconds: float,
     final_metrics: dict[str, Any],
 ) -> Path:
-    """Write ``output_dir/run.json`` and return its path."""
-    info = {
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": package_versions(),
-        "git_commit": git_commit(),
+    """Write ``output_dir/run.json``, register the run, and return the file's path.
+
+    Raises:
+        TrackError: ``track.mlflow_uri`` is set but mlflow is missing (run.json is written first).
+    """
+    started = datetime.now(UTC) - timedelta(seconds=wall_seconds)
+    inputs = [Artifact("dataset", ", ".join(config.data.train), data_fingerprint), Artifact("model", config.model.path)]
+    if config.data.eval:
+        inputs.append(Artifact("dataset", ", ".join(config.data.eval), files_fingerprint(config.data.eval)))
+    details = {
         "base_model": config.model.path,
         "method": config.method.type,
         "objective": config.train.objective,
@@ -69,5 +55,10 @@ def write_run_json(
         "final_metrics": final_metrics,
     }
     path = output_dir / "run.json"
-    path.write_text(json.dumps(info, indent=2))
+    record_run(
+        "train", path, inputs=inputs, outputs=[model_artifact(output_dir / "final")],
+        config=config.model_dump(mode="json"), metrics=final_metrics, details=details,
+        started_at=started.isoformat(timespec="seconds"), registry=config.track.registry,
+        mlflow_uri=config.track.mlflow_uri, mlflow_experiment=config.track.mlflow_experiment,
+    )
     return path

@@ -6,11 +6,14 @@ the data pipeline decides (assistant turns for SFT, every token for pretraining)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from tunelab.data.packing import Batch
 from tunelab.data.templates import IGNORE_INDEX
+from tunelab.train.objectives.base import Metrics
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -25,10 +28,26 @@ def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     if batch.trained_positions is not None:
         inputs["logits_to_keep"] = batch.trained_positions
         targets = targets[:, batch.trained_positions]
-    logits = model(**inputs).logits
+    # Prompt tuning prepends its virtual tokens' logits; the targets are the last positions.
+    logits = model(**inputs).logits[:, -targets.shape[1] :]
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
         targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+class SFTObjective:
+    """Next-token cross-entropy, averaged over the trained tokens of the window (SFT, pretraining)."""
+
+    needs_reference = False
+    reference = None
+
+    def window_totals(self, window: Sequence[Batch]) -> dict[str, int]:
+        """Trained tokens of the window."""
+        return {"units": sum(batch.num_trained for batch in window)}
+
+    def loss(self, model: torch.nn.Module, batch: Batch, totals: dict[str, int]) -> tuple[torch.Tensor, Metrics]:
+        """This batch's summed token loss divided by the window's trained tokens."""
+        return causal_lm_loss(model, batch) / totals["units"], {}

@@ -1,0 +1,253 @@
+"""``tunelab data convert|build|cot|clean|stats|split``: the data-preparation subcommands.
+
+Every command reads positional input files and writes canonical JSONL to ``--out`` (``split``
+writes ``--out DIR/{train,val,test}.jsonl``, ``stats`` a report directory). The work is done in
+the modules named below; this one only parses arguments and prints reports, and imports nothing
+heavy until a command runs (``tunelab --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+KIND_CHOICES = ["auto", "conversation", "prompt", "text", "preference", "feedback"]
+FORMAT_CHOICES = ["auto", "alpaca", "sharegpt", "messages", "qa", "text"]
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
+    """``["a=b", "c=d"]`` -> ``{"a": "b", "c": "d"}``; a malformed item names the flag."""
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise TunelabError(f"{flag} {item!r}: expected NAME=VALUE")
+        out[name.strip()] = value
+    return out
+
+
+def _print_lines(lines: list[str]) -> None:
+    for line in lines:
+        print(line)
+
+
+def _rejects_note(path: Path | None) -> None:
+    if path is not None:
+        print(f"rejected records and why: {path}")
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from tunelab.data.convert import convert_files
+
+    result = convert_files(args.inputs, args.out, args.kind, args.format, args.text_field, args.system,
+                           args.on_error, args.rejects)
+    print(f"wrote {result.written:,} {result.kind} records to {result.out} ({result.report.read:,} read)")
+    if result.report.skipped:
+        print(result.report.summary())
+    _rejects_note(result.rejects_path)
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from tunelab.data.builders import build_files, builtin_templates_path, load_template_library
+
+    if args.show_templates:
+        library = load_template_library(args.templates)
+        extended = f", extended by {args.templates}" if args.templates else ""
+        print(f"# built-in library: {builtin_templates_path()}{extended}")
+        for name, spec in library.items():
+            print(f"\n{name}: fields {sorted(spec.inputs)} (optional {sorted(spec.optional)}) -> {spec.answer_field}")
+            print(f"  system: {spec.system}")
+            for index, template in enumerate(spec.templates):
+                print(f"  {name}/{index}: {template!r}")
+        return 0
+    if not args.inputs or not args.out or not args.task:
+        raise TunelabError("tunelab data build needs INPUT files, --task and --out (or --show-templates)")
+    result = build_files(
+        args.inputs, args.out, args.task, templates=args.templates, seed=args.seed, variants=args.variants,
+        fields=_key_values(args.field, "--field"), params=_key_values(args.param, "--param"),
+        system="" if args.no_system else args.system, limit=args.limit, num_proc=args.num_proc,
+        use_cache=not args.no_cache, rejects_path=args.rejects,
+    )
+    print(f"wrote {result.written:,} {args.task} instruction records to {result.out} "
+          f"(from {result.report.read:,} raw records)")
+    if result.report.skipped:
+        print(result.report.summary())
+    _rejects_note(result.rejects_path)
+    return 0
+
+
+def _cmd_cot(args: argparse.Namespace) -> int:
+    from tunelab.data.cot import CotOptions, cot_files
+
+    options = CotOptions(fmt=args.format, calculator=args.calculator, check_arithmetic=not args.no_check_arithmetic,
+                         step_format=args.step_format, answer_format=args.answer_format, system=args.system,
+                         kind=args.kind)
+    result = cot_files(args.inputs, args.out, options, limit=args.limit, num_proc=args.num_proc,
+                       use_cache=not args.no_cache, rejects_path=args.rejects)
+    print(f"wrote {result.written:,} chain-of-thought {args.kind} records to {result.out} "
+          f"({result.report.read:,} problems read)")
+    if result.report.skipped:
+        print(result.report.summary())
+    _rejects_note(result.rejects_path)
+    return 0
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    from tunelab.data.convert import rejects_path_for
+    from tunelab.data.quality import CleanOptions, clean_files
+
+    options = CleanOptions(
+        exact_dedup=not args.no_dedup, near_dedup=not (args.no_dedup or args.no_near_dedup),
+        near_dup_threshold=args.near_dup_threshold, dedup_on=args.dedup_on, min_length=args.min_length,
+        max_length=args.max_length, min_answer_length=args.min_answer_length, length_unit=args.length_unit,
+        tokenizer=args.tokenizer, garbled_filter=not args.keep_garbled, max_repetition=args.max_repetition,
+        redact_pii=args.redact_pii, seed=args.seed,
+        languages=tuple(code.strip().lower() for code in args.lang.split(",")) if args.lang else None,
+    )
+    report = clean_files(args.inputs, args.out, options, kind=args.kind, fmt=args.format, text_field=args.text_field,
+                         rejects_path=args.rejects, use_cache=not args.no_cache, num_proc=args.num_proc)
+    print(f"wrote {report.kept:,} records to {args.out}")
+    _print_lines(report.lines())
+    if report.kept < report.read:
+        _rejects_note(Path(args.rejects) if args.rejects else rejects_path_for(args.out))
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from tunelab.data.stats import stats_files
+
+    report, sketch = stats_files(
+        args.inputs, args.out, tokenizer=args.tokenizer, template=args.template, bins=args.bins,
+        max_length=args.max_length, kind=args.kind, fmt=args.format, text_field=args.text_field,
+        num_proc=args.num_proc, use_cache=not args.no_cache,
+    )
+    _print_lines(report.lines())
+    print(sketch)
+    print(f"report: {Path(args.out) / 'report.md'}, {Path(args.out) / 'stats.json'}"
+          + (f", {report.png}" if report.png else ""))
+    return 0
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from tunelab.data.split import parse_ratios, split_files
+
+    report = split_files(args.inputs, args.out, parse_ratios(args.ratios), args.seed, stratify=args.stratify,
+                         group=args.group, kind=args.kind, fmt=args.format, text_field=args.text_field)
+    print("wrote " + ", ".join(str(path) for path in report.paths.values()))
+    _print_lines(report.lines())
+    return 0
+
+
+def _reading_options(parser: argparse.ArgumentParser, kind: bool = True) -> None:
+    if kind:
+        parser.add_argument("--kind", choices=KIND_CHOICES, default="auto",
+                            help="what the records are (default: decided per file from its first record)")
+    parser.add_argument("--format", choices=FORMAT_CHOICES, default="auto",
+                        help="conversation format of the input (default: detected)")
+    parser.add_argument("--text-field", default="text", help="field holding text for text records")
+
+
+def _common(parser: argparse.ArgumentParser, out_help: str, inputs_required: bool = True) -> None:
+    parser.add_argument("inputs", nargs="+" if inputs_required else "*", metavar="INPUT",
+                        help="data files: JSON, JSONL, CSV, Parquet, TXT (also .gz)")
+    parser.add_argument("--out", required=inputs_required, help=out_help)
+
+
+def _map_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-proc", type=int, default=None,
+                        help="worker processes (default: one per core, at most 4, for 20,000+ records)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute instead of using the on-disk cache")
+
+
+def add_commands(data_commands: argparse._SubParsersAction) -> None:
+    """Add convert, build, cot, clean, stats and split to the ``tunelab data`` subparsers."""
+    convert = data_commands.add_parser("convert", help="any supported format -> canonical JSONL, with a rejects report")
+    _common(convert, "output JSONL file")
+    _reading_options(convert)
+    convert.add_argument("--system", help="system prompt for conversations and prompts that have none")
+    convert.add_argument("--on-error", choices=["skip", "fail"], default="skip",
+                         help="skip bad records and list them (default), or stop at the first")
+    convert.add_argument("--rejects", help="where rejected records go (default: OUT's name + .rejects.jsonl)")
+    convert.set_defaults(func=_cmd_convert)
+
+    build = data_commands.add_parser("build", help="task records (qa, summarization, ...) -> instruction records")
+    _common(build, "output JSONL file", inputs_required=False)
+    build.add_argument("--task", help="qa, summarization, translation, classification, general, "
+                                      "or a task from --templates")
+    build.add_argument("--templates", help="YAML file that extends the built-in template library")
+    build.add_argument("--show-templates", action="store_true", help="print the template library and exit")
+    build.add_argument("--field", action="append", metavar="NAME=KEY", help="read field NAME from raw key KEY")
+    build.add_argument("--param", action="append", metavar="NAME=VALUE", help="field NAME is VALUE for every record")
+    build.add_argument("--variants", type=int, default=1, help="records per input, each with another phrasing")
+    build.add_argument("--seed", type=int, default=0, help="seed of the phrasing choice")
+    build.add_argument("--system", help="system prompt instead of the task's")
+    build.add_argument("--no-system", action="store_true", help="no system prompt")
+    build.add_argument("--limit", type=int, help="first N raw records")
+    build.add_argument("--rejects", help="where unusable records go (default: OUT's name + .rejects.jsonl)")
+    _map_options(build)
+    build.set_defaults(func=_cmd_build)
+
+    cot = data_commands.add_parser("cot", help="problems with solution steps -> chain-of-thought records (GSM8K too)")
+    _common(cot, "output JSONL file")
+    cot.add_argument("--format", choices=["auto", "gsm8k", "steps"], default="auto", help="input layout")
+    cot.add_argument("--calculator", choices=["strip", "keep"], default="strip",
+                     help="GSM8K <<expr=result>> annotations: remove (default) or keep")
+    cot.add_argument("--no-check-arithmetic", action="store_true",
+                     help="keep GSM8K records whose calculator annotations are wrong")
+    cot.add_argument("--step-format", default="{n}. {step}", help="how a step is written")
+    cot.add_argument("--answer-format", default="answer: {answer}", help="the final line")
+    cot.add_argument("--system", help="system prompt for every record")
+    cot.add_argument("--kind", choices=["conversation", "prompt"], default="conversation",
+                     help="conversation (training) or prompt with the answer as reference (eval, RL)")
+    cot.add_argument("--limit", type=int, help="first N problems")
+    cot.add_argument("--rejects", help="where unusable problems go (default: OUT's name + .rejects.jsonl)")
+    _map_options(cot)
+    cot.set_defaults(func=_cmd_cot)
+
+    clean = data_commands.add_parser("clean", help="dedup (exact + MinHash near-dup), length/garbled/language "
+                                                   "filters, PII redaction")
+    _common(clean, "output JSONL file")
+    _reading_options(clean)
+    clean.add_argument("--no-dedup", action="store_true", help="keep duplicates")
+    clean.add_argument("--no-near-dedup", action="store_true", help="remove exact duplicates only")
+    clean.add_argument("--near-dup-threshold", type=float, default=0.8, help="Jaccard similarity (default 0.8)")
+    clean.add_argument("--dedup-on", choices=["all", "prompt", "answer"], default="all",
+                       help="text compared for duplicates (system prompts never count)")
+    clean.add_argument("--min-length", type=int, help="drop records shorter than this (--length-unit)")
+    clean.add_argument("--max-length", type=int, help="drop records longer than this (--length-unit)")
+    clean.add_argument("--min-answer-length", type=int, help="drop records whose answer is shorter")
+    clean.add_argument("--length-unit", choices=["words", "chars", "tokens"], default="words")
+    clean.add_argument("--tokenizer", help="tokenizer or model directory (for --length-unit tokens)")
+    clean.add_argument("--keep-garbled", action="store_true", help="do not drop empty or garbled texts")
+    clean.add_argument("--max-repetition", type=float, default=0.5,
+                       help="share of repeated word 3-grams that marks a looping text (default 0.5)")
+    clean.add_argument("--redact-pii", action="store_true", help="replace e-mail addresses and phone numbers")
+    clean.add_argument("--lang", help="keep only these languages (ISO 639-1, comma-separated: en,de)")
+    clean.add_argument("--seed", type=int, default=0, help="seed of the MinHash permutations")
+    clean.add_argument("--rejects", help="where removed records go, with why (default: OUT's name + .rejects.jsonl)")
+    _map_options(clean)
+    clean.set_defaults(func=_cmd_clean)
+
+    stats = data_commands.add_parser("stats", help="counts, token-length histogram (PNG + terminal), formats")
+    _common(stats, "report directory (stats.json, report.md, token_lengths.png)")
+    _reading_options(stats)
+    stats.add_argument("--tokenizer", help="tokenizer or model directory (default: lengths in words)")
+    stats.add_argument("--template", choices=["auto", "tokenizer", "chatml", "llama3", "alpaca", "plain"],
+                       default="auto", help="chat template used to render conversations")
+    stats.add_argument("--bins", type=int, default=20, help="histogram bins")
+    stats.add_argument("--max-length", type=int, help="also count records longer than this")
+    _map_options(stats)
+    stats.set_defaults(func=_cmd_stats)
+
+    split = data_commands.add_parser("split", help="train/val/test by ratios with a seed, optionally stratified")
+    _common(split, "output directory (train.jsonl, val.jsonl, test.jsonl)")
+    _reading_options(split)
+    split.add_argument("--ratios", default="0.8,0.1,0.1", help="train,val[,test] (default 0.8,0.1,0.1)")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--stratify", metavar="FIELD", help="keep this field's values in the same proportions "
+                                                          "(dotted path: label, task, provenance.tool)")
+    split.add_argument("--group", metavar="FIELD", help="keep records sharing this field's value in one split")
+    split.set_defaults(func=_cmd_split)

@@ -1,0 +1,70 @@
+"""``tunelab reward score``: score answers with a trained reward model.
+
+Preference pairs give each side's score and the pairwise accuracy (how often the chosen answer
+scores higher); conversations give the score of their last assistant answer. Scores are written
+as JSONL, one object per record with its source ``file:line``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.progress import track
+
+from tunelab.data.files import read_rows
+from tunelab.data.preferences import load_preferences
+from tunelab.data.records import Conversation, load_records
+from tunelab.errors import DataError
+from tunelab.train.rl.rewards import RewardModelScorer
+
+
+def _answer(messages: list[dict[str, str]]) -> str:
+    return "".join(m["content"] for m in messages if m["role"] == "assistant")
+
+
+def _is_preference_file(path: str) -> bool:
+    data = next(iter(read_rows(path))).data
+    return isinstance(data, dict) and ("chosen" in data or "chosen_messages" in data)
+
+
+def score_file(scorer: RewardModelScorer, path: str, on_error: str = "fail") -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Score every record of a preference or conversation file.
+
+    Returns:
+        One row per record (scores and source) and a summary (count, mean score, and for pairs
+        the pairwise accuracy and mean margin).
+
+    Raises:
+        DataError: the file cannot be read or holds a bad record (with ``on_error: fail``).
+    """
+    rows: list[dict[str, Any]] = []
+    batch = scorer.batch_size * 4
+    if _is_preference_file(path):
+        pairs, _ = load_preferences([path], on_error)
+        for start in track(range(0, len(pairs), batch), description="scoring", transient=True):
+            part = pairs[start : start + batch]
+            chosen = scorer.score([p.prompt for p in part], [_answer(p.chosen) for p in part])
+            rejected = scorer.score([p.prompt for p in part], [_answer(p.rejected) for p in part])
+            rows += [{"source": p.source, "chosen": c, "rejected": r} for p, c, r in zip(part, chosen, rejected)]
+        margins = [row["chosen"] - row["rejected"] for row in rows]
+        summary = {"pairs": len(rows), "accuracy": sum(m > 0 for m in margins) / len(rows),
+                   "mean_margin": sum(margins) / len(rows)}
+        return rows, summary
+    records, _ = load_records([path], on_error=on_error)
+    conversations = [r for r in records if isinstance(r, Conversation)]
+    if not conversations:
+        raise DataError(f"{path}: no conversations or preference pairs to score")
+    for start in track(range(0, len(conversations), batch), description="scoring", transient=True):
+        part = conversations[start : start + batch]
+        prompts = [r.messages[:-1] for r in part]
+        scores = scorer.score(prompts, [r.messages[-1]["content"] for r in part])
+        rows += [{"source": r.source, "score": s} for r, s in zip(part, scores)]
+    return rows, {"records": len(rows), "mean_score": sum(r["score"] for r in rows) / len(rows)}
+
+
+def write_scores(rows: list[dict[str, Any]], out: str | Path) -> None:
+    """Write score rows as JSONL."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("".join(json.dumps(row) + "\n" for row in rows))

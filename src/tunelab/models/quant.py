@@ -1,0 +1,142 @@
+"""Quantized bases for adapter training: 4-bit NF4/FP4 (QLoRA) and 8-bit, through bitsandbytes.
+
+The base is quantized while it loads (``BitsAndBytesConfig`` passed to ``from_pretrained``), then
+prepared for k-bit training (PEFT: frozen weights, norms and embeddings upcast to float32). Only
+adapters train on it; the quantized base is never saved, so an adapter trained on it loads on the
+ordinary full-precision base (and merges into it, not into quantized weights).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.config import ModelConfig
+from tunelab.errors import TunelabError
+
+INSTALL_HINT = "pip install 'tunelab[qlora]' (bitsandbytes >= 0.45; CPU and CUDA builds are on PyPI)"
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def require_bitsandbytes() -> None:
+    """Raise a clear error when bitsandbytes is not installed.
+
+    Raises:
+        TunelabError: naming the extra to install.
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TunelabError(f"model.quantization needs bitsandbytes, which is not installed: {INSTALL_HINT}")
+
+
+def resolve_compute_dtype(model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """The dtype 4-bit matmuls run in. auto: bf16 on a GPU or CPU that runs it fast, else fp32."""
+    from tunelab.models.load import cpu_has_fast_bf16
+
+    if model_cfg.quant_compute_dtype != "auto":
+        return COMPUTE_DTYPES[model_cfg.quant_compute_dtype]
+    fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+    return torch.bfloat16 if fast_bf16 else torch.float32
+
+
+def quantization_config(model_cfg: ModelConfig, device: torch.device):
+    """The ``BitsAndBytesConfig`` for ``model.quantization`` (None for an unquantized base).
+
+    Raises:
+        TunelabError: bitsandbytes is not installed; a device that bitsandbytes cannot run on.
+    """
+    if model_cfg.quantization in ("none", "auto"):
+        return None
+    require_bitsandbytes()
+    if device.type not in ("cpu", "cuda"):
+        raise TunelabError(f"model.quantization {model_cfg.quantization}: bitsandbytes runs on cpu or cuda, not {device}")
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "8bit":
+        _quiet_int8_cast_notice()
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_cfg.quant_type,
+        bnb_4bit_use_double_quant=model_cfg.quant_double,
+        bnb_4bit_compute_dtype=resolve_compute_dtype(model_cfg, device),
+    )
+
+
+def _quiet_int8_cast_notice() -> None:
+    # bitsandbytes logs "inputs will be cast ... to float16" on every 8-bit matmul of a float32
+    # input: one line per layer per step. It is expected (int8 matmuls take fp16 inputs), so it is
+    # said once in the docs instead.
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropCastNotice) for f in logger.filters):
+        logger.addFilter(_DropCastNotice())
+
+
+class _DropCastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast" not in record.getMessage()
+
+
+def _bnb_classes() -> tuple[type, ...]:
+    """bitsandbytes' quantized parameter classes, when bitsandbytes has been imported."""
+    bnb = sys.modules.get("bitsandbytes")
+    return (bnb.nn.Params4bit, bnb.nn.Int8Params) if bnb is not None else ()
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether any weight of the model is a bitsandbytes 4-bit or 8-bit parameter."""
+    classes = _bnb_classes()
+    return bool(classes) and any(isinstance(p, classes) for p in model.parameters())
+
+
+def logical_numel(parameter: torch.Tensor) -> int:
+    """Elements of the unquantized tensor (a packed 4-bit weight stores two per byte)."""
+    classes = _bnb_classes()
+    if classes and isinstance(parameter, classes[0]) and parameter.quant_state is not None:
+        return parameter.quant_state.shape.numel()
+    return parameter.numel()
+
+
+@dataclass
+class WeightMemory:
+    """Bytes the model's weights take as loaded, and what the same weights take in bf16."""
+
+    actual_bytes: int
+    bf16_bytes: int
+
+    def __str__(self) -> str:
+        ratio = self.actual_bytes / max(self.bf16_bytes, 1)
+        return (f"weights take {self.actual_bytes / 2**20:,.1f} MiB "
+                f"({ratio:.2f}x of {self.bf16_bytes / 2**20:,.1f} MiB in bf16)")
+
+
+def weight_memory(model: torch.nn.Module) -> WeightMemory:
+    """Memory of the weights as loaded (quantization constants included) vs the same weights in bf16."""
+    parameters = list(model.parameters())
+    actual = sum(p.numel() * p.element_size() for p in parameters)
+    classes = _bnb_classes()
+    if classes:
+        # The scales live outside the weight: absmax per 4-bit block (and, with double quantization,
+        # the constants of the quantized absmax), one scale per row of an 8-bit weight.
+        for parameter in parameters:
+            scales: list[torch.Tensor | None] = []
+            if isinstance(parameter, classes[0]) and parameter.quant_state is not None:
+                state = parameter.quant_state
+                scales = [state.absmax, state.state2.absmax if state.state2 is not None else None]
+            elif isinstance(parameter, classes[1]):
+                scales = [parameter.SCB]
+            actual += sum(t.numel() * t.element_size() for t in scales if t is not None)
+    bf16 = sum(logical_numel(p) for p in parameters) * 2
+    return WeightMemory(actual, bf16)
+
+
+def prepare_kbit_model(model: torch.nn.Module) -> torch.nn.Module:
+    """PEFT's preparation of a quantized base for training (frozen weights; norms, embeddings and
+    head upcast to float32 for stable training). Gradient checkpointing is left to the engine
+    (non-reentrant, so the inputs need no grad hooks)."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -1,0 +1,1 @@
+"""Production monitoring: the request store, drift tests, alerts and the HTML report."""

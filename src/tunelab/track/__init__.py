@@ -1,0 +1,1 @@
+"""Run tracking: ``run.json`` for every train, eval, merge, export and serve, a run registry, lineage."""

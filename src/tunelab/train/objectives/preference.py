@@ -1,0 +1,134 @@
+"""Offline preference objectives on (chosen, rejected) pairs: DPO (sigmoid, IPO, hinge), SimPO, ORPO.
+
+Notation: ``pc``/``pr`` are the policy's summed log-probs of the chosen and rejected
+continuations, ``rc``/``rr`` the reference model's, ``nc``/``nr`` their token counts.
+
+- DPO (Rafailov et al. 2023): ``-log sigmoid(beta * ((pc - rc) - (pr - rr)))``; with label
+  smoothing eps (cDPO) ``-(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d)``.
+- IPO (Azar et al. 2023, eq. 17): ``((pc - rc)/nc - (pr - rr)/nr - 1/(2 beta))^2`` (log-ratios
+  averaged per token, as the IPO authors and TRL do).
+- hinge (SLiC, Zhao et al. 2023): ``relu(1 - beta d)``.
+- SimPO (Meng et al. 2024): no reference; ``-log sigmoid(beta (pc/nc - pr/nr) - gamma)``.
+- ORPO (Hong et al. 2024): no reference; chosen NLL (token mean) ``- beta * log sigmoid(log odds
+  ratio)`` with ``log odds(y) = log p - log(1 - p)`` and ``p = exp(mean token log-prob)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data.packing import Batch
+from tunelab.data.templates import IGNORE_INDEX
+from tunelab.train.objectives.base import Metrics
+from tunelab.train.objectives.sequence import first_and_second, reference_logps, sequence_logps
+
+
+def smoothed_sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """``-(1 - eps) log sigmoid(x) - eps log sigmoid(-x)`` per pair."""
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def dpo_losses(
+    pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, nc: torch.Tensor, nr: torch.Tensor,
+    beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair DPO-family losses (see the module docstring)."""
+    chosen_ratio, rejected_ratio = pc - rc, pr - rr
+    if loss_type == "sigmoid":
+        return smoothed_sigmoid_loss(beta * (chosen_ratio - rejected_ratio), label_smoothing)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
+    if loss_type == "ipo":
+        delta = chosen_ratio / nc.clamp_min(1) - rejected_ratio / nr.clamp_min(1)
+        return (delta - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown DPO loss_type {loss_type!r}")
+
+
+def simpo_losses(pc: torch.Tensor, pr: torch.Tensor, nc: torch.Tensor, nr: torch.Tensor, beta: float, gamma: float,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair SimPO losses: length-normalised log-probs, a target margin, no reference."""
+    delta = pc / nc.clamp_min(1) - pr / nr.clamp_min(1)
+    return smoothed_sigmoid_loss(beta * delta - gamma, label_smoothing)
+
+
+def orpo_log_odds_ratio(pc: torch.Tensor, pr: torch.Tensor, nc: torch.Tensor, nr: torch.Tensor) -> torch.Tensor:
+    """``log odds(chosen) - log odds(rejected)`` from mean token log-probs."""
+    mean_c, mean_r = pc / nc.clamp_min(1), pr / nr.clamp_min(1)
+    return (mean_c - mean_r) - (torch.log1p(-torch.exp(mean_c)) - torch.log1p(-torch.exp(mean_r)))
+
+
+def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, pc: torch.Tensor,
+                 pr: torch.Tensor) -> dict[str, tuple[float, int]]:
+    """Metrics as ``(sum over the batch's pairs, pair count)``; the engine averages them over a log interval."""
+    n = chosen_rewards.numel()
+    return {
+        "rewards/chosen": (float(chosen_rewards.sum()), n),
+        "rewards/rejected": (float(rejected_rewards.sum()), n),
+        "rewards/accuracy": (float((chosen_rewards > rejected_rewards).float().sum()), n),
+        "rewards/margin": (float((chosen_rewards - rejected_rewards).sum()), n),
+        "logps/chosen": (float(pc.detach().sum()), n),
+        "logps/rejected": (float(pr.detach().sum()), n),
+    }
+
+
+class PreferenceObjective:
+    """DPO (sigmoid/ipo/hinge), SimPO or ORPO on pair batches; the loss is a mean over pairs.
+
+    Args:
+        kind: ``dpo``, ``simpo`` or ``orpo``.
+        beta: objective strength (see :class:`tunelab.config.TrainConfig`).
+        reference: frozen reference model for DPO with full/freeze fine-tuning; None for LoRA
+            (adapters switched off), SimPO/ORPO (no reference) or precomputed log-probs.
+    """
+
+    def __init__(self, kind: str, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 gamma: float = 0.5, reference: torch.nn.Module | None = None) -> None:
+        self.kind, self.beta, self.loss_type = kind, beta, loss_type
+        self.label_smoothing, self.gamma, self.reference = label_smoothing, gamma, reference
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss compares with a reference model (DPO does; SimPO and ORPO do not)."""
+        return self.kind == "dpo"
+
+    def window_totals(self, window: Sequence[Batch]) -> dict[str, int]:
+        """Pairs (the loss is their mean) and, for ORPO's NLL term, chosen tokens in the window."""
+        totals = {"units": sum(batch.num_sequences // 2 for batch in window)}
+        if self.kind == "orpo":
+            totals["chosen_tokens"] = sum(_chosen_tokens(batch) for batch in window)
+        return totals
+
+    def loss(self, model: torch.nn.Module, batch: Batch, totals: dict[str, int]) -> tuple[torch.Tensor, Metrics]:
+        """This batch's share of the window's loss, and metric sums over its pairs."""
+        logps, counts = sequence_logps(model, batch)
+        pc, pr = first_and_second(logps)
+        nc, nr = first_and_second(counts)
+        if self.kind == "dpo":
+            rc, rr = first_and_second(reference_logps(model, self.reference, batch))
+            losses = dpo_losses(pc, pr, rc, rr, nc, nr, self.beta, self.loss_type, self.label_smoothing)
+            chosen_rewards, rejected_rewards = self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()
+            return losses.sum() / totals["units"], pair_metrics(chosen_rewards, rejected_rewards, pc, pr)
+        chosen_rewards = self.beta * (pc / nc.clamp_min(1)).detach()
+        rejected_rewards = self.beta * (pr / nr.clamp_min(1)).detach()
+        if self.kind == "simpo":
+            losses = simpo_losses(pc, pr, nc, nr, self.beta, self.gamma, self.label_smoothing)
+            return losses.sum() / totals["units"], pair_metrics(chosen_rewards, rejected_rewards, pc, pr)
+        log_odds = orpo_log_odds_ratio(pc, pr, nc, nr)
+        odds_term = -self.beta * F.logsigmoid(log_odds)
+        nll = -pc.sum() / totals["chosen_tokens"]
+        metrics = pair_metrics(chosen_rewards, rejected_rewards, pc, pr)
+        metrics["log_odds_ratio"] = (float(log_odds.detach().sum()), log_odds.numel())
+        return nll + odds_term.sum() / totals["units"], metrics
+
+
+def _chosen_tokens(batch: Batch) -> int:
+    """Labelled tokens of the chosen (first) sequences of a pair batch."""
+    if batch.seq_lens is None:
+        return int((batch.targets[0::2] != IGNORE_INDEX).sum())
+    lengths = batch.seq_lens[0]
+    starts = [sum(lengths[:k]) for k in range(len(lengths))]
+    targets = batch.targets[0]
+    return int(sum((targets[s : s + n] != IGNORE_INDEX).sum() for s, n in zip(starts[0::2], lengths[0::2])))

@@ -1,0 +1,68 @@
+"""Per-sequence log-probabilities of the labelled tokens, for packed and padded batches.
+
+Preference objectives score whole continuations: ``log pi(y | x)`` is the sum of the token
+log-probs of the continuation. In a packed row only the labelled positions go through the
+output layer (``logits_to_keep``), and each position's log-prob is added to its own sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+
+from tunelab.data.packing import Batch
+from tunelab.data.templates import IGNORE_INDEX
+
+
+def sequence_index(batch: Batch) -> torch.Tensor:
+    """For a packed batch, the sequence number of every position of its single row."""
+    lengths = torch.tensor(batch.seq_lens[0], device=batch.input_ids.device)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+
+
+def sequence_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each sequence's labelled tokens, and how many tokens that is.
+
+    Returns:
+        ``(logps, counts)``, both ``[num_sequences]``; logps in float32.
+    """
+    inputs, targets = batch.model_inputs(), batch.targets
+    count = batch.num_sequences
+    if batch.trained_positions is not None:  # one packed row
+        positions = batch.trained_positions
+        inputs["logits_to_keep"] = positions
+        logits = model(**inputs).logits[0]
+        token_logps = -F.cross_entropy(logits.float(), targets[0, positions], reduction="none")
+        owner = sequence_index(batch)[positions]
+        logps = torch.zeros(count, device=logits.device).index_add(0, owner, token_logps)
+        counts = torch.bincount(owner, minlength=count)
+        return logps, counts
+    logits = model(**inputs).logits
+    token_logps = -F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)
+    return token_logps.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def reference_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch: Batch) -> torch.Tensor:
+    """Log-probs of each sequence under the reference model, without gradient.
+
+    Precomputed values travel with the batch. Otherwise the reference is the frozen copy when
+    there is one, or, for a LoRA policy, the same model with its adapters switched off (no
+    second copy in memory).
+    """
+    if batch.reference_logps is not None:
+        return batch.reference_logps
+    with torch.no_grad():
+        if reference is not None:
+            return sequence_logps(reference, batch)[0]
+        if not isinstance(policy, PeftModel):
+            raise RuntimeError("a reference model is needed: the policy has no adapters to switch off")
+        with policy.disable_adapter():
+            return sequence_logps(policy, batch)[0]
+
+
+def first_and_second(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split per-sequence values of a pair batch into (first of each pair, second of each pair)."""
+    return values[0::2], values[1::2]
