@@ -301,6 +301,13 @@ class TrainConfig(_Section):
         "auto", description="Autocast precision. auto: bf16 where the device runs it fast and correctly, else fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    chunked_loss: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="sft/pretrain: output layer and cross-entropy over loss_chunk_tokens positions at a time, so "
+        "the full logits never exist (same loss and gradients). auto: on GPUs; on: everywhere. Switched off, "
+        "with a log line, for models whose logits are not their output layer's (checked at start-up).",
+    )
+    loss_chunk_tokens: int = Field(4096, ge=16, description="Trained positions per chunk of the chunked loss.")
     neftune_alpha: float | None = Field(
         None,
         gt=0,

@@ -53,6 +53,7 @@ from tunelab.train.batches import MicroBatches, eval_batches
 from tunelab.train.checkpoint import latest_checkpoint, save_model_dir
 from tunelab.train.distributed import parallelize, start_processes, stop_processes
 from tunelab.train.objectives import REFERENCE_OBJECTIVES, Metrics, Objective, build_objective
+from tunelab.train.objectives.chunked_loss import chunked_loss_supported
 from tunelab.train.objectives.sft import SFTObjective, causal_lm_loss
 from tunelab.train.reference import attach_reference_logps, frozen_copy
 from tunelab.train.neftune import NEFTune
@@ -292,6 +293,8 @@ def train(
     if reward_head and cfg.method.type == "freeze":
         model.score.requires_grad_(True)  # a new head always trains
     objective = build_objective(cfg.train, reference)
+    if isinstance(objective, SFTObjective) and use_chunked_loss(cfg, model, device):
+        objective.chunk_tokens = cfg.train.loss_chunk_tokens
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     neftune = NEFTune(model, cfg.train.neftune_alpha) if cfg.train.neftune_alpha else None
@@ -424,6 +427,22 @@ def train(
     stop_processes(processes)
     console.print(f"saved {final_dir}")
     return TrainResult(out, final_dir, total_steps, last_eval, start_eval, model, tokenizer)
+
+
+def use_chunked_loss(cfg: TunelabConfig, model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether SFT computes its loss chunk by chunk (``train.chunked_loss``); says why once when it cannot."""
+    setting = cfg.train.chunked_loss
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return False
+    if cfg.distributed.strategy in ("fsdp", "deepspeed"):
+        reason = f"distributed.strategy {cfg.distributed.strategy} shards the output layer"
+    elif not chunked_loss_supported(model, device):
+        reason = f"{type(model).__name__}'s logits are not its output layer applied to its hidden states"
+    else:
+        console.print(f"[dim]loss: chunked, {cfg.train.loss_chunk_tokens} positions at a time (no full logits)[/dim]")
+        return True
+    console.print(f"[yellow]train.chunked_loss off: {reason}; computing the full logits")
+    return False
 
 
 def _autocast_factory(device: torch.device, precision: str) -> Callable[[], Any]:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tunelab.data.packing import Batch
 from tunelab.data.templates import IGNORE_INDEX
 from tunelab.train.objectives.base import Metrics
+from tunelab.train.objectives.chunked_loss import chunked_causal_lm_loss
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -39,10 +40,18 @@ def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 
 class SFTObjective:
-    """Next-token cross-entropy, averaged over the trained tokens of the window (SFT, pretraining)."""
+    """Next-token cross-entropy, averaged over the trained tokens of the window (SFT, pretraining).
+
+    Args:
+        chunk_tokens: compute the output layer and loss this many trained positions at a time
+            (:mod:`.chunked_loss`: the same numbers without the full logits); None: all at once.
+    """
 
     needs_reference = False
     reference = None
+
+    def __init__(self, chunk_tokens: int | None = None) -> None:
+        self.chunk_tokens = chunk_tokens
 
     def window_totals(self, window: Sequence[Batch]) -> dict[str, int]:
         """Trained tokens of the window."""
@@ -50,4 +59,6 @@ class SFTObjective:
 
     def loss(self, model: torch.nn.Module, batch: Batch, totals: dict[str, int]) -> tuple[torch.Tensor, Metrics]:
         """This batch's summed token loss divided by the window's trained tokens."""
+        if self.chunk_tokens:
+            return chunked_causal_lm_loss(model, batch, self.chunk_tokens) / totals["units"], {}
         return causal_lm_loss(model, batch) / totals["units"], {}

@@ -1,0 +1,64 @@
+"""Next-token loss without the full logits: the output layer and cross-entropy chunk by chunk.
+
+For a vocabulary of 128k tokens the float32 logits of one 16k-token batch take 8 GiB, more than
+the rest of a 1B model's activations. Here the decoder runs once, and the output layer plus
+cross-entropy run over ``chunk_tokens`` trained positions at a time under activation
+checkpointing, so only one chunk's logits ever exist (they are recomputed in backward). The
+value and the gradients equal :func:`~tunelab.train.objectives.sft.causal_lm_loss`.
+
+It needs logits to be exactly ``output_layer(last_hidden_state)``; models that scale or cap
+their logits, and PEFT prompt learning (virtual tokens), are not. :func:`chunked_loss_supported`
+checks that on the real model at start-up, like the packing probe.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch.utils.checkpoint import checkpoint
+
+from tunelab.data.packing import Batch
+from tunelab.data.templates import IGNORE_INDEX
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    return causal_lm.base_model, causal_lm.get_output_embeddings()
+
+
+def chunked_loss_supported(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether the model's logits are its output layer applied to its last hidden states (checked numerically)."""
+    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+        return False
+    decoder, head = _decoder_and_head(model)
+    if head is None:
+        return False
+    ids = torch.randint(1, min(model.config.vocab_size, 1000), (1, 8), generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids.to(device), use_cache=False).logits.float()
+        direct = head(decoder(ids.to(device), use_cache=False).last_hidden_state).float()
+    model.train(was_training)
+    return logits.shape == direct.shape and bool(torch.allclose(logits, direct, rtol=1e-4, atol=1e-4))
+
+
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_causal_lm_loss(model: torch.nn.Module, batch: Batch, chunk_tokens: int = 4096) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's trained tokens, ``chunk_tokens`` logits at a time."""
+    decoder, head = _decoder_and_head(model)
+    hidden = decoder(**batch.model_inputs()).last_hidden_state
+    if batch.trained_positions is not None:  # one packed row
+        hidden, targets = hidden[0, batch.trained_positions], batch.targets[0, batch.trained_positions]
+    else:
+        keep = batch.targets != IGNORE_INDEX
+        hidden, targets = hidden[keep], batch.targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.shape[0], chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_chunk_loss, head, hidden[piece], targets[piece], use_reentrant=False)
+    return total
