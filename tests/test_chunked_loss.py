@@ -65,3 +65,9 @@ def test_chunked_loss_switches_itself_off_for_models_whose_logits_are_not_the_he
                          data={"max_samples": 40, "packing": False}, train={"max_steps": 1, "chunked_loss": "on"})
     train(TunelabConfig.model_validate(config))
     assert capsys.readouterr().err.count("train.chunked_loss off:") == 1
+
+
+def test_yaml_on_and_off_mean_the_settings(tmp_path, tiny_model):
+    for value, expected in ((True, "on"), (False, "off"), ("auto", "auto")):
+        config = make_config(tmp_path, tiny_model, ALPACA_DEMO, train={"chunked_loss": value})
+        assert TunelabConfig.model_validate(config).train.chunked_loss == expected

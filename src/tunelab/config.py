@@ -304,10 +304,18 @@ class TrainConfig(_Section):
     chunked_loss: Literal["auto", "on", "off"] = Field(
         "auto",
         description="sft/pretrain: output layer and cross-entropy over loss_chunk_tokens positions at a time, so "
-        "the full logits never exist (same loss and gradients). auto: on GPUs; on: everywhere. Switched off, "
-        "with a log line, for models whose logits are not their output layer's (checked at start-up).",
+        "the full logits never exist (same loss and gradients; on a CPU with a 32k vocabulary a step took 0.34x "
+        "the memory and 0.69x the time). auto and on: wherever it can run; it is switched off, with a log line, "
+        "for models whose logits are not their output layer's (checked at start-up), prompt learning and "
+        "sharded strategies.",
     )
     loss_chunk_tokens: int = Field(4096, ge=16, description="Trained positions per chunk of the chunked loss.")
+
+    @field_validator("chunked_loss", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as true/false.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
     neftune_alpha: float | None = Field(
         None,
         gt=0,

@@ -431,8 +431,7 @@ def train(
 
 def use_chunked_loss(cfg: TunelabConfig, model: torch.nn.Module, device: torch.device) -> bool:
     """Whether SFT computes its loss chunk by chunk (``train.chunked_loss``); says why once when it cannot."""
-    setting = cfg.train.chunked_loss
-    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+    if cfg.train.chunked_loss == "off":
         return False
     if cfg.distributed.strategy in ("fsdp", "deepspeed"):
         reason = f"distributed.strategy {cfg.distributed.strategy} shards the output layer"
