@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from tunelab.config import config_from_dict
 from tunelab.data.packing import collate_packed, collate_padded
 from tunelab.errors import ConfigError, TrainingError, TunelabError
 from tunelab.eval.generation_eval import GenerationEvaluator
-from tunelab.train.engine import backward_window, train
+from tunelab.train.distributed import Parallel, Processes
+from tunelab.train.engine import train
+from tunelab.train.objectives.sft import SFTObjective
 from tunelab.train.reporting import read_metrics
 from test_packing import random_examples
 
@@ -25,18 +28,24 @@ def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_accumulating_four_micro_batches_equals_one_big_batch(tiny_model, packed):
+def test_accumulating_four_micro_batches_equals_one_big_batch(tmp_path, tiny_model, packed):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).train()
     examples = random_examples(16, model.config.vocab_size, seed=2)
+    objective = SFTObjective()
+    # The single-process path of the engine's loop.
+    parallel = Parallel(model, objective, Processes(), torch.device("cpu"),
+                        config_from_dict(make_config(tmp_path, tiny_model, ALPACA_DEMO)))
 
     def collate(group):
         return collate_packed(group) if packed else collate_padded(group, pad_id=0)
 
-    device = torch.device("cpu")
-    loss_accumulated = backward_window(model, [collate(examples[k : k + 4]) for k in range(0, 16, 4)], device)
+    def backward_window(window):
+        return parallel.backward_window(window, objective.window_totals(window), nullcontext, None, {})
+
+    loss_accumulated = backward_window([collate(examples[k : k + 4]) for k in range(0, 16, 4)])
     accumulated = gradients(model)
     model.zero_grad(set_to_none=True)
-    loss_big = backward_window(model, [collate(examples)], device)
+    loss_big = backward_window([collate(examples)])
     big = gradients(model)
 
     assert abs(float(loss_accumulated) - float(loss_big)) < 1e-5 * float(loss_big)

@@ -44,6 +44,7 @@ from tunelab.models.load import resolve_device
 from tunelab.train import checkpoint as checkpoints
 from tunelab.train.launch import LaunchError, check_launch
 from tunelab.train.objectives import Metrics, Objective
+from tunelab.train.objectives.base import add_metrics
 from tunelab.train.reporting import console
 
 SHARDED_DIR = "distributed"  # inside a checkpoint: per-process RNG, FSDP (DCP) or DeepSpeed state
@@ -156,13 +157,6 @@ def window_share(window_size: int, rank: int, world_size: int) -> list[int | Non
     return mine + [None] * (passes - len(mine))
 
 
-def _add_metrics(into: dict[str, list[float]], metrics: Metrics) -> None:
-    for name, (total, count) in metrics.items():
-        into.setdefault(name, [0.0, 0])
-        into[name][0] += total
-        into[name][1] += count
-
-
 class LossModule(torch.nn.Module):
     """The model and its objective as one module.
 
@@ -219,15 +213,16 @@ class Parallel:
         scaled = loss if scale == 1.0 else loss * scale
         (scaler.scale(scaled) if scaler else scaled).backward()
 
-    def backward_window(self, window: Sequence[Batch], autocast: Callable[[], Any],
+    def backward_window(self, window: Sequence[Batch], totals: dict[str, int], autocast: Callable[[], Any],
                         scaler: torch.amp.GradScaler | None, metrics: dict[str, list[float]]) -> float:
         """Forward and backward this process's share of one optimizer step's micro-batches.
+
+        ``totals`` is the objective's :meth:`window_totals` of the whole window.
 
         Returns:
             The step's loss over the whole window (all processes), as one process would get it.
             The objective's metrics over the whole window are added to ``metrics``.
         """
-        totals = self.objective.window_totals(window)
         plan = window_share(len(window), self.processes.rank, self.world_size)
         step_loss = torch.zeros((), device=self.device)
         local: dict[str, list[float]] = {}
@@ -239,13 +234,13 @@ class Parallel:
                 self._backward(loss, 0.0 if index is None else float(self.world_size), scaler)
             if index is not None:
                 step_loss += loss.detach()
-                _add_metrics(local, batch_metrics)
+                add_metrics(local, batch_metrics)
         return self._combine(step_loss, local, metrics)
 
     def _combine(self, loss: torch.Tensor, local: dict[str, list[float]], into: dict[str, list[float]]) -> float:
         parts = self.processes.gather((float(loss), local)) if self.processes.distributed else [(float(loss), local)]
         for _, part in parts:
-            _add_metrics(into, {name: (total, count) for name, (total, count) in part.items()})
+            add_metrics(into, {name: (total, count) for name, (total, count) in part.items()})
         return math.fsum(value for value, _ in parts) if len(parts) > 1 else parts[0][0]
 
     def clip_and_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
@@ -289,7 +284,7 @@ class Parallel:
                     part, batch_metrics = self._forward(batches[0 if index is None else index], totals)
                 if index is not None:
                     loss += part.double()
-                    _add_metrics(local, batch_metrics)
+                    add_metrics(local, batch_metrics)
         self.module.train(was_training)
         metrics: dict[str, list[float]] = {}
         value = self._combine(loss, local, metrics)

@@ -52,7 +52,7 @@ from tunelab.models.tiny import create_tiny_model
 from tunelab.train.batches import MicroBatches, eval_batches
 from tunelab.train.checkpoint import latest_checkpoint, save_model_dir
 from tunelab.train.distributed import parallelize, start_processes, stop_processes
-from tunelab.train.objectives import REFERENCE_OBJECTIVES, Metrics, Objective, build_objective
+from tunelab.train.objectives import REFERENCE_OBJECTIVES, build_objective
 from tunelab.train.objectives.chunked_loss import chunked_loss_supported
 from tunelab.train.objectives.sft import SFTObjective, causal_lm_loss
 from tunelab.train.reference import attach_reference_logps, frozen_copy
@@ -150,58 +150,6 @@ def evaluate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.de
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def evaluate_objective(objective: Objective, model: torch.nn.Module, batches: list[Batch], device: torch.device,
-                       autocast: Callable[[], Any]) -> dict[str, float]:
-    """Held-out loss of a pair objective (the mean over all held-out pairs) and its metrics."""
-    model.eval()
-    totals = objective.window_totals(batches)
-    loss = 0.0
-    metrics: dict[str, list[float]] = {}
-    with torch.no_grad():
-        for batch in batches:
-            with autocast():
-                part, batch_metrics = objective.loss(model, batch.to(device), totals)
-            loss += float(part)
-            add_metrics(metrics, batch_metrics)
-    return {"eval_loss": loss, **{f"eval_{name}": total / max(count, 1) for name, (total, count) in metrics.items()}}
-
-
-def add_metrics(into: dict[str, list[float]], metrics: Metrics) -> None:
-    """Accumulate (sum, count) metrics."""
-    for name, (total, count) in metrics.items():
-        into.setdefault(name, [0.0, 0])
-        into[name][0] += total
-        into[name][1] += count
-
-
-def backward_window(
-    model: torch.nn.Module,
-    window: Sequence[Batch],
-    device: torch.device,
-    autocast: Callable[[], Any] = nullcontext,
-    scaler: torch.amp.GradScaler | None = None,
-    objective: Objective | None = None,
-    metrics: dict[str, list[float]] | None = None,
-) -> torch.Tensor:
-    """Forward and backward every micro-batch of one optimizer step; return the step's loss.
-
-    Each micro-batch's loss is its share of the window's mean (for SFT: summed token loss over
-    the trained tokens of the whole window), so the accumulated gradients equal those of one
-    batch holding all micro-batches. Metrics of the objective are added to ``metrics``.
-    """
-    objective = objective or SFTObjective()
-    totals = objective.window_totals(window)
-    step_loss = torch.zeros((), device=device)
-    for batch in window:
-        with autocast():
-            loss, batch_metrics = objective.loss(model, batch.to(device), totals)
-        (scaler.scale(loss) if scaler else loss).backward()
-        step_loss += loss.detach()
-        if metrics is not None:
-            add_metrics(metrics, batch_metrics)
-    return step_loss
-
-
 def train(
     config: TunelabConfig,
     resume: bool = False,
@@ -266,7 +214,7 @@ def train(
     if packing and not packing_supported(model, device):
         console.print(f"[yellow]{type(model).__name__} does not support padding-free packing; using padded batches")
         packing = False
-    precision_context = _autocast_factory(device, precision)
+    precision_context = autocast_factory(device, precision)
     reference = None
     if cfg.train.objective in REFERENCE_OBJECTIVES:
         if cfg.train.precompute_reference:  # the model is still the reference: no adapters, no updates yet
@@ -334,12 +282,8 @@ def train(
 
     def run_evaluation(step: int) -> dict[str, Any]:
         row: dict[str, Any] = {"step": step}
-        if held_out and processes.distributed:
+        if held_out:
             row.update(parallel.evaluate(held_out, autocast, token_loss=isinstance(objective, SFTObjective)))
-        elif held_out and isinstance(objective, SFTObjective):
-            row.update(evaluate_loss(model, held_out, device, autocast))
-        elif held_out:
-            row.update(evaluate_objective(objective, model, held_out, device, autocast))
         for evaluator in evaluators:
             with autocast(), parallel.generation_context():
                 row.update(evaluator(model, tokenizer, data.template, data.eval_records))
@@ -362,8 +306,9 @@ def train(
             model.train()
             end = state["micro"] + grad_accum if total_micro is None else min(state["micro"] + grad_accum, total_micro)
             window = [stream.get(m) for m in range(state["micro"], end)]
-            window_units = objective.window_totals(window)["units"]
-            loss_value = parallel.backward_window(window, autocast, scaler, log_metrics)
+            totals = objective.window_totals(window)
+            window_units = totals["units"]
+            loss_value = parallel.backward_window(window, totals, autocast, scaler, log_metrics)
             if not math.isfinite(loss_value):
                 raise TrainingError(
                     f"loss became {loss_value} at step {step + 1}; stopped without updating the weights. "
@@ -444,7 +389,7 @@ def use_chunked_loss(cfg: TunelabConfig, model: torch.nn.Module, device: torch.d
     return False
 
 
-def _autocast_factory(device: torch.device, precision: str) -> Callable[[], Any]:
+def autocast_factory(device: torch.device, precision: str) -> Callable[[], Any]:
     """A function returning the autocast context for the run's precision (or a no-op)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return lambda: torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()

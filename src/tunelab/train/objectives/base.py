@@ -12,6 +12,14 @@ from tunelab.data.packing import Batch
 Metrics = dict[str, tuple[float, int]]  # name -> (sum over the batch, how many it summed)
 
 
+def add_metrics(into: dict[str, list[float]], metrics: Metrics) -> None:
+    """Accumulate (sum, count) metrics into running ``[sum, count]`` pairs."""
+    for name, (total, count) in metrics.items():
+        into.setdefault(name, [0.0, 0])
+        into[name][0] += total
+        into[name][1] += count
+
+
 class Objective(Protocol):
     """Turns micro-batches into a loss.
 

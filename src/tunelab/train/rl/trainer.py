@@ -42,7 +42,7 @@ from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from tunelab.train.engine import (
     Evaluator,
     TrainResult,
-    _autocast_factory,
+    autocast_factory,
     ensure_tiny_model,
     prepare_output_dir,
     save_final,
@@ -334,7 +334,7 @@ def train_online(config: TunelabConfig, resume: bool = False, overwrite: bool = 
     (out / "config.yaml").write_text(dump_config(cfg))
     device = resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
-    autocast = _autocast_factory(device, precision)
+    autocast = autocast_factory(device, precision)
     ensure_tiny_model(cfg)
     seed_everything(t.seed)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision)
