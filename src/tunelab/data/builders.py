@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from tunelab.data.cached_map import columns, fingerprint, map_cached
+from tunelab.data.cached_map import batch_rows, columns, fingerprint, map_cached
 from tunelab.data.convert import write_rejects
 from tunelab.data.files import SUFFIXES, _decode_lines, file_fingerprint, read_rows
 from tunelab.data.jsonl_output import provenance, write_jsonl
@@ -250,13 +250,7 @@ class InstructionBuilder:
 
     def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
         """Map a batch: ``raw`` (JSON text) and ``source`` columns, or a dataset's own columns."""
-        if "raw" in batch:
-            rows = [json.loads(raw) for raw in batch["raw"]]
-            sources = batch["source"]
-        else:
-            names = list(batch)
-            rows = [dict(zip(names, values)) for values in zip(*(batch[n] for n in names))]
-            sources = [f"row {i + 1}" for i in (indices or range(len(rows)))]
+        rows, sources = batch_rows(batch, indices)
         out: dict[str, list] = {"record": [], "error": [], "source": []}
         for raw, source in zip(rows, sources):
             try:

@@ -120,6 +120,19 @@ def columns(dataset, *names: str) -> list[list[Any]]:
     return [dataset.data.column(name).to_pylist() for name in names]
 
 
+def batch_rows(batch: dict[str, list], indices: list[int] | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The raw rows of a batched ``map`` call, and where each came from.
+
+    The data tools map a ``raw`` (JSON text) and ``source`` column; a user's own dataset maps its
+    own columns, whose rows are named ``row N``.
+    """
+    if "raw" in batch:
+        return [json.loads(raw) for raw in batch["raw"]], batch["source"]
+    names = list(batch)
+    rows = [dict(zip(names, values)) for values in zip(*(batch[n] for n in names))]
+    return rows, [f"row {i + 1}" for i in (indices or range(len(rows)))]
+
+
 def progress(items: Iterable[T], total: int, description: str) -> Iterator[T]:
     """Iterate with a progress bar on stderr when there are enough items to be worth one."""
     if total < PROGRESS_MIN_ITEMS:

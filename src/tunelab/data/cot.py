@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tunelab.data.cached_map import columns, fingerprint, map_cached
+from tunelab.data.cached_map import batch_rows, columns, fingerprint, map_cached
 from tunelab.data.convert import write_rejects
 from tunelab.data.files import file_fingerprint, read_rows
 from tunelab.data.jsonl_output import provenance, write_jsonl
@@ -233,12 +233,7 @@ class CotBuilder:
 
     def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
         """Map a batch: ``raw`` (JSON text) and ``source`` columns, or a dataset's own columns."""
-        if "raw" in batch:
-            rows, sources = [json.loads(raw) for raw in batch["raw"]], batch["source"]
-        else:
-            names = list(batch)
-            rows = [dict(zip(names, values)) for values in zip(*(batch[n] for n in names))]
-            sources = [f"row {i + 1}" for i in (indices or range(len(rows)))]
+        rows, sources = batch_rows(batch, indices)
         out: dict[str, list] = {"record": [], "error": [], "source": []}
         for raw, source in zip(rows, sources):
             try:
