@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.progress import track
 
+from tunelab.data.convert import detect_kind
 from tunelab.data.files import read_rows
 from tunelab.data.preferences import load_preferences
 from tunelab.data.records import Conversation, load_records
@@ -25,8 +26,8 @@ def _answer(messages: list[dict[str, str]]) -> str:
 
 
 def _is_preference_file(path: str) -> bool:
-    data = next(iter(read_rows(path))).data
-    return isinstance(data, dict) and ("chosen" in data or "chosen_messages" in data)
+    first = next(iter(read_rows(path)))
+    return detect_kind(first.data, first.source) == "preference"
 
 
 def score_file(scorer: RewardModelScorer, path: str, on_error: str = "fail") -> tuple[list[dict[str, Any]], dict[str, float]]:
