@@ -130,11 +130,13 @@ def prepare_prompts(records: list[Prompt], tokenizer: PreTrainedTokenizerBase, t
 
 def prompts_for_step(step: int, count: int, per_step: int, seed: int) -> list[int]:
     """The prompt indices of RL step ``step``: consecutive slices of seeded per-epoch shuffles."""
-    start = step * per_step
+    orders: dict[int, np.ndarray] = {}  # a step spans at most a few epochs: one shuffle each
     chosen = []
-    for position in range(start, start + per_step):
+    for position in range(step * per_step, (step + 1) * per_step):
         epoch, index = divmod(position, count)
-        chosen.append(int(np.random.default_rng([seed, epoch]).permutation(count)[index]))
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(count)
+        chosen.append(int(orders[epoch][index]))
     return chosen
 
 
@@ -196,7 +198,8 @@ class OnlineRL:
         )
         texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         records = [prompts.records[indices[i]] for i in rollouts.prompt_index]
-        prompt_texts = self.tokenizer.batch_decode([prompts.ids[indices[i]] for i in rollouts.prompt_index])
+        decoded = self.tokenizer.batch_decode([prompts.ids[i] for i in indices])  # once per prompt, not per sample
+        prompt_texts = [decoded[i] for i in rollouts.prompt_index]
         rewards, parts = self.reward(records, prompt_texts, texts)
         return rollouts, texts, rewards, parts
 
