@@ -236,7 +236,8 @@ class InstructionBuilder:
         eligible = spec.eligible(frozenset(values) & frozenset(spec.optional))
         if not eligible:
             raise DataError(f"no template of task '{spec.name}' uses exactly the fields {sorted(values)}")
-        chooser = random.Random(hashlib.sha256(f"{self.seed}:{source}".encode()).digest())
+        # Seeded by file name and line, not the whole path: the same data builds the same records wherever it lies.
+        chooser = random.Random(hashlib.sha256(f"{self.seed}:{Path(source).name}".encode()).digest())
         chosen = chooser.sample(eligible, min(self.variants, len(eligible)))
         records = []
         for index in chosen:
