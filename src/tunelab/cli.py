@@ -223,16 +223,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tunelab.data.templates import resolve_template
-    from tunelab.eval.suite import device_dtype
-    from tunelab.models.load import generation_stop_ids, load_with_adapters, resolve_device
     from tunelab.monitor.serving import start_serve_monitoring
     from tunelab.serve.app import ServeSettings, create_app
-    from tunelab.serve.engine import GenerationEngine
     from tunelab.serve.request_log import RequestLog
 
     if args.engine == "vllm":
-        raise TunelabError("--engine vllm is not available in this version of tunelab; use the built-in engine "
-                           "or serve a merged model (tunelab merge) with vLLM's own OpenAI server")
+        from tunelab.serve.vllm_engine import require_vllm
+
+        require_vllm()  # before anything slow: a missing vLLM fails at once
     adapters = {}
     for spec in args.adapter or []:
         name, sep, directory = spec.partition("=")
@@ -242,21 +240,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     name = args.name or Path(args.model).resolve().name
     monitoring = start_serve_monitoring(args.model, name, args.monitor_db, not args.no_monitor, args.monitor_max_age,
                                         args.monitor_max_rows, args.alert_rules)  # a bad path fails before loading
-    device = resolve_device(args.device)
-    model, tokenizer = load_with_adapters(args.model, adapters, device, device_dtype(device))
     settings = ServeSettings(
         model_name=name, adapters=tuple(adapters), api_key=args.api_key or os.environ.get("TUNELAB_API_KEY"),
         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens, timeout=args.timeout, record_text=args.record_text,
     )
-    engine = GenerationEngine(model, tokenizer, args.max_batch_size, args.max_wait_ms, args.max_queue)
+    engine, tokenizer, stop_ids = _serving_engine(args, adapters)
     request_log = RequestLog(args.request_log) if args.request_log else None
-    app = create_app(engine, resolve_template(tokenizer, "auto"), generation_stop_ids(model.generation_config, tokenizer),
-                     settings, request_log, monitoring.sinks)
+    app = create_app(engine, resolve_template(tokenizer, "auto"), stop_ids, settings, request_log, monitoring.sinks)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
     monitoring.register(args.model, adapters, {"name": name, "host": args.host, "port": args.port,
-                                               "adapters": adapters, "record_text": args.record_text})
+                                               "adapters": adapters, "record_text": args.record_text,
+                                               "engine": args.engine})
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
@@ -265,6 +261,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             request_log.close()
         monitoring.close()
     return 0
+
+
+def _serving_engine(args: argparse.Namespace, adapters: dict[str, str]):
+    """The engine ``tunelab serve`` asked for, the tokenizer the app uses and the stop ids (the model's EOS ids)."""
+    from tunelab.eval.suite import device_dtype
+    from tunelab.models.load import generation_stop_ids, load_with_adapters, resolve_device
+
+    device = resolve_device(args.device)
+    if args.engine == "vllm":
+        from tunelab.models.load import stop_token_ids
+        from tunelab.serve.vllm_engine import VLLMEngine, load_serving_tokenizer, model_max_len
+
+        tokenizer = load_serving_tokenizer(args.model, adapters)
+        engine = VLLMEngine(args.model, tokenizer, adapters, max_queue=args.max_queue,
+                            max_batch_size=args.max_batch_size,
+                            max_model_len=model_max_len(args.model, args.max_prompt_tokens + args.max_tokens_limit),
+                            dtype=str(device_dtype(device)).removeprefix("torch."))
+        return engine, tokenizer, stop_token_ids(args.model, tokenizer)
+    from tunelab.serve.engine import GenerationEngine
+
+    model, tokenizer = load_with_adapters(args.model, adapters, device, device_dtype(device))
+    engine = GenerationEngine(model, tokenizer, args.max_batch_size, args.max_wait_ms, args.max_queue)
+    return engine, tokenizer, generation_stop_ids(model.generation_config, tokenizer)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -438,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--alert-rules", metavar="FILE", help="YAML alert rules checked while serving (docs/monitor.md)")
     serve.add_argument("--request-log", help="also write per-request records to this JSONL file")
     serve.add_argument("--record-text", action="store_true", help="also record prompts and completions")
-    serve.add_argument("--engine", choices=["builtin", "vllm"], default="builtin")
+    serve.add_argument("--engine", choices=["builtin", "vllm"], default="builtin",
+                       help="builtin: tunelab's batching engine (CPU or GPU); vllm: vLLM's engine (needs vLLM and a "
+                            "CUDA GPU), same API, adapters and records (docs/deploy.md)")
     serve.add_argument("--device", default="auto")
     serve.set_defaults(func=_cmd_serve)
 

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunelab.data.templates import render_prompt
 from tunelab.errors import DataError
-from tunelab.serve.engine import GenerationEngine, GenerationRequest, QueueFull
+from tunelab.serve.engine import GenerationRequest, QueueFull, ServingEngine
 from tunelab.serve.request_log import RecordSink, RequestRecord
 
 logger = logging.getLogger("tunelab.serve")
@@ -125,7 +125,7 @@ class ServerMetrics:
             if record.time_to_first_token_s is not None:
                 self.ttfts.append(record.time_to_first_token_s)
 
-    def render(self, engine: GenerationEngine) -> str:
+    def render(self, engine: ServingEngine) -> str:
         """The metrics in Prometheus' text exposition format."""
         lines = ["# TYPE tunelab_requests_total counter"]
         for (endpoint, status), count in sorted(self.requests.items()):
@@ -195,7 +195,7 @@ class _Run:
 
 @dataclass
 class _State:
-    engine: GenerationEngine
+    engine: ServingEngine
     tokenizer: Any
     template: str
     stop_ids: set[int]
@@ -204,7 +204,7 @@ class _State:
     sinks: tuple[RecordSink, ...]
 
 
-def create_app(engine: GenerationEngine, template: str, stop_ids: set[int], settings: ServeSettings,
+def create_app(engine: ServingEngine, template: str, stop_ids: set[int], settings: ServeSettings,
                request_log: RecordSink | None = None, record_sinks: Sequence[RecordSink] = ()) -> FastAPI:
     """The FastAPI application serving ``engine``.
 

@@ -6,6 +6,9 @@ oldest request, waits up to ``max_wait_ms`` for more with the same adapter (up t
 token per step for every row. A row stops at a stop token, at its ``max_tokens``, at its deadline
 (``timeout``) or when it is cancelled (client gone); the batch ends when every row has stopped.
 Tokens are handed to the request as they come (streaming), with their log-probabilities.
+
+:class:`ServingEngine` is what the HTTP app needs from an engine; this one and the vLLM engine
+(:mod:`tunelab.serve.vllm_engine`) both satisfy it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from peft import PeftModel
@@ -58,6 +62,24 @@ class GenerationRequest:
         """Stop generating for this request (client disconnected)."""
         self.cancelled = True
 
+    def add_token(self, token: int, logprob: float | None) -> None:
+        """Record one generated token and its log-probability (None: unknown), and pass it on (engine side)."""
+        self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if self.on_token is not None:
+            self.on_token(token)
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """Record how generation ended and wake whoever waits for it (engine side; called once)."""
+        self.finish_reason, self.error = reason, error
+        self.finished_at = time.monotonic()
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done()
+
 
 @dataclass
 class EngineStats:
@@ -67,6 +89,32 @@ class EngineStats:
     requests: int = 0
     generated_tokens: int = 0
     max_batch_seen: int = 0
+
+
+class ServingEngine(Protocol):
+    """What the HTTP app (:mod:`tunelab.serve.app`) needs from a generation engine.
+
+    ``submit`` returns at once (or raises :class:`QueueFull`); from then on the engine, from any
+    thread, calls ``request.add_token`` for each token and ``request.finish`` exactly once with
+    stop, length, timeout, cancelled or error. It stops soon after ``request.cancel()`` (client
+    gone, stop string seen) and after ``request.timeout`` seconds from ``request.submitted``.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    stats: EngineStats
+
+    @property
+    def queued(self) -> int:
+        """Requests accepted but not yet generating (what ``max_queue`` bounds)."""
+        ...
+
+    def submit(self, request: GenerationRequest) -> GenerationRequest:
+        """Accept a request (returns at once); raises :class:`QueueFull` when the queue is at its limit."""
+        ...
+
+    def close(self) -> None:
+        """Stop generating and release the engine's threads and processes."""
+        ...
 
 
 class GenerationEngine:
@@ -145,20 +193,13 @@ class GenerationEngine:
                 except Exception as exc:  # a failed batch must not kill the server
                     for request in live:
                         if request.finish_reason is None:
-                            self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+                            request.finish("error", error=f"{type(exc).__name__}: {exc}")
 
     def _expired(self, request: GenerationRequest) -> bool:
         if request.cancelled or time.monotonic() - request.submitted > request.timeout:
-            self._finish(request, "cancelled" if request.cancelled else "timeout")
+            request.finish("cancelled" if request.cancelled else "timeout")
             return True
         return False
-
-    def _finish(self, request: GenerationRequest, reason: str, error: str | None = None) -> None:
-        request.finish_reason, request.error = reason, error
-        request.finished_at = time.monotonic()
-        request.done.set()
-        if request.on_done is not None:
-            request.on_done()
 
     def _adapter(self, name: str | None) -> AbstractContextManager:
         """Activate adapter ``name``; for None, the base model (adapters disabled) while in the context."""
@@ -210,13 +251,8 @@ class GenerationEngine:
             for row in list(active):
                 request = batch[row]
                 token = self._pick(step_logits[row], request, generators[row])
-                request.tokens.append(token)
-                request.logprobs.append(float(log_probs[row, token]))
-                if request.first_token_at is None:
-                    request.first_token_at = time.monotonic()
+                request.add_token(token, float(log_probs[row, token]))
                 self.stats.generated_tokens += 1
-                if request.on_token is not None:
-                    request.on_token(token)
                 next_ids[row] = token
                 reason = (
                     "stop" if token in request.stop_ids
@@ -227,7 +263,7 @@ class GenerationEngine:
                 )
                 if reason is not None:
                     active.remove(row)
-                    self._finish(request, reason)
+                    request.finish(reason)
             if not active:
                 break
             mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=self.device)], dim=1)
