@@ -8,11 +8,17 @@ AdamW with warmup + cosine decay, and
     for batch in loader:
         loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
 
-Two padding variants:
+Three batching variants:
 
 * ``max_length``: every record padded to ``--max-length`` (``padding="max_length"``), the
   recipe of many tutorials;
-* ``dynamic``: each batch padded to its longest record (``DataCollatorForSeq2Seq``).
+* ``dynamic``: each batch padded to its longest record (``DataCollatorForSeq2Seq``);
+* ``flatten``: padding-free packing as transformers offers it (``DataCollatorWithFlattening``:
+  the batch's records in one row, ``position_ids`` restarting per record, SDPA with the block
+  mask transformers builds from them).
+
+``--full`` trains every weight instead of LoRA; ``--liger`` patches the model with liger-kernel's
+Triton kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy) before loading, when installed.
 
 It is run as its own process by ``sft_throughput.py`` (so import and load time count) and writes
 a JSON summary (steps, tokens, per-step losses) to ``--result``. It deliberately imports nothing
@@ -35,6 +41,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
     PreTrainedTokenizerBase,
     get_cosine_schedule_with_warmup,
 )
@@ -97,7 +104,9 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="HF model directory")
     parser.add_argument("--data", required=True, help="alpaca JSON file")
     parser.add_argument("--records", type=int, default=None, help="use only the first N records")
-    parser.add_argument("--padding", choices=["max_length", "dynamic"], required=True)
+    parser.add_argument("--padding", choices=["max_length", "dynamic", "flatten"], required=True)
+    parser.add_argument("--full", action="store_true", help="train all weights (no LoRA)")
+    parser.add_argument("--liger", action="store_true", help="apply liger-kernel's Llama kernels (GPU)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -123,11 +132,13 @@ def main() -> None:
     records = json.loads(Path(args.data).read_text(encoding="utf-8"))[: args.records]
     pad_to_max = args.padding == "max_length"
     examples = [tokenize_record(tokenizer, r, args.max_length, pad_to_max) for r in records]
-    collate = (
-        pad_to_max_collate
-        if pad_to_max
-        else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
-    )
+    if pad_to_max:
+        collate = pad_to_max_collate
+    elif args.padding == "flatten":
+        flatten = DataCollatorWithFlattening()
+        collate = lambda batch: flatten([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in batch])  # noqa: E731
+    else:
+        collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
     loader = DataLoader(
         examples,  # type: ignore[arg-type]
         batch_size=args.batch_size,
@@ -137,7 +148,13 @@ def main() -> None:
     )
 
     device = torch.device(args.device)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    if args.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
+    # Full fine-tuning keeps fp32 master weights under bf16 autocast, as mixed-precision training does.
+    weights_dtype = torch.bfloat16 if args.bf16 and not args.full else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=weights_dtype, attn_implementation="sdpa")
     model.to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -149,7 +166,8 @@ def main() -> None:
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    if not args.full:
+        model = get_peft_model(model, lora)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
@@ -175,8 +193,9 @@ def main() -> None:
         optimizer.zero_grad()
         losses.append(loss.item())
         step_seconds.append(time.perf_counter() - step_start)
-        step_real_tokens.append(int(batch["attention_mask"].sum()))
-        real_tokens += int(batch["attention_mask"].sum())
+        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        step_real_tokens.append(real)
+        real_tokens += real
         computed_tokens += batch["input_ids"].numel()
         trained_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
         if len(losses) % 10 == 0 or len(losses) == total_steps:
@@ -186,7 +205,7 @@ def main() -> None:
     tokenizer.save_pretrained(args.output_dir)
 
     summary = {
-        "recipe": f"hf_{args.padding}",
+        "recipe": f"hf_{args.padding}" + ("_full" if args.full else "") + ("_liger" if args.liger else ""),
         "steps": total_steps,
         "records": len(examples),
         "real_tokens": real_tokens,

@@ -247,7 +247,10 @@ def parameter_memory(model, tokenizer, template, records) -> dict[str, float]:
     storages = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.nn.Parameter):
-            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+            try:
+                storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+            except RuntimeError:  # a fake stand-in left by torch.compile in an earlier test: no memory
+                continue
     return {"parameter_bytes": float(sum(storages.values()))}
 
 

@@ -103,7 +103,7 @@ def test_full_fine_tuning_saves_a_plain_hf_model(tmp_path, tiny_model):
     saved = json.loads((result.final_dir / "generation_config.json").read_text())
     end_of_turn = result.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert end_of_turn in saved["eos_token_id"] and result.tokenizer.eos_token_id in saved["eos_token_id"]
-    assert "packed_sdpa" not in (result.final_dir / "config.json").read_text()
+    assert "packed" not in (result.final_dir / "config.json").read_text()
 
 
 def test_freeze_trains_only_the_chosen_layers(tmp_path, tiny_model):

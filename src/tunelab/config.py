@@ -46,10 +46,12 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Off unless you trust the source."
     )
-    attn_implementation: Literal["auto", "sdpa", "eager", "packed_sdpa"] = Field(
+    attn_implementation: Literal["auto", "sdpa", "eager", "packed_sdpa", "packed_varlen"] = Field(
         "auto",
-        description="Attention kernel. auto: packed_sdpa (per-sequence SDPA, no cross-sequence "
-        "attention and no quadratic mask) when packing, sdpa otherwise.",
+        description="Attention kernel. packed_sdpa: packed rows without cross-sequence attention or a quadratic "
+        "mask, SDPA once per sequence. packed_varlen: the same, but one variable-length flash attention call "
+        "per layer for the whole row where it can run (CUDA, bf16/fp16, PyTorch >= 2.10), packed_sdpa elsewhere. "
+        "auto: packed_varlen when packing, sdpa otherwise.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
     tiny: TinyModelConfig | None = Field(
@@ -301,6 +303,17 @@ class TrainConfig(_Section):
         "auto", description="Autocast precision. auto: bf16 where the device runs it fast and correctly, else fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    checkpoint_layers: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="With gradient_checkpointing: the share of decoder layers whose activations are recomputed, "
+        "spread evenly (selective checkpointing; e.g. 0.5 keeps every other layer's activations: more memory, "
+        "less recomputation).",
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile each decoder layer (attention stays eager). auto: on CUDA with triton installed; "
+        "on: also on a CPU (needs a C++ compiler; the first steps pay the compile time); off: never.",
+    )
     chunked_loss: Literal["auto", "on", "off"] = Field(
         "auto",
         description="sft/pretrain: output layer and cross-entropy over loss_chunk_tokens positions at a time, so "
@@ -311,7 +324,7 @@ class TrainConfig(_Section):
     )
     loss_chunk_tokens: int = Field(4096, ge=16, description="Trained positions per chunk of the chunked loss.")
 
-    @field_validator("chunked_loss", mode="before")
+    @field_validator("chunked_loss", "compile", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare on/off as true/false.

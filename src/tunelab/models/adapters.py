@@ -42,7 +42,7 @@ def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return module
-    raise TunelabError(f"cannot find the {count} decoder layers of {type(model).__name__} to freeze")
+    raise TunelabError(f"cannot find the {count} decoder layers of {type(model).__name__}")
 
 
 def layer_indices(spec: list[int] | int | str, count: int) -> list[int]:
@@ -204,11 +204,26 @@ def apply_method(model: PreTrainedModel, method: MethodConfig, task_type: str = 
         raise TunelabError(f"method (LoRA, target_modules {method.target_modules}): {exc}") from None
 
 
-def enable_gradient_checkpointing(model: PreTrainedModel | PeftModel) -> None:
-    """Recompute activations in backward (non-reentrant, so frozen inputs need no grad hooks)."""
+def enable_gradient_checkpointing(model: PreTrainedModel | PeftModel, fraction: float = 1.0) -> tuple[int, int]:
+    """Recompute activations in backward (non-reentrant, so frozen inputs need no grad hooks).
+
+    ``fraction`` < 1 checkpoints only that share of the decoder layers, spread evenly (selective
+    checkpointing: the others keep their activations, trading memory for less recomputation).
+    Returns (checkpointed layers, decoder layers).
+    """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
+    try:
+        layers = decoder_layers(base)
+    except TunelabError:  # no recognisable layer stack: the model's own checkpointing, all or nothing
+        return 0, 0
+    keep = max(1, round(fraction * len(layers)))
+    chosen = {i * len(layers) // keep for i in range(keep)}
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index in chosen
+    return len(chosen), len(layers)
+
 
 
 def save_initial_adapter(model: PeftModel, directory: Path) -> None:

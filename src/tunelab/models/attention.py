@@ -6,9 +6,18 @@ the mask as much memory. ``packed_sdpa`` instead runs causal SDPA on each sequen
 (cost: the sum of ``length**2``) and is registered through transformers' public attention and
 mask interfaces. Anything that is not a packed training row (padding masks, KV-cache decoding)
 goes to transformers' own SDPA path unchanged.
+
+On a GPU with half-precision activations the whole row goes through one variable-length flash
+attention call per layer instead (``torch.nn.attention.varlen.varlen_attn``, PyTorch >= 2.10):
+the per-sequence loop launches a handful of kernels per sequence per layer, which dominates when
+a row holds dozens of short sequences. :func:`packed_kernel` says which of the two a run gets.
 """
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 from transformers import AttentionInterface
@@ -16,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "packed_sdpa"
+VARLEN_NAME = "packed_varlen"
 
 
 def segment_lengths(position_ids: torch.Tensor) -> list[list[int]]:
@@ -27,7 +37,88 @@ def segment_lengths(position_ids: torch.Tensor) -> list[list[int]]:
     return rows
 
 
-def packed_sdpa_forward(
+VarlenKernel = Callable[..., torch.Tensor]  # (q, k, v, cu_seqlens, max_len, scale) -> out, all (tokens, heads, dim)
+
+
+@lru_cache(maxsize=1)
+def varlen_kernel() -> VarlenKernel | None:
+    """PyTorch's causal variable-length flash attention, adapted to one calling convention; None if absent.
+
+    PyTorch 2.10 spells causal ``is_causal=True``; later versions ``window_size=(-1, 0)`` and take
+    ``enable_gqa`` (without it, key/value heads are repeated here for grouped-query attention).
+    """
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+    native_gqa, takes_scale = "enable_gqa" in parameters, "scale" in parameters
+
+    def kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+               max_len: int, scale: float | None) -> torch.Tensor:
+        extra: dict = {}
+        if key.shape[1] != query.shape[1]:
+            if native_gqa:
+                extra["enable_gqa"] = True
+            else:
+                groups = query.shape[1] // key.shape[1]
+                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        if takes_scale:
+            extra["scale"] = scale
+        elif scale is not None:  # the kernel scales by 1/sqrt(dim): fold the difference into the queries
+            query = query * (scale * query.shape[-1] ** 0.5)
+        return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_len, max_len, **causal, **extra)
+
+    return kernel
+
+
+def packed_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """Which kernel packed rows get on ``device`` with activations of ``dtype`` (for the run log)."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and varlen_kernel() is not None:
+        return "varlen flash attention (one call per layer for the whole row)"
+    reason = ("this PyTorch has no torch.nn.attention.varlen" if varlen_kernel() is None
+              else "it needs CUDA and bf16/fp16 activations")
+    return f"per-sequence SDPA (the varlen kernel is off: {reason})"
+
+
+def _uses_varlen(query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
+            and not kwargs.get("sliding_window") and varlen_kernel() is not None)
+
+
+_cu_seqlens_cache: list = [None, None, 0]  # [lengths object, cu_seqlens tensor, max length]: one per forward
+
+
+def _cu_seqlens(lengths: list[list[int]], device: torch.device) -> tuple[torch.Tensor, int]:
+    """Cumulative sequence starts over all rows (int32, on ``device``), built once per forward.
+
+    Every layer of one forward gets the same ``packed_seq_lens`` list object, so the host-to-device
+    copy happens once per forward, not once per layer.
+    """
+    if _cu_seqlens_cache[0] is not lengths or _cu_seqlens_cache[1].device != device:
+        flat = [n for row in lengths for n in row]
+        starts = torch.tensor([0, *flat], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        _cu_seqlens_cache[:] = [lengths, starts.to(device, non_blocking=True), max(flat)]
+    return _cu_seqlens_cache[1], _cu_seqlens_cache[2]
+
+
+def varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[list[int]],
+                   scaling: float | None, kernel: VarlenKernel | None = None) -> torch.Tensor:
+    """Causal attention within each packed sequence of every row, in one kernel call.
+
+    Takes transformers' (batch, heads, tokens, dim) layout and returns (batch, tokens, heads, dim),
+    as transformers' attention functions do. ``kernel``: the varlen kernel (default: PyTorch's).
+    """
+    batch, heads, tokens, dim = query.shape
+    flat = lambda t: t.transpose(1, 2).reshape(batch * tokens, t.shape[1], dim)  # noqa: E731
+    cu_seqlens, max_len = _cu_seqlens(lengths, query.device)
+    out = (kernel or varlen_kernel())(flat(query), flat(key), flat(value), cu_seqlens, max_len, scaling)
+    return out.view(batch, tokens, heads, dim)
+
+
+@torch.compiler.disable  # its per-row Python lists would make a compiled layer recompile at every new length
+def packed_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -37,8 +128,10 @@ def packed_sdpa_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention per packed sequence; transformers' SDPA for everything else.
+    """Causal attention per packed sequence; transformers' SDPA for anything else.
 
+    Registered as ``packed_varlen`` (the varlen kernel where it runs, SDPA per sequence elsewhere)
+    and ``packed_sdpa`` (always SDPA per sequence), told apart by ``module.config._attn_implementation``.
     ``packed_seq_lens`` (one list of lengths per row, passed as a model kwarg by the engine)
     avoids reading ``position_ids`` back from the device; without it they are derived.
     """
@@ -47,6 +140,9 @@ def packed_sdpa_forward(
     if attention_mask is not None or q_len != kv_len or q_len == 1 or position_ids is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     lengths = kwargs.get("packed_seq_lens") or segment_lengths(position_ids.expand(query.shape[0], -1))
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if implementation == VARLEN_NAME and _uses_varlen(query, dropout, kwargs):
+        return varlen_forward(query, key, value, lengths, scaling), None
     rows = []
     for row, row_lengths in enumerate(lengths):
         # split (not slicing): its backward is one concatenation, not a full-size zero tensor per piece.
@@ -69,8 +165,13 @@ def packed_sdpa_mask(*args, **kwargs) -> torch.Tensor | None:
     return sdpa_mask(*args, **kwargs)
 
 
-def register_packed_sdpa() -> str:
-    """Register ``packed_sdpa`` with transformers (idempotent) and return its name."""
-    AttentionInterface.register(NAME, packed_sdpa_forward)
-    AttentionMaskInterface.register(NAME, packed_sdpa_mask)
-    return NAME
+def register_packed_sdpa(varlen: bool = False) -> str:
+    """Register the packed attention with transformers (idempotent) and return its name.
+
+    ``varlen``: ``packed_varlen`` (one varlen flash call per layer where it can run) instead of
+    ``packed_sdpa`` (SDPA per sequence, everywhere).
+    """
+    name = VARLEN_NAME if varlen else NAME
+    AttentionInterface.register(name, packed_attention_forward)
+    AttentionMaskInterface.register(name, packed_sdpa_mask)
+    return name

@@ -101,9 +101,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
 def attention_for(model_cfg: ModelConfig, packing: bool) -> str:
     """The attention implementation to load the model with."""
     if model_cfg.attn_implementation == "auto":
-        return register_packed_sdpa() if packing else "sdpa"
-    if model_cfg.attn_implementation == "packed_sdpa":
-        return register_packed_sdpa()
+        return register_packed_sdpa(varlen=True) if packing else "sdpa"
+    if model_cfg.attn_implementation in ("packed_sdpa", "packed_varlen"):
+        return register_packed_sdpa(varlen=model_cfg.attn_implementation == "packed_varlen")
     return model_cfg.attn_implementation
 
 

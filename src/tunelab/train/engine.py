@@ -47,10 +47,12 @@ from tunelab.models.load import (
     resolve_precision,
     stop_token_ids,
 )
+from tunelab.models.attention import VARLEN_NAME, packed_kernel
 from tunelab.models.quant import is_quantized, weight_memory
 from tunelab.models.tiny import create_tiny_model
 from tunelab.train.batches import MicroBatches, eval_batches
 from tunelab.train.checkpoint import latest_checkpoint, save_model_dir
+from tunelab.train.compile import compile_blocker, compile_decoder_layers
 from tunelab.train.distributed import parallelize, start_processes, stop_processes
 from tunelab.train.objectives import REFERENCE_OBJECTIVES, build_objective
 from tunelab.train.objectives.chunked_loss import chunked_loss_supported
@@ -206,7 +208,8 @@ def train(
     if packing and (conflict := packing_conflict(cfg.method)):
         console.print(f"[yellow]data.packing off: {conflict}; using padded batches")
         packing = False
-    model = load_model(model_cfg, load_dtype, device, attention_for(cfg.model, packing), reward_head)
+    attention = attention_for(cfg.model, packing)
+    model = load_model(model_cfg, load_dtype, device, attention, reward_head)
     if is_quantized(model):
         console.print(f"model: {cfg.model.quantization} base, {weight_memory(model)}")
     if reward_head:
@@ -244,7 +247,21 @@ def train(
     if isinstance(objective, SFTObjective) and use_chunked_loss(cfg, model, device):
         objective.chunk_tokens = cfg.train.loss_chunk_tokens
     if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        checkpointed, layers = enable_gradient_checkpointing(model, cfg.train.checkpoint_layers)
+        if checkpointed < layers:
+            console.print(f"[dim]gradient checkpointing: {checkpointed} of {layers} decoder layers[/dim]")
+    if packing and attention == VARLEN_NAME:
+        activations = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, load_dtype)
+        console.print(f"[dim]packed attention: {packed_kernel(device, activations)}[/dim]")
+    if (blocker := compile_blocker(cfg, device)) is None and (compiled := compile_decoder_layers(model)):
+        console.print(f"[dim]compile: {compiled} decoder layers with torch.compile "
+                      "(attention eager; the first steps include compile time)[/dim]")
+    elif blocker is None:
+        console.print(f"[yellow]train.compile off: no stack of decoder layers found in {type(model).__name__}")
+    elif cfg.train.compile == "on":
+        console.print(f"[yellow]train.compile off: {blocker}")
+    else:
+        console.print(f"[dim]train.compile: off ({blocker})[/dim]")
     neftune = NEFTune(model, cfg.train.neftune_alpha) if cfg.train.neftune_alpha else None
     params = count_parameters(model)
     console.print(f"model: {type(model).__name__} on {device}, weights {load_dtype}, autocast {precision}; {params}")

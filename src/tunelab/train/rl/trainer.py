@@ -359,7 +359,7 @@ def train_online(config: TunelabConfig, resume: bool = False, overwrite: bool = 
             console.print("[dim]reference model: a frozen copy of the starting weights[/dim]")
     model = apply_method(model, cfg.method)
     if t.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, cfg.train.checkpoint_layers)
     value_head = ValueHead(model.config.hidden_size).to(device) if t.objective == "ppo" else None
     params = count_parameters(model)
     console.print(f"model: {type(model).__name__} on {device}, weights {load_dtype}, autocast {precision}; {params}")
