@@ -98,17 +98,8 @@ def pad_to_max_collate(examples: list[dict[str, list[int]]]) -> dict[str, torch.
     return {key: torch.tensor([e[key] for e in examples]) for key in ("input_ids", "attention_mask", "labels")}
 
 
-def main() -> None:
-    """Train one epoch of LoRA SFT with the plain loop and write the JSON summary."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="HF model directory")
-    parser.add_argument("--data", required=True, help="alpaca JSON file")
-    parser.add_argument("--records", type=int, default=None, help="use only the first N records")
-    parser.add_argument("--padding", choices=["max_length", "dynamic", "flatten"], required=True)
-    parser.add_argument("--full", action="store_true", help="train all weights (no LoRA)")
-    parser.add_argument("--liger", action="store_true", help="apply liger-kernel's Llama kernels (GPU)")
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every plain HF+PEFT baseline shares: optimizer, LoRA, device and precision, outputs."""
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup-ratio", type=float, default=0.03)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -122,6 +113,20 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     parser.add_argument("--output-dir", required=True, help="where the adapter is saved")
     parser.add_argument("--result", required=True, help="JSON summary to write")
+
+
+def main() -> None:
+    """Train one epoch of LoRA SFT with the plain loop and write the JSON summary."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="HF model directory")
+    parser.add_argument("--data", required=True, help="alpaca JSON file")
+    parser.add_argument("--records", type=int, default=None, help="use only the first N records")
+    parser.add_argument("--padding", choices=["max_length", "dynamic", "flatten"], required=True)
+    parser.add_argument("--full", action="store_true", help="train all weights (no LoRA)")
+    parser.add_argument("--liger", action="store_true", help="apply liger-kernel's Llama kernels (GPU)")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    add_training_arguments(parser)
     args = parser.parse_args()
     started = time.perf_counter()
     torch.manual_seed(args.seed)

@@ -32,7 +32,7 @@ It is run as its own process by the GPU benchmark (so import and load time count
 JSON summary to ``--result``: per-step seconds, real (non-pad) tokens, computed tokens
 (including padding), losses and TRL's reward metrics (``rewards/chosen`` = beta * (policy -
 reference) log-prob of the chosen completion, and so on). It deliberately imports nothing from
-tunelab. Run it alone with ``python benchmarks/_hf_dpo_baseline.py --help``.
+tunelab (only the shared options of ``_hf_baseline.py``). Run it alone with ``python benchmarks/_hf_dpo_baseline.py --help``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     get_cosine_schedule_with_warmup,
 )
+
+from _hf_baseline import add_training_arguments  # this script's folder is on sys.path
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "observation": "tool", "tool": "tool"}
@@ -198,19 +200,7 @@ def main() -> None:
     parser.add_argument("--max-prompt-length", type=int, default=None, help="keep only the prompt's last N tokens")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (2x rows per forward)")
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--warmup-ratio", type=float, default=0.03)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=32.0)
-    parser.add_argument("--dropout", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--bf16", action="store_true", help="bf16 base weights and bf16 autocast (GPU)")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    parser.add_argument("--output-dir", required=True, help="where the adapter is saved")
-    parser.add_argument("--result", required=True, help="JSON summary to write")
+    add_training_arguments(parser)
     args = parser.parse_args()
     started = time.perf_counter()
     torch.manual_seed(args.seed)

@@ -127,8 +127,8 @@ class Bench:
             peers = [r["tokens_per_s"] for r in self.rows if r["recipe"].startswith("hf")
                      and r.get("kind") == row.get("kind")]
             ratio = f"{row['tokens_per_s'] / max(peers):.2f}x" if peers else "-"
-            lines.append(f"| {row['recipe']} | {row['config']} | {row['tokens_per_s']:,} | {row['peak_gib']:.1f} | "
-                         f"{row['mfu']:.1%} | {ratio} |")
+            peak, mfu = (f"{row['peak_gib']:.1f}", f"{row['mfu']:.1%}") if self.on_gpu else ("-", "-")
+            lines.append(f"| {row['recipe']} | {row['config']} | {row['tokens_per_s']:,} | {peak} | {mfu} | {ratio} |")
         return "\n".join(lines)
 
 
@@ -226,6 +226,8 @@ def tunelab_row(bench: Bench, name: str, config_text: str, model_dir: Path, data
     """Train with ``python -m tunelab train``; tokens/s over the steps after the 5th (compile is done)."""
     import yaml
 
+    if not bench.on_gpu and train.get("attention") == "packed_varlen":  # say what a CPU really ran
+        config_text += " [on a CPU: SDPA per sequence" + ("]" if train.get("compile") == "on" else ", eager]")
     out = bench.work / name
     config = {
         "model": {"path": str(model_dir), "attn_implementation": train.pop("attention", "auto")},
@@ -279,8 +281,8 @@ def run_hf(bench: Bench, model_dir: Path, data: Path) -> None:
     flat_batch = max(8, bench.batch_tokens // 240)  # records per flattened row: ~16k tokens
     steps = bench.preset["hf_steps"]
     recipes = [
-        ("hf_pad2048_ckpt", "LoRA, pad to max_length, batch 8, checkpointing", "max_length", 8, "lora",
-         "--gradient-checkpointing"),
+        ("hf_pad_max_length_ckpt", f"LoRA, pad to {bench.max_length}, batch 8, checkpointing", "max_length", 8,
+         "lora", "--gradient-checkpointing"),
         ("hf_dynamic_ckpt", "LoRA, dynamic padding, batch 8, checkpointing", "dynamic", 8, "lora",
          "--gradient-checkpointing"),
         ("hf_flatten_ckpt", "LoRA, padding-free packing, checkpointing", "flatten", flat_batch, "lora",
@@ -314,6 +316,9 @@ def run_tunelab(bench: Bench, model_dir: Path, data: Path) -> None:
                                       "mean_abs_loss_diff": mean(difference),
                                       "final_losses": [plain["losses"][-1], fast["losses"][-1]]}
     bench.log(f"fast vs plain over {len(difference)} steps: max |loss diff| {max(difference):.4g}")
+    if not bench.on_gpu:  # compile's auto setting skips CPUs: measure what forcing it gives
+        bench.add(tunelab_row(bench, "tunelab_lora_fast_compiled", "fast path with train.compile: on",
+                              model_dir, data, LORA, {**FAST, "compile": "on"}, short, "lora"))
     bench.add(tunelab_row(bench, "tunelab_lora_fast_ckpt_half", "fast path, checkpointing on half the layers",
                           model_dir, data, LORA, {**FAST, "checkpoint_layers": 0.5}, short, "lora"))
     bench.add(tunelab_row(bench, "tunelab_lora_fast_no_ckpt", "fast path, no checkpointing",

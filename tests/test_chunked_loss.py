@@ -25,15 +25,16 @@ def examples() -> list[dict]:
     return rows
 
 
+@pytest.mark.parametrize("chunk_tokens", [7, 4096], ids=["several-chunks", "one-chunk"])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
-def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny_model, packed):
+def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny_model, packed, chunk_tokens):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=register_packed_sdpa())
     batch = collate_packed(examples()) if packed else collate_padded(examples(), pad_id=0)
     full = causal_lm_loss(model, batch)
     full.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    chunked = chunked_causal_lm_loss(model, batch, chunk_tokens=7)  # several chunks and a short last one
+    chunked = chunked_causal_lm_loss(model, batch, chunk_tokens=chunk_tokens)  # 7: a short last chunk too
     chunked.backward()
     assert abs(chunked.item() - full.item()) < 1e-4 * full.item()
     for name, parameter in model.named_parameters():

@@ -235,18 +235,16 @@ def test_full_reward_model_scores_equal_a_direct_forward(full_reward_model, tiny
     assert scorer.tokenizer.decode(scorer.tokenize(*CONVERSATIONS[0])).endswith("answer: 5<|im_end|>\n")
 
 
-def test_scores_do_not_depend_on_batching_or_on_the_pad_id(full_reward_model, tmp_path: Path) -> None:
-    """The score is read at each row's last real token, even when the pad id is that token's id.
+def test_scores_are_read_where_reward_training_and_transformers_read_them(full_reward_model, tmp_path: Path) -> None:
+    """Even when the pad id is the sequence's last token (pad = EOS = the template's last token).
 
-    transformers' own pooling takes the last token that is not the pad id, which is wrong when a
-    sequence ends with it (e.g. pad = EOS = the template's last token).
+    Reward training and transformers' pooling then both read the token before it; a scorer that
+    read the last real token would score a position the model was never trained to score.
     """
     path, model = full_reward_model
     prompts = [p for p, _ in CONVERSATIONS]
     completions = [c for _, c in CONVERSATIONS]
-    one_by_one = RewardModelScorer(path, batch_size=1)
-    expected = one_by_one(prompts, completions)
-    last_token = one_by_one.tokenize(*CONVERSATIONS[0])[-1]
+    last_token = RewardModelScorer(path).tokenize(*CONVERSATIONS[0])[-1]
     copy = tmp_path / "pad_is_last_token"
     shutil.copytree(path, copy)
     for name in ("config.json", "tokenizer_config.json"):
@@ -254,18 +252,20 @@ def test_scores_do_not_depend_on_batching_or_on_the_pad_id(full_reward_model, tm
         if name == "config.json":
             config["pad_token_id"] = last_token
         else:
-            config["pad_token"] = one_by_one.tokenizer.convert_ids_to_tokens(last_token)
+            config["pad_token"] = RewardModelScorer(path).tokenizer.convert_ids_to_tokens(last_token)
         (copy / name).write_text(json.dumps(config))
-    scorer = RewardModelScorer(copy, batch_size=3)
-    assert scorer.tokenizer.pad_token_id == last_token
-    assert scorer(prompts, completions) == pytest.approx(expected, abs=1e-5)
+    one_by_one, batched = RewardModelScorer(copy, batch_size=1), RewardModelScorer(copy, batch_size=3)
+    assert batched.tokenizer.pad_token_id == last_token
+    scores = batched(prompts, completions)
+    assert scores == pytest.approx(one_by_one(prompts, completions), abs=1e-5)
     model.config.pad_token_id = last_token
     try:
-        with torch.no_grad():
-            pooled_by_hf = model(input_ids=torch.tensor([scorer.tokenize(*CONVERSATIONS[0])])).logits[0, 0].item()
+        pooled_by_hf = _direct_scores(model, batched)
     finally:
         model.config.pad_token_id = one_by_one.tokenizer.pad_token_id
-    assert abs(pooled_by_hf - expected[0]) > 1e-3  # the case this guards against is real
+    assert scores == pytest.approx(pooled_by_hf, abs=1e-5)
+    unpadded = RewardModelScorer(path)(prompts, completions)
+    assert abs(scores[0] - unpadded[0]) > 1e-3  # sequence 0 ends with the pad id: read one token earlier
 
 
 def test_lora_reward_adapter_scores_equal_a_direct_forward(tiny_model: Path, tmp_path: Path) -> None:

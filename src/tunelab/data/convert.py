@@ -16,10 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tunelab.data.files import Row, read_rows
+from tunelab.data.files import Row
 from tunelab.data.jsonl_output import provenance, write_jsonl
 from tunelab.data.preferences import feedback_to_json, preference_to_json, to_feedback, to_preference
-from tunelab.data.records import SHAREGPT_ROLES, LoadReport, detect_format, record_to_json, to_prompt, to_record
+from tunelab.data.records import (
+    SHAREGPT_ROLES,
+    LoadReport,
+    convert_rows,
+    detect_format,
+    record_to_json,
+    to_prompt,
+    to_record,
+)
 from tunelab.errors import DataError
 
 Kind = Literal["conversation", "prompt", "text", "preference", "feedback"]
@@ -154,30 +162,27 @@ def iter_canonical(
         DataError: a file cannot be read, or (``fail``) a row is bad.
     """
     report = report if report is not None else LoadReport()
-    for name in files:
-        file_kind: Kind | None = None if kind == "auto" else kind
-        if file_kind is not None and kinds is not None:
-            kinds[name] = file_kind
-        for row in read_rows(name):
-            report.read += 1
-            try:
-                if row.error is not None:
-                    raise DataError(f"{row.source}: {row.error}")
-                if file_kind is None:
-                    file_kind = detect_kind(row.data, row.source, fmt)
-                    if kinds is not None:
-                        kinds[name] = file_kind
-                canonical = to_canonical(row, file_kind, fmt, text_field, system_prompt)
-            except DataError as exc:
-                if on_error == "fail":
-                    raise DataError(f"{exc}\n(pass --on-error skip to drop bad records and list them)") from None
-                reason = str(exc).removeprefix(f"{row.source}: ")
-                report.skip(reason, row.source)
-                if rejects is not None:
-                    rejects.append({"source": row.source, "reason": reason, "record": row.data})
-                continue
-            report.kept += 1
-            yield CanonicalRecord(canonical, row.source, row.data)
+    files = list(files)
+    if kind != "auto" and kinds is not None:
+        kinds.update(dict.fromkeys(files, kind))
+
+    def detect(name: str, row: Row) -> Kind:
+        if kind != "auto":
+            return kind
+        decided = detect_kind(row.data, row.source, fmt)
+        if kinds is not None:
+            kinds[name] = decided
+        return decided
+
+    def reject(row: Row, reason: str) -> None:
+        if rejects is not None:
+            rejects.append({"source": row.source, "reason": reason, "record": row.data})
+
+    convert = lambda row, file_kind: to_canonical(row, file_kind, fmt, text_field, system_prompt)  # noqa: E731
+    for row, canonical in convert_rows(files, detect, convert, on_error, report,
+                                       "pass --on-error skip to drop bad records and list them", reject):
+        report.kept += 1
+        yield CanonicalRecord(canonical, row.source, row.data)
 
 
 def read_canonical(

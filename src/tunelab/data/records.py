@@ -9,7 +9,7 @@ first bad row (``on_error: fail``) or skips it and counts why (``on_error: skip`
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -276,6 +276,50 @@ def to_prompt(row: Row, fmt: Format, text_field: str = "text", system_prompt: st
     return Prompt(messages, reference, row.source)
 
 
+def convert_rows(
+    files: Iterable[str],
+    detect: Callable[[str, Row], Any],
+    convert: Callable[[Row, Any], Any],
+    on_error: Literal["fail", "skip"],
+    report: LoadReport,
+    fail_hint: str,
+    on_skip: Callable[[Row, str], None] | None = None,
+) -> Iterator[tuple[Row, Any]]:
+    """Read rows of data files and convert each, counting in ``report`` what was read and skipped.
+
+    Args:
+        files: data files (any type :func:`~tunelab.data.files.read_rows` reads).
+        detect: ``(file name, first readable row) -> layout``, called once per file.
+        convert: ``(row, layout) -> item``; raises DataError for a bad row.
+        on_error: ``fail`` raises at the first bad row (with ``fail_hint`` added); ``skip`` counts it.
+        report: updated as rows are read (``read`` and skips; ``kept`` is the caller's).
+        fail_hint: how to skip bad rows instead, for the ``fail`` message.
+        on_skip: also told of each skipped row and its reason.
+
+    Yields:
+        Each good row with its converted item.
+    """
+    for name in files:
+        layout = None
+        for row in read_rows(name):
+            report.read += 1
+            try:
+                if row.error is not None:
+                    raise DataError(f"{row.source}: {row.error}")
+                if layout is None:
+                    layout = detect(name, row)
+                item = convert(row, layout)
+            except DataError as exc:
+                if on_error == "fail":
+                    raise DataError(f"{exc}\n({fail_hint})") from None
+                reason = str(exc).removeprefix(f"{row.source}: ")
+                report.skip(reason, row.source)
+                if on_skip is not None:
+                    on_skip(row, reason)
+                continue
+            yield row, item
+
+
 def _load(
     files: Iterable[str],
     fmt: Literal["auto"] | Format,
@@ -286,22 +330,13 @@ def _load(
     files = list(files)
     items: list = []
     report = LoadReport()
-    for name in files:
-        file_format = None if fmt == "auto" else fmt
-        for row in read_rows(name):
+    detect = (lambda _, row: detect_format(row.data, row.source)) if fmt == "auto" else (lambda _, row: fmt)
+    if limit is None or limit > 0:
+        for _, item in convert_rows(files, detect, convert, on_error, report,
+                                    "set data.on_error: skip to drop bad records and count them"):
+            items.append(item)
             if limit is not None and len(items) >= limit:
                 break
-            report.read += 1
-            try:
-                if row.error is not None:
-                    raise DataError(f"{row.source}: {row.error}")
-                file_format = file_format or detect_format(row.data, row.source)
-                items.append(convert(row, file_format))
-            except DataError as exc:
-                if on_error == "fail":
-                    raise DataError(f"{exc}\n(set data.on_error: skip to drop bad records and count them)") from None
-                reason = str(exc).removeprefix(f"{row.source}: ")
-                report.skip(reason, row.source)
     report.kept = len(items)
     if not items:
         detail = f"\n{report.summary()}" if report.skipped else ""

@@ -180,7 +180,8 @@ class Parallel:
     """One process: plain PyTorch. The strategies below override how passes run and state is saved."""
 
     def __init__(self, model: torch.nn.Module, objective: Objective, processes: Processes, device: torch.device,
-                 config: TunelabConfig) -> None:
+                 config: TunelabConfig | None) -> None:
+        # config: read by the sharded strategies; None will do for a one-process evaluation.
         self.model, self.objective, self.processes, self.device = model, objective, processes, device
         self.config = config
         self.module: torch.nn.Module = LossModule(model, objective, device)

@@ -53,10 +53,10 @@ from tunelab.models.tiny import create_tiny_model
 from tunelab.train.batches import MicroBatches, eval_batches
 from tunelab.train.checkpoint import latest_checkpoint, save_model_dir
 from tunelab.train.compile import compile_blocker, compile_decoder_layers
-from tunelab.train.distributed import parallelize, start_processes, stop_processes
+from tunelab.train.distributed import Parallel, Processes, parallelize, start_processes, stop_processes
 from tunelab.train.objectives import REFERENCE_OBJECTIVES, build_objective
 from tunelab.train.objectives.chunked_loss import chunked_loss_supported
-from tunelab.train.objectives.sft import SFTObjective, causal_lm_loss
+from tunelab.train.objectives.sft import SFTObjective
 from tunelab.train.reference import attach_reference_logps, frozen_copy
 from tunelab.train.neftune import NEFTune
 from tunelab.train.optim import build_optimizer, build_scheduler
@@ -139,17 +139,8 @@ def packing_supported(model: PreTrainedModel, device: torch.device) -> bool:
 
 
 def evaluate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device, autocast) -> dict[str, float]:
-    """Token-averaged held-out loss and its perplexity."""
-    model.eval()
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    count = 0
-    with torch.no_grad():
-        for batch in batches:
-            with autocast():
-                total += causal_lm_loss(model, batch.to(device)).double()
-            count += batch.num_trained
-    loss = float(total) / max(count, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    """Token-averaged held-out loss and its perplexity, computed as training's evaluation computes it."""
+    return Parallel(model, SFTObjective(), Processes(), device, None).evaluate(batches, autocast, token_loss=True)
 
 
 def train(

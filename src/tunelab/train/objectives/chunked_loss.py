@@ -3,8 +3,8 @@
 For a vocabulary of 128k tokens the float32 logits of one 16k-token batch take 8 GiB, more than
 the rest of a 1B model's activations. Here the decoder runs once, and the output layer plus
 cross-entropy run over ``chunk_tokens`` trained positions at a time under activation
-checkpointing, so only one chunk's logits ever exist (they are recomputed in backward). The
-value and the gradients equal :func:`~tunelab.train.objectives.sft.causal_lm_loss`.
+checkpointing, so only one chunk's logits ever exist (they are recomputed in backward); a batch
+with no more trained positions than one chunk skips the checkpoint. The value and the gradients equal :func:`~tunelab.train.objectives.sft.causal_lm_loss`.
 
 It needs logits to be exactly ``output_layer(last_hidden_state)``; models that scale or cap
 their logits, and PEFT prompt learning (virtual tokens), are not. :func:`chunked_loss_supported`
@@ -57,6 +57,10 @@ def chunked_causal_lm_loss(model: torch.nn.Module, batch: Batch, chunk_tokens: i
     else:
         keep = batch.targets != IGNORE_INDEX
         hidden, targets = hidden[keep], batch.targets[keep]
+    if targets.shape[0] <= chunk_tokens:
+        # One chunk: recomputing it in backward would save nothing (its backward comes first) and
+        # cost a second pass through the output layer.
+        return _chunk_loss(head, hidden, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.shape[0], chunk_tokens):
         piece = slice(start, start + chunk_tokens)

@@ -32,8 +32,10 @@ from typing import Any
 
 import torch
 
+from tunelab.data.packing import collate_padded
 from tunelab.data.templates import render_conversation, resolve_template
 from tunelab.errors import ConfigError, DataError, TrainingError
+from tunelab.train.objectives.reward import sequence_rewards
 
 # The answer extraction must agree with what `tunelab eval` counts as right.
 from tunelab.data.answers import ANSWER_PATTERN, extract_answer, extract_number
@@ -326,9 +328,9 @@ class RewardModelScorer:
     reward`` saves it with full fine-tuning) or a PEFT adapter with ``task_type: SEQ_CLS`` whose
     ``base_model_name_or_path`` is the base. Conversations are rendered with the chat template
     saved with the reward model and tokenized as reward training does (the completion is the
-    last assistant turn and ends with a stop token); the score is the head's output at each
-    sequence's last token (right padding, so a pad id equal to EOS cannot hide the end). Only
-    safetensors weights load; remote code never runs.
+    last assistant turn and ends with a stop token); the score is read where reward training and
+    transformers' own pooling read it (:func:`~tunelab.train.objectives.reward.sequence_rewards`:
+    the last token that is not the pad id). Only safetensors weights load; remote code never runs.
 
     Args:
         path: the reward model (or adapter) directory.
@@ -447,20 +449,11 @@ class RewardModelScorer:
         sequences = [self.tokenize(list(p), c) for p, c in zip(prompts, completions)]
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # less padding per batch
         scores = [0.0] * len(sequences)
-        classifier = self._classifier()
-        pad_id = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            width = max(len(sequences[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-                attention_mask[row, : len(sequences[i])] = 1
-            input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-            hidden = classifier.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            last = hidden[torch.arange(len(chunk), device=self.device), attention_mask.sum(dim=1) - 1]
-            values = classifier.score(last).squeeze(-1).float().tolist()
+            batch = collate_padded([{"input_ids": sequences[i], "labels": sequences[i]} for i in chunk],
+                                   self.tokenizer.pad_token_id)
+            values = sequence_rewards(self.model, batch.to(self.device)).tolist()
             for i, value in zip(chunk, values):
                 scores[i] = value
         return scores
