@@ -323,7 +323,7 @@ def run_tunelab(bench: Bench, model_dir: Path, data: Path) -> None:
                           model_dir, data, LORA, {**FAST, "checkpoint_layers": 0.5}, short, "lora"))
     bench.add(tunelab_row(bench, "tunelab_lora_fast_no_ckpt", "fast path, no checkpointing",
                           model_dir, data, LORA, {**FAST, "gradient_checkpointing": False}, short, "lora"))
-    bench.add(tunelab_row(bench, "tunelab_full_fast", "full FT, fast path, ckpt, fused AdamW",
+    bench.add(tunelab_row(bench, "tunelab_full_fast", "full FT, fast path, ckpt, fused AdamW on CUDA",
                           model_dir, data, {"type": "full"}, {**FAST, "lr": 1e-5}, short, "full"))
 
 
