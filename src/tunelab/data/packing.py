@@ -57,8 +57,18 @@ class Batch:
         if self.attention_mask is not None:
             inputs["attention_mask"] = self.attention_mask
         if self.seq_lens is not None:
-            inputs["packed_seq_lens"] = self.seq_lens
+            inputs["packed_seq_lens"] = packed_lengths_tensor(self.seq_lens)
         return inputs
+
+
+def packed_lengths_tensor(seq_lens: list[list[int]]) -> torch.Tensor:
+    """The ``packed_seq_lens`` model kwarg: every row's sequence lengths, flat, in a CPU int32 tensor.
+
+    A tensor, not a list: torch.compile guards on the length of a list it sees (a compiled layer
+    would recompile for every new number of sequences in a row), but only on a tensor's shape,
+    which it then treats as dynamic. On the CPU, reading it back costs no device sync.
+    """
+    return torch.tensor([n for row in seq_lens for n in row], dtype=torch.int32)
 
 
 def shifted_targets(labels: Sequence[int]) -> list[int]:

@@ -37,6 +37,27 @@ def segment_lengths(position_ids: torch.Tensor) -> list[list[int]]:
     return rows
 
 
+def row_lengths(packed: torch.Tensor | list[list[int]], rows: int, width: int) -> list[list[int]]:
+    """Per-row sequence lengths from ``packed_seq_lens`` (a flat CPU tensor, or already a list per row).
+
+    Raises:
+        ValueError: the lengths do not fill ``rows`` rows of ``width`` tokens exactly.
+    """
+    if not isinstance(packed, torch.Tensor):
+        out = [list(row) for row in packed]
+    else:
+        flat, out, index = packed.tolist(), [], 0
+        for _ in range(rows):
+            row: list[int] = []
+            while sum(row) < width and index < len(flat):
+                row.append(flat[index])
+                index += 1
+            out.append(row)
+    if len(out) != rows or any(sum(row) != width for row in out):
+        raise ValueError(f"packed_seq_lens do not fill {rows} row(s) of {width} tokens")
+    return out
+
+
 VarlenKernel = Callable[..., torch.Tensor]  # (q, k, v, cu_seqlens, max_len, scale) -> out, all (tokens, heads, dim)
 
 
@@ -90,21 +111,22 @@ def _uses_varlen(query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
 _cu_seqlens_cache: list = [None, None, 0]  # [lengths object, cu_seqlens tensor, max length]: one per forward
 
 
-def _cu_seqlens(lengths: list[list[int]], device: torch.device) -> tuple[torch.Tensor, int]:
+def _cu_seqlens(lengths: torch.Tensor | list[list[int]], device: torch.device) -> tuple[torch.Tensor, int]:
     """Cumulative sequence starts over all rows (int32, on ``device``), built once per forward.
 
-    Every layer of one forward gets the same ``packed_seq_lens`` list object, so the host-to-device
+    Every layer of one forward gets the same ``packed_seq_lens`` object, so the host-to-device
     copy happens once per forward, not once per layer.
     """
     if _cu_seqlens_cache[0] is not lengths or _cu_seqlens_cache[1].device != device:
-        flat = [n for row in lengths for n in row]
+        flat = lengths.tolist() if isinstance(lengths, torch.Tensor) else [n for row in lengths for n in row]
         starts = torch.tensor([0, *flat], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         _cu_seqlens_cache[:] = [lengths, starts.to(device, non_blocking=True), max(flat)]
     return _cu_seqlens_cache[1], _cu_seqlens_cache[2]
 
 
-def varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[list[int]],
-                   scaling: float | None, kernel: VarlenKernel | None = None) -> torch.Tensor:
+def varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   lengths: torch.Tensor | list[list[int]], scaling: float | None,
+                   kernel: VarlenKernel | None = None) -> torch.Tensor:
     """Causal attention within each packed sequence of every row, in one kernel call.
 
     Takes transformers' (batch, heads, tokens, dim) layout and returns (batch, tokens, heads, dim),
@@ -117,7 +139,7 @@ def varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return out.view(batch, tokens, heads, dim)
 
 
-@torch.compiler.disable  # its per-row Python lists would make a compiled layer recompile at every new length
+@torch.compiler.disable  # eager: its Python loops over sequences would specialise a compiled graph
 def packed_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -132,26 +154,30 @@ def packed_attention_forward(
 
     Registered as ``packed_varlen`` (the varlen kernel where it runs, SDPA per sequence elsewhere)
     and ``packed_sdpa`` (always SDPA per sequence), told apart by ``module.config._attn_implementation``.
-    ``packed_seq_lens`` (one list of lengths per row, passed as a model kwarg by the engine)
-    avoids reading ``position_ids`` back from the device; without it they are derived.
+    ``packed_seq_lens`` (the row layout as ``Batch.model_inputs`` passes it: every row's lengths,
+    flat, in a CPU tensor) avoids reading ``position_ids`` back from the device; without it
+    the lengths are derived from them.
     """
     q_len, kv_len = query.shape[2], key.shape[2]
     position_ids = kwargs.get("position_ids")
     if attention_mask is not None or q_len != kv_len or q_len == 1 or position_ids is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    lengths = kwargs.get("packed_seq_lens") or segment_lengths(position_ids.expand(query.shape[0], -1))
+    packed = kwargs.get("packed_seq_lens")
+    if packed is None:
+        packed = segment_lengths(position_ids.expand(query.shape[0], -1))
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
     if implementation == VARLEN_NAME and _uses_varlen(query, dropout, kwargs):
-        return varlen_forward(query, key, value, lengths, scaling), None
+        return varlen_forward(query, key, value, packed, scaling), None
+    lengths = row_lengths(packed, query.shape[0], q_len)
     rows = []
-    for row, row_lengths in enumerate(lengths):
+    for row, sizes in enumerate(lengths):
         # split (not slicing): its backward is one concatenation, not a full-size zero tensor per piece.
         pieces = [
             sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling)[0]
             for q, k, v in zip(
-                query[row : row + 1].split(row_lengths, dim=2),
-                key[row : row + 1].split(row_lengths, dim=2),
-                value[row : row + 1].split(row_lengths, dim=2),
+                query[row : row + 1].split(sizes, dim=2),
+                key[row : row + 1].split(sizes, dim=2),
+                value[row : row + 1].split(sizes, dim=2),
             )
         ]
         rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])

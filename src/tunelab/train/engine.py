@@ -27,7 +27,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import TunelabConfig, dump_config
-from tunelab.data.packing import Batch
+from tunelab.data.packing import Batch, packed_lengths_tensor
 from tunelab.data.tokenize import default_cache_dir, prepare_data
 from tunelab.errors import TrainingError, TunelabError
 from tunelab.models.adapters import (
@@ -131,7 +131,7 @@ def packing_supported(model: PreTrainedModel, device: torch.device) -> bool:
                               backbone(second, use_cache=False).last_hidden_state], dim=1)
         positions = torch.tensor([list(range(6)) + list(range(4))], device=device)
         packed = backbone(
-            torch.cat([first, second], dim=1), position_ids=positions, use_cache=False, packed_seq_lens=[[6, 4]]
+            torch.cat([first, second], dim=1), position_ids=positions, use_cache=False, packed_seq_lens=packed_lengths_tensor([[6, 4]])
         ).last_hidden_state
     model.train(was_training)
     error = (packed.float() - separate.float()).abs().max() / separate.float().abs().max().clamp_min(1e-6)

@@ -18,23 +18,29 @@ from typing import Any
 
 import torch
 
+from tunelab.models.attention import row_lengths
 
-def noise_scale(alpha: float, shape: torch.Size, packed_seq_lens: list[list[int]] | None,
+
+def noise_scale(alpha: float, shape: torch.Size, packed_seq_lens: torch.Tensor | list[list[int]] | None,
                 attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """Per-position noise magnitude ``alpha / sqrt(L * d)``, shape ``(batch, length, 1)``.
 
     Args:
         alpha: the NEFTune alpha.
         shape: the embeddings' shape ``(batch, length, d)``.
-        packed_seq_lens: lengths of the sequences of each packed row (their sum is the row length).
+        packed_seq_lens: the model's ``packed_seq_lens`` kwarg (sequence lengths of the packed rows).
         attention_mask: 1 for real tokens, 0 for padding, for padded batches.
         device: where the result goes.
     """
     batch, length, dim = shape
-    if packed_seq_lens is not None and [sum(row) for row in packed_seq_lens] == [length] * batch:
+    try:
+        packed = row_lengths(packed_seq_lens, batch, length) if packed_seq_lens is not None else None
+    except ValueError:  # not this call's layout
+        packed = None
+    if packed is not None:
         rows = [
             torch.repeat_interleave(alpha / torch.sqrt(torch.tensor(row, dtype=torch.float32) * dim), torch.tensor(row))
-            for row in packed_seq_lens
+            for row in packed
         ]
         return torch.stack(rows).to(device).unsqueeze(-1)
     if attention_mask is not None and tuple(attention_mask.shape) == (batch, length):
