@@ -20,7 +20,7 @@ from conftest import ALPACA_DEMO, make_config
 from tunelab.config import TunelabConfig
 from tunelab.data.packing import collate_packed
 from tunelab.models.adapters import enable_gradient_checkpointing
-from tunelab.train.compile import compile_blocker
+from tunelab.train.speed import compile_blocker
 from tunelab.train.engine import train
 from tunelab.train.objectives.sft import causal_lm_loss
 from tunelab.train.reporting import read_metrics

@@ -225,7 +225,6 @@ def enable_gradient_checkpointing(model: PreTrainedModel | PeftModel, fraction: 
     return len(chosen), len(layers)
 
 
-
 def save_initial_adapter(model: PeftModel, directory: Path) -> None:
     """Save a PiSSA adapter as initialised, before any training step.
 

@@ -33,7 +33,6 @@ from tunelab.errors import TrainingError, TunelabError
 from tunelab.models.adapters import (
     apply_method,
     count_parameters,
-    enable_gradient_checkpointing,
     packing_conflict,
     save_initial_adapter,
     save_pissa_as_lora,
@@ -47,15 +46,14 @@ from tunelab.models.load import (
     resolve_precision,
     stop_token_ids,
 )
-from tunelab.models.attention import VARLEN_NAME, packed_kernel
+from tunelab.models.attention import VARLEN_NAME
 from tunelab.models.quant import is_quantized, weight_memory
 from tunelab.models.tiny import create_tiny_model
 from tunelab.train.batches import MicroBatches, eval_batches
 from tunelab.train.checkpoint import latest_checkpoint, save_model_dir
-from tunelab.train.compile import compile_blocker, compile_decoder_layers
+from tunelab.train.speed import apply_speed_switches
 from tunelab.train.distributed import Parallel, Processes, parallelize, start_processes, stop_processes
 from tunelab.train.objectives import REFERENCE_OBJECTIVES, build_objective
-from tunelab.train.objectives.chunked_loss import chunked_loss_supported
 from tunelab.train.objectives.sft import SFTObjective
 from tunelab.train.reference import attach_reference_logps, frozen_copy
 from tunelab.train.neftune import NEFTune
@@ -130,9 +128,8 @@ def packing_supported(model: PreTrainedModel, device: torch.device) -> bool:
         separate = torch.cat([backbone(first, use_cache=False).last_hidden_state,
                               backbone(second, use_cache=False).last_hidden_state], dim=1)
         positions = torch.tensor([list(range(6)) + list(range(4))], device=device)
-        packed = backbone(
-            torch.cat([first, second], dim=1), position_ids=positions, use_cache=False, packed_seq_lens=packed_lengths_tensor([[6, 4]])
-        ).last_hidden_state
+        packed = backbone(torch.cat([first, second], dim=1), position_ids=positions, use_cache=False,
+                          packed_seq_lens=packed_lengths_tensor([[6, 4]])).last_hidden_state
     model.train(was_training)
     error = (packed.float() - separate.float()).abs().max() / separate.float().abs().max().clamp_min(1e-6)
     return bool(error < 1e-2)
@@ -235,24 +232,8 @@ def train(
     if reward_head and cfg.method.type == "freeze":
         model.score.requires_grad_(True)  # a new head always trains
     objective = build_objective(cfg.train, reference)
-    if isinstance(objective, SFTObjective) and use_chunked_loss(cfg, model, device):
-        objective.chunk_tokens = cfg.train.loss_chunk_tokens
-    if cfg.train.gradient_checkpointing:
-        checkpointed, layers = enable_gradient_checkpointing(model, cfg.train.checkpoint_layers)
-        if checkpointed < layers:
-            console.print(f"[dim]gradient checkpointing: {checkpointed} of {layers} decoder layers[/dim]")
-    if packing and attention == VARLEN_NAME:
-        activations = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, load_dtype)
-        console.print(f"[dim]packed attention: {packed_kernel(device, activations)}[/dim]")
-    if (blocker := compile_blocker(cfg, device)) is None and (compiled := compile_decoder_layers(model)):
-        console.print(f"[dim]compile: {compiled} decoder layers with torch.compile "
-                      "(attention eager; the first steps include compile time)[/dim]")
-    elif blocker is None:
-        console.print(f"[yellow]train.compile off: no stack of decoder layers found in {type(model).__name__}")
-    elif cfg.train.compile == "on":
-        console.print(f"[yellow]train.compile off: {blocker}")
-    else:
-        console.print(f"[dim]train.compile: off ({blocker})[/dim]")
+    activations = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, load_dtype)
+    apply_speed_switches(cfg, model, objective, device, packing and attention == VARLEN_NAME, activations)
     neftune = NEFTune(model, cfg.train.neftune_alpha) if cfg.train.neftune_alpha else None
     params = count_parameters(model)
     console.print(f"model: {type(model).__name__} on {device}, weights {load_dtype}, autocast {precision}; {params}")
@@ -380,21 +361,6 @@ def train(
     stop_processes(processes)
     console.print(f"saved {final_dir}")
     return TrainResult(out, final_dir, total_steps, last_eval, start_eval, model, tokenizer)
-
-
-def use_chunked_loss(cfg: TunelabConfig, model: torch.nn.Module, device: torch.device) -> bool:
-    """Whether SFT computes its loss chunk by chunk (``train.chunked_loss``); says why once when it cannot."""
-    if cfg.train.chunked_loss == "off":
-        return False
-    if cfg.distributed.strategy in ("fsdp", "deepspeed"):
-        reason = f"distributed.strategy {cfg.distributed.strategy} shards the output layer"
-    elif not chunked_loss_supported(model, device):
-        reason = f"{type(model).__name__}'s logits are not its output layer applied to its hidden states"
-    else:
-        console.print(f"[dim]loss: chunked, {cfg.train.loss_chunk_tokens} positions at a time (no full logits)[/dim]")
-        return True
-    console.print(f"[yellow]train.chunked_loss off: {reason}; computing the full logits")
-    return False
 
 
 def autocast_factory(device: torch.device, precision: str) -> Callable[[], Any]:
