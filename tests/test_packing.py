@@ -38,6 +38,30 @@ def test_packed_logits_equal_per_sequence_logits(tiny_model, attention):
     assert relative < 1e-5
 
 
+def test_packed_rows_keep_a_sliding_window(tmp_path):
+    """A sliding-window model (Mistral) attends to the same keys packed as alone, also past its window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=5)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(3, 500, (n,), generator=generator).tolist() for n in (12, 3, 9)]
+    batch = collate_packed([{"input_ids": ids, "labels": ids} for ids in sequences])
+    logits = {}
+    for name in ("sdpa", register_packed_sdpa()):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "mistral", attn_implementation=name).eval()
+        with torch.no_grad():
+            logits[name] = (torch.cat([model(torch.tensor([ids])).logits[0] for ids in sequences]) if name == "sdpa"
+                            else model(**batch.model_inputs()).logits[0])
+    assert torch.allclose(logits["packed_sdpa"], logits["sdpa"], atol=1e-5)
+    model.config.sliding_window = None  # the window matters here: without it the answers differ
+    with torch.no_grad():
+        unwindowed = model(**batch.model_inputs()).logits[0]
+    assert not torch.allclose(unwindowed, logits["sdpa"], atol=1e-3)
+
+
 def test_packed_loss_equals_sum_of_per_sequence_losses(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=register_packed_sdpa()).eval()
     examples = random_examples(6, model.config.vocab_size, seed=1)

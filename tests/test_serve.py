@@ -186,15 +186,20 @@ def test_metrics_and_request_records(served):
     assert row["mean_logprob"] < 0 and row["prompt"] is None  # text only when asked for
 
 
-def test_disconnect_cancels_generation(served):
-    url, engine = served["live"].url, served["engine"]
-    generated_before = engine.stats.generated_tokens
+def stream_and_hang_up(url: str) -> None:
+    """Ask for a 64-token streamed chat answer and disconnect after its first token."""
     body = {"model": "tiny", "messages": QUESTION, "max_tokens": 64, "stream": True, "temperature": 1.0, "seed": 3}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30,
                       headers={"Authorization": f"Bearer {KEY}"}) as response:
         for line in response.iter_lines():
             if line.startswith("data:") and "content" in line:
-                break  # hang up after the first token
+                break
+
+
+def test_disconnect_cancels_generation(served):
+    url, engine = served["live"].url, served["engine"]
+    generated_before = engine.stats.generated_tokens
+    stream_and_hang_up(url)
     metrics = ""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and 'status="499"' not in metrics:

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 from peft import PeftModel
-from test_serve import KEY, QUESTION, LiveServer, error_of, greedy, make_adapter
+from test_serve import KEY, QUESTION, LiveServer, error_of, greedy, make_adapter, stream_and_hang_up
 from transformers import AutoModelForCausalLM
 
 from tunelab.cli import main
@@ -137,12 +137,7 @@ def test_disconnect_aborts_the_vllm_request(served):
     url, fake = served["live"].url, served["fake"]
     fake.step_delay = 0.05
     try:
-        body = {"model": "tiny", "messages": QUESTION, "max_tokens": 64, "stream": True, "temperature": 1.0, "seed": 3}
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30,
-                          headers={"Authorization": f"Bearer {KEY}"}) as response:
-            for line in response.iter_lines():
-                if line.startswith("data:") and "content" in line:
-                    break  # hang up after the first token
+        stream_and_hang_up(url)
         call = fake.calls[-1]
         assert wait_for(lambda: call.request_id in fake.aborted)
         assert len(call.tokens) < 64

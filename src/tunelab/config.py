@@ -316,9 +316,9 @@ class TrainConfig(_Section):
     )
     chunked_loss: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="sft/pretrain: output layer and cross-entropy over loss_chunk_tokens positions at a time, so "
-        "the full logits never exist (same loss and gradients; on a CPU with a 32k vocabulary a step took 0.34x "
-        "the memory and 0.69x the time). auto and on: wherever it can run; it is switched off, with a log line, "
+        description="sft/pretrain/dpo/simpo/orpo/kto: the output layer and the token log-probs over "
+        "loss_chunk_tokens positions at a time, so the full logits never exist (same loss and gradients; on a "
+        "CPU with a 32k vocabulary an SFT step took 0.34x the memory and 0.69x the time). auto and on: wherever it can run; it is switched off, with a log line, "
         "for models whose logits are not their output layer's (checked at start-up), prompt learning and "
         "sharded strategies.",
     )

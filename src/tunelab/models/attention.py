@@ -169,11 +169,13 @@ def packed_attention_forward(
     if implementation == VARLEN_NAME and _uses_varlen(query, dropout, kwargs):
         return varlen_forward(query, key, value, packed, scaling), None
     lengths = row_lengths(packed, query.shape[0], q_len)
+    window = kwargs.get("sliding_window")
     rows = []
     for row, sizes in enumerate(lengths):
         # split (not slicing): its backward is one concatenation, not a full-size zero tensor per piece.
         pieces = [
-            sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling)[0]
+            sdpa_attention_forward(module, q, k, v, sliding_window_mask(q.shape[2], window, q.device),
+                                   dropout=dropout, scaling=scaling)[0]
             for q, k, v in zip(
                 query[row : row + 1].split(sizes, dim=2),
                 key[row : row + 1].split(sizes, dim=2),
@@ -182,6 +184,19 @@ def packed_attention_forward(
         ]
         rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
     return (torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]), None
+
+
+def sliding_window_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Causal mask of one sequence that also hides keys ``window`` or more positions back.
+
+    That is what transformers' sliding-window layers (Mistral, Gemma, ...) attend to. None where
+    plain causal attention is the same: no window, or a sequence no longer than it.
+    """
+    if not window or length <= window:
+        return None
+    positions = torch.arange(length, device=device)
+    distance = positions[:, None] - positions[None, :]
+    return ((distance >= 0) & (distance < window))[None, None]
 
 
 def packed_sdpa_mask(*args, **kwargs) -> torch.Tensor | None:

@@ -20,19 +20,18 @@ from tunelab.models.adapters import decoder_layers, enable_gradient_checkpointin
 from tunelab.models.attention import packed_kernel
 from tunelab.train.objectives.base import Objective
 from tunelab.train.objectives.chunked_loss import chunked_loss_supported
-from tunelab.train.objectives.sft import SFTObjective
 from tunelab.train.reporting import console
 
 
 def apply_speed_switches(cfg: TunelabConfig, model: torch.nn.Module, objective: Objective, device: torch.device,
                          varlen_attention: bool, activations: torch.dtype) -> None:
-    """Apply the chunked loss, gradient checkpointing and compile; log once what the run got and why.
+    """Apply the chunked loss (SFT and the DPO family), checkpointing and compile; log once what the run got.
 
     Args:
         varlen_attention: the model was loaded with ``packed_varlen`` for packed rows.
         activations: the dtype the layers compute in (under autocast, its dtype).
     """
-    if isinstance(objective, SFTObjective) and use_chunked_loss(cfg, model, device):
+    if hasattr(objective, "chunk_tokens") and use_chunked_loss(cfg, model, device):  # LM-head objectives
         objective.chunk_tokens = cfg.train.loss_chunk_tokens
     if cfg.train.gradient_checkpointing:
         checkpointed, layers = enable_gradient_checkpointing(model, cfg.train.checkpoint_layers)

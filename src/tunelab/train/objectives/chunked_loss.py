@@ -48,6 +48,40 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def chunked_token_logps(model: torch.nn.Module, inputs: dict, positions: torch.Tensor | None,
+                        targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Log-prob of each target token, ``chunk_tokens`` positions at a time (no full logits).
+
+    Args:
+        inputs: the model's keyword arguments for the batch.
+        positions: the single packed row's positions to score; None scores ``targets != -100``
+            of every row of a padded batch, in row-major order.
+        targets: the batch's targets (``[rows, width]``).
+
+    Returns:
+        One float32 log-prob per scored position.
+    """
+    decoder, head = _decoder_and_head(model)
+    inputs = {name: value for name, value in inputs.items() if name != "logits_to_keep"}
+    hidden = decoder(**inputs).last_hidden_state
+    if positions is not None:
+        hidden, targets = hidden[0, positions], targets[0, positions]
+    else:
+        keep = targets != IGNORE_INDEX
+        hidden, targets = hidden[keep], targets[keep]
+    if targets.shape[0] <= chunk_tokens:
+        return _chunk_token_logps(head, hidden, targets)
+    return torch.cat([
+        checkpoint(_chunk_token_logps, head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens],
+                   use_reentrant=False)
+        for start in range(0, targets.shape[0], chunk_tokens)
+    ])
+
+
 def chunked_causal_lm_loss(model: torch.nn.Module, batch: Batch, chunk_tokens: int = 4096) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's trained tokens, ``chunk_tokens`` logits at a time."""
     decoder, head = _decoder_and_head(model)

@@ -42,6 +42,7 @@ class KTOObjective:
                  reference: torch.nn.Module | None = None) -> None:
         self.beta, self.reference = beta, reference
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
+        self.chunk_tokens: int | None = None  # set by train.chunked_loss (see SFTObjective)
 
     def window_totals(self, window: Sequence[Batch]) -> dict[str, int]:
         """Records in the window (the loss is their mean)."""
@@ -49,8 +50,9 @@ class KTOObjective:
 
     def loss(self, model: torch.nn.Module, batch: Batch, totals: dict[str, int]) -> tuple[torch.Tensor, Metrics]:
         """This batch's share of the window's loss, and reward/KL metrics."""
-        policy, policy_mismatched = first_and_second(sequence_logps(model, batch)[0])
-        reference, reference_mismatched = first_and_second(reference_logps(model, self.reference, batch))
+        policy, policy_mismatched = first_and_second(sequence_logps(model, batch, self.chunk_tokens)[0])
+        reference, reference_mismatched = first_and_second(
+            reference_logps(model, self.reference, batch, self.chunk_tokens))
         kl = kl_estimate(policy_mismatched, reference_mismatched)
         desirable = batch.pair_labels
         losses = kto_losses(policy, reference, kl, desirable, self.beta, self.desirable_weight, self.undesirable_weight)

@@ -88,6 +88,7 @@ class PreferenceObjective:
                  gamma: float = 0.5, reference: torch.nn.Module | None = None) -> None:
         self.kind, self.beta, self.loss_type = kind, beta, loss_type
         self.label_smoothing, self.gamma, self.reference = label_smoothing, gamma, reference
+        self.chunk_tokens: int | None = None  # set by train.chunked_loss (see SFTObjective)
 
     @property
     def needs_reference(self) -> bool:
@@ -103,11 +104,11 @@ class PreferenceObjective:
 
     def loss(self, model: torch.nn.Module, batch: Batch, totals: dict[str, int]) -> tuple[torch.Tensor, Metrics]:
         """This batch's share of the window's loss, and metric sums over its pairs."""
-        logps, counts = sequence_logps(model, batch)
+        logps, counts = sequence_logps(model, batch, self.chunk_tokens)
         pc, pr = first_and_second(logps)
         nc, nr = first_and_second(counts)
         if self.kind == "dpo":
-            rc, rr = first_and_second(reference_logps(model, self.reference, batch))
+            rc, rr = first_and_second(reference_logps(model, self.reference, batch, self.chunk_tokens))
             losses = dpo_losses(pc, pr, rc, rr, nc, nr, self.beta, self.loss_type, self.label_smoothing)
             chosen_rewards, rejected_rewards = self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()
             return losses.sum() / totals["units"], pair_metrics(chosen_rewards, rejected_rewards, pc, pr)

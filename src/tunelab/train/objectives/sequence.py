@@ -13,6 +13,7 @@ from peft import PeftModel
 
 from tunelab.data.packing import Batch
 from tunelab.data.templates import IGNORE_INDEX
+from tunelab.train.objectives.chunked_loss import chunked_token_logps
 
 
 def sequence_index(batch: Batch) -> torch.Tensor:
@@ -21,8 +22,13 @@ def sequence_index(batch: Batch) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
 
 
-def sequence_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: torch.nn.Module, batch: Batch,
+                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of each sequence's labelled tokens, and how many tokens that is.
+
+    ``chunk_tokens``: run the output layer over that many labelled positions at a time
+    (:func:`~tunelab.train.objectives.chunked_loss.chunked_token_logps`), so the logits of the
+    whole batch never exist; None: all at once.
 
     Returns:
         ``(logps, counts)``, both ``[num_sequences]``; logps in float32.
@@ -31,24 +37,35 @@ def sequence_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, 
     count = batch.num_sequences
     if batch.trained_positions is not None:  # one packed row
         positions = batch.trained_positions
-        inputs["logits_to_keep"] = positions
-        logits = model(**inputs).logits[0]
-        token_logps = -F.cross_entropy(logits.float(), targets[0, positions], reduction="none")
+        if chunk_tokens:
+            token_logps = chunked_token_logps(model, inputs, positions, targets, chunk_tokens)
+        else:
+            inputs["logits_to_keep"] = positions
+            logits = model(**inputs).logits[0]
+            token_logps = -F.cross_entropy(logits.float(), targets[0, positions], reduction="none")
         owner = sequence_index(batch)[positions]
         # Summed in float64: index_add adds a ~1,000-token sequence one term at a time, and float32 drifted
         # by ~1e-6 relative (1e-4 in a DPO loss) where a tree-reduced .sum() does not.
-        logps = torch.zeros(count, device=logits.device, dtype=torch.float64).index_add(
+        logps = torch.zeros(count, device=token_logps.device, dtype=torch.float64).index_add(
             0, owner, token_logps.double()).float()
         counts = torch.bincount(owner, minlength=count)
+        return logps, counts
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
+    if chunk_tokens:
+        token_logps = chunked_token_logps(model, inputs, None, targets, chunk_tokens)
+        owner = torch.repeat_interleave(torch.arange(targets.shape[0], device=targets.device), counts)
+        logps = torch.zeros(count, device=token_logps.device, dtype=torch.float64).index_add(
+            0, owner, token_logps.double()).float()
         return logps, counts
     logits = model(**inputs).logits
     token_logps = -F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(targets.shape)
-    return token_logps.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+    return token_logps.sum(dim=1), counts
 
 
-def reference_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch: Batch) -> torch.Tensor:
+def reference_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch: Batch,
+                    chunk_tokens: int | None = None) -> torch.Tensor:
     """Log-probs of each sequence under the reference model, without gradient.
 
     Precomputed values travel with the batch. Otherwise the reference is the frozen copy when
@@ -59,11 +76,11 @@ def reference_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, 
         return batch.reference_logps
     with torch.no_grad():
         if reference is not None:
-            return sequence_logps(reference, batch)[0]
+            return sequence_logps(reference, batch, chunk_tokens)[0]
         if not isinstance(policy, PeftModel):
             raise RuntimeError("a reference model is needed: the policy has no adapters to switch off")
         with policy.disable_adapter():
-            return sequence_logps(policy, batch)[0]
+            return sequence_logps(policy, batch, chunk_tokens)[0]
 
 
 def first_and_second(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
