@@ -27,18 +27,21 @@ from tunelab.train.reporting import read_metrics
 
 
 def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=None, enable_gqa=False, **causal):
-    """What PyTorch's varlen_attn computes (causal form), written with SDPA one segment at a time."""
-    assert causal in ({"is_causal": True}, {"window_size": (-1, 0)})
+    """What PyTorch's varlen_attn computes (causal, optionally with a left window), with SDPA one segment at a time."""
+    left = causal.get("window_size", (-1, 0))[0]
+    assert causal == {"is_causal": True} or causal["window_size"][1] == 0
     assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and max_q == max_k
     assert max_q == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
     if key.shape[1] != query.shape[1]:
         assert enable_gqa, "fewer key heads than query heads need enable_gqa (or repeated heads)"
     starts = cu_seq_q.tolist()
-    pieces = [
-        F.scaled_dot_product_attention(query[a:b].transpose(0, 1), key[a:b].transpose(0, 1), value[a:b].transpose(0, 1),
-                                       is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
-        for a, b in zip(starts, starts[1:])
-    ]
+    pieces = []
+    for a, b in zip(starts, starts[1:]):
+        distance = torch.arange(b - a)[:, None] - torch.arange(b - a)[None, :]
+        mask = (distance >= 0) & ((distance <= left) if left >= 0 else True)  # a query sees `left` keys back
+        pieces.append(F.scaled_dot_product_attention(
+            query[a:b].transpose(0, 1), key[a:b].transpose(0, 1), value[a:b].transpose(0, 1), attn_mask=mask,
+            scale=scale, enable_gqa=enable_gqa).transpose(0, 1))
     return torch.cat(pieces)
 
 
@@ -111,6 +114,31 @@ def test_packed_varlen_model_equals_separate_sequences_with_one_kernel_call_per_
     layers = model.config.num_hidden_layers
     assert calls[:layers] == [[0, 7, 19, 22]] * layers  # the packed row: one call per layer
     assert calls[layers:] == [[0, 7]] * layers + [[0, 12]] * layers + [[0, 3]] * layers  # each alone: one segment
+
+
+@pytest.mark.parametrize("signature", [varlen_attn_2_10, varlen_attn_2_11], ids=["torch-2.10", "torch-2.11+"])
+def test_sliding_window_models_pack_with_the_varlen_kernel_where_it_has_windows(tmp_path, fake_varlen, monkeypatch,
+                                                                                signature):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    calls = fake_varlen(signature)
+    monkeypatch.setattr(attention, "_on_half_precision_gpu", lambda query: True)  # as on a GPU in bf16
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=5)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(3, 500, (n,), generator=generator).tolist() for n in (12, 3, 9)]
+    batch = collate_packed([{"input_ids": ids, "labels": ids} for ids in sequences])
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "mistral", attn_implementation="sdpa").eval()
+        separate = torch.cat([model(torch.tensor([ids])).logits[0] for ids in sequences])
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "mistral",
+                                                     attn_implementation=attention.register_packed_sdpa(True)).eval()
+        packed = model(**batch.model_inputs()).logits[0]
+    assert torch.allclose(packed, separate, atol=1e-5)
+    # 2.11+ takes the window (window_size=(4, 0)); 2.10 cannot, so the per-sequence path serves it.
+    assert calls == ([[0, 12, 15, 24]] * 2 if signature is varlen_attn_2_11 else [])
 
 
 def test_packed_sdpa_never_takes_the_varlen_path(tiny_model, fake_varlen, monkeypatch):

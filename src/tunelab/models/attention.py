@@ -58,27 +58,33 @@ def row_lengths(packed: torch.Tensor | list[list[int]], rows: int, width: int) -
     return out
 
 
-VarlenKernel = Callable[..., torch.Tensor]  # (q, k, v, cu_seqlens, max_len, scale) -> out, all (tokens, heads, dim)
+VarlenKernel = Callable[..., torch.Tensor]  # (q, k, v, cu_seqlens, max_len, scale, window) -> (tokens, heads, dim)
 
 
 @lru_cache(maxsize=1)
 def varlen_kernel() -> VarlenKernel | None:
     """PyTorch's causal variable-length flash attention, adapted to one calling convention; None if absent.
 
-    PyTorch 2.10 spells causal ``is_causal=True``; later versions ``window_size=(-1, 0)`` and take
-    ``enable_gqa`` (without it, key/value heads are repeated here for grouped-query attention).
+    PyTorch 2.10 spells causal ``is_causal=True``; later versions ``window_size=(-1, 0)`` (which
+    also serves sliding windows: ``kernel.takes_window``) and take ``enable_gqa`` (without it,
+    key/value heads are repeated here for grouped-query attention).
     """
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     parameters = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+    takes_window = "window_size" in parameters
     native_gqa, takes_scale = "enable_gqa" in parameters, "scale" in parameters
 
     def kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
-               max_len: int, scale: float | None) -> torch.Tensor:
-        extra: dict = {}
+               max_len: int, scale: float | None, window: int | None = None) -> torch.Tensor:
+        if takes_window:  # (left, right): a query sees `left` keys back (window - 1: as transformers' windows)
+            extra: dict = {"window_size": (window - 1 if window else -1, 0)}
+        elif window:
+            raise ValueError("this PyTorch's varlen_attn has no sliding window")
+        else:
+            extra = {"is_causal": True}
         if key.shape[1] != query.shape[1]:
             if native_gqa:
                 extra["enable_gqa"] = True
@@ -89,8 +95,9 @@ def varlen_kernel() -> VarlenKernel | None:
             extra["scale"] = scale
         elif scale is not None:  # the kernel scales by 1/sqrt(dim): fold the difference into the queries
             query = query * (scale * query.shape[-1] ** 0.5)
-        return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_len, max_len, **causal, **extra)
+        return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_len, max_len, **extra)
 
+    kernel.takes_window = takes_window  # type: ignore[attr-defined]
     return kernel
 
 
@@ -103,9 +110,14 @@ def packed_kernel(device: torch.device, dtype: torch.dtype) -> str:
     return f"per-sequence SDPA (the varlen kernel is off: {reason})"
 
 
+def _on_half_precision_gpu(query: torch.Tensor) -> bool:
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+
+
 def _uses_varlen(query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
-    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
-            and not kwargs.get("sliding_window") and varlen_kernel() is not None)
+    kernel = varlen_kernel()
+    return (_on_half_precision_gpu(query) and not dropout and kernel is not None
+            and (not kwargs.get("sliding_window") or kernel.takes_window))
 
 
 _cu_seqlens_cache: list = [None, None, 0]  # [lengths object, cu_seqlens tensor, max length]: one per forward
@@ -126,16 +138,17 @@ def _cu_seqlens(lengths: torch.Tensor | list[list[int]], device: torch.device) -
 
 def varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    lengths: torch.Tensor | list[list[int]], scaling: float | None,
-                   kernel: VarlenKernel | None = None) -> torch.Tensor:
+                   kernel: VarlenKernel | None = None, window: int | None = None) -> torch.Tensor:
     """Causal attention within each packed sequence of every row, in one kernel call.
 
     Takes transformers' (batch, heads, tokens, dim) layout and returns (batch, tokens, heads, dim),
-    as transformers' attention functions do. ``kernel``: the varlen kernel (default: PyTorch's).
+    as transformers' attention functions do. ``kernel``: the varlen kernel (default: PyTorch's);
+    ``window``: the model's sliding window, if any.
     """
     batch, heads, tokens, dim = query.shape
     flat = lambda t: t.transpose(1, 2).reshape(batch * tokens, t.shape[1], dim)  # noqa: E731
     cu_seqlens, max_len = _cu_seqlens(lengths, query.device)
-    out = (kernel or varlen_kernel())(flat(query), flat(key), flat(value), cu_seqlens, max_len, scaling)
+    out = (kernel or varlen_kernel())(flat(query), flat(key), flat(value), cu_seqlens, max_len, scaling, window)
     return out.view(batch, tokens, heads, dim)
 
 
@@ -167,7 +180,7 @@ def packed_attention_forward(
         packed = segment_lengths(position_ids.expand(query.shape[0], -1))
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
     if implementation == VARLEN_NAME and _uses_varlen(query, dropout, kwargs):
-        return varlen_forward(query, key, value, packed, scaling), None
+        return varlen_forward(query, key, value, packed, scaling, window=kwargs.get("sliding_window")), None
     lengths = row_lengths(packed, query.shape[0], q_len)
     window = kwargs.get("sliding_window")
     rows = []
