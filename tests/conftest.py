@@ -36,6 +36,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Mistral with a sliding window of 5 tokens (no tokenizer: tests feed token ids)."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=5)
+    path = tmp_path_factory.mktemp("models") / "mistral"
+    MistralForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model: Path):
     """The tiny model's tokenizer."""
     from tunelab.models.load import load_tokenizer

@@ -38,20 +38,14 @@ def test_packed_logits_equal_per_sequence_logits(tiny_model, attention):
     assert relative < 1e-5
 
 
-def test_packed_rows_keep_a_sliding_window(tmp_path):
+def test_packed_rows_keep_a_sliding_window(tiny_mistral):
     """A sliding-window model (Mistral) attends to the same keys packed as alone, also past its window."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=5)
-    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
     generator = torch.Generator().manual_seed(0)
     sequences = [torch.randint(3, 500, (n,), generator=generator).tolist() for n in (12, 3, 9)]
     batch = collate_packed([{"input_ids": ids, "labels": ids} for ids in sequences])
     logits = {}
     for name in ("sdpa", register_packed_sdpa()):
-        model = AutoModelForCausalLM.from_pretrained(tmp_path / "mistral", attn_implementation=name).eval()
+        model = AutoModelForCausalLM.from_pretrained(tiny_mistral, attn_implementation=name).eval()
         with torch.no_grad():
             logits[name] = (torch.cat([model(torch.tensor([ids])).logits[0] for ids in sequences]) if name == "sdpa"
                             else model(**batch.model_inputs()).logits[0])

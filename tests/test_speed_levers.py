@@ -117,23 +117,17 @@ def test_packed_varlen_model_equals_separate_sequences_with_one_kernel_call_per_
 
 
 @pytest.mark.parametrize("signature", [varlen_attn_2_10, varlen_attn_2_11], ids=["torch-2.10", "torch-2.11+"])
-def test_sliding_window_models_pack_with_the_varlen_kernel_where_it_has_windows(tmp_path, fake_varlen, monkeypatch,
-                                                                                signature):
-    from transformers import MistralConfig, MistralForCausalLM
-
+def test_sliding_window_models_pack_with_the_varlen_kernel_where_it_has_windows(tiny_mistral, fake_varlen,
+                                                                                monkeypatch, signature):
     calls = fake_varlen(signature)
     monkeypatch.setattr(attention, "_on_half_precision_gpu", lambda query: True)  # as on a GPU in bf16
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=5)
-    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
     generator = torch.Generator().manual_seed(0)
     sequences = [torch.randint(3, 500, (n,), generator=generator).tolist() for n in (12, 3, 9)]
     batch = collate_packed([{"input_ids": ids, "labels": ids} for ids in sequences])
     with torch.no_grad():
-        model = AutoModelForCausalLM.from_pretrained(tmp_path / "mistral", attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_pretrained(tiny_mistral, attn_implementation="sdpa").eval()
         separate = torch.cat([model(torch.tensor([ids])).logits[0] for ids in sequences])
-        model = AutoModelForCausalLM.from_pretrained(tmp_path / "mistral",
+        model = AutoModelForCausalLM.from_pretrained(tiny_mistral,
                                                      attn_implementation=attention.register_packed_sdpa(True)).eval()
         packed = model(**batch.model_inputs()).logits[0]
     assert torch.allclose(packed, separate, atol=1e-5)
