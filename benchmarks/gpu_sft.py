@@ -157,9 +157,7 @@ def build_model(bench: Bench) -> Path:
         del model
         if bench.on_gpu:
             torch.cuda.empty_cache()
-    from transformers import AutoModelForCausalLM as Loader
-
-    model = Loader.from_pretrained(path, device_map="meta")
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="meta")
     bench.params = sum(p.numel() for p in model.parameters())
     return path
 

@@ -45,10 +45,11 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from sft_throughput import versions  # noqa: E402
 METHODS = {
     "full": {"type": "full"},
     "freeze (last 2 layers)": {"type": "freeze", "trainable_layers": 2},
@@ -187,17 +188,6 @@ def build_model(path: Path, args: argparse.Namespace) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def versions() -> str:
-    """Versions of Python and the packages that decide the numbers."""
-    found = [f"python {platform.python_version()}"]
-    for name in PACKAGES:
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{name} (not installed)")
-    return ", ".join(found)
-
-
 def mib(value: int) -> str:
     return f"{value / 2**20:,.0f}"
 
@@ -284,7 +274,7 @@ def main() -> int:
         "",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores; device {args.device}",
         f"- command: `python benchmarks/memory_by_method.py {' '.join(sys.argv[1:])}`",
-        f"- versions: {versions()}",
+        f"- versions: {versions(PACKAGES)}",
         f"- model: random Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV "
         f"heads, MLP {args.intermediate}, vocab {args.vocab}, untied head: {params:,} parameters",
         f"- batch: {args.batch} x {args.seq_len} tokens, every token trained; AdamW; {args.steps} steps; "

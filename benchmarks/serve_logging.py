@@ -30,39 +30,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serve_throughput import free_port, percentile  # noqa: E402
-
-
-def start_server(model_dir: Path, db: Path | None) -> tuple[subprocess.Popen, str]:
-    """``tunelab serve`` with the store at ``db`` (None: --no-monitor); returns it and its URL."""
-    import httpx
-
-    port = free_port()
-    monitor = ["--monitor-db", str(db), "--record-text"] if db else ["--no-monitor"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tunelab", "serve", "--model", str(model_dir), "--port", str(port), "--name", "bench",
-         "--max-batch-size", "8", "--max-queue", "256", "--timeout", "600", *monitor],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not start in 120 s")
+from serve_throughput import percentile, start_server  # noqa: E402
 
 
 def run_round(model_dir: Path, db: Path | None, requests: int, clients: int, max_tokens: int) -> dict:
     """One round of load; the server is stopped (SIGINT, as Ctrl-C) so that the store flushes."""
     import openai
 
-    process, url = start_server(model_dir, db)
+    monitor = ["--monitor-db", str(db), "--record-text"] if db else ["--no-monitor"]
+    process, url = start_server(model_dir, "--max-batch-size", "8", *monitor)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
     latencies: list[float] = []
     errors: list[str] = []

@@ -40,15 +40,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model_dir: Path, batch_size: int, max_tokens: int) -> tuple[subprocess.Popen, str]:
-    """``tunelab serve`` in its own process (as in production); returns it and its base URL."""
+def start_server(model_dir: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """``tunelab serve`` in its own process (as in production) with extra ``options``; returns it and its base URL."""
     import httpx
 
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "tunelab", "serve", "--model", str(model_dir), "--port", str(port), "--name", "bench",
-         "--max-batch-size", str(batch_size), "--max-queue", "256", "--timeout", "600",
-         "--max-tokens-limit", str(max_tokens), "--request-log", str(model_dir / f"requests-{batch_size}.jsonl")],
+         "--max-queue", "256", "--timeout", "600", *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -70,7 +69,8 @@ def run_load(model_dir: Path, batch_size: int, requests: int, clients: int, max_
     import httpx
     import openai
 
-    process, url = start_server(model_dir, batch_size, max_tokens)
+    process, url = start_server(model_dir, "--max-batch-size", str(batch_size), "--max-tokens-limit", str(max_tokens),
+                                "--request-log", str(model_dir / f"requests-{batch_size}.jsonl"))
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
     latencies: list[float] = []
     completion_tokens: list[int] = []

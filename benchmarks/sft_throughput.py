@@ -283,10 +283,10 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def versions() -> str:
+def versions(packages: tuple[str, ...] = PACKAGES) -> str:
     """Versions of Python and the packages that decide the numbers."""
     found = [f"python {platform.python_version()}"]
-    for name in PACKAGES:
+    for name in packages:
         try:
             found.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,6 +56,21 @@ def tokenizer(tiny_model: Path):
     from tunelab.models.load import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
+
+
+@pytest.fixture
+def server():
+    """A scripted OpenAI-compatible server on 127.0.0.1 (tests/scripted_openai.py), closed afterwards."""
+    from scripted_openai import ScriptedServer
+
+    scripted = ScriptedServer()
+    yield scripted
+    scripted.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def make_config(tmp_path: Path, model: Path, data_file: Any, **sections: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, read_jsonl
 from scripted_openai import ScriptedServer, user_text
 
 from tunelab.cli import main
@@ -25,17 +25,6 @@ from tunelab.generation.backends import Sampling
 MULTI30K = SHARED_DATA / "translation" / "multi30k"
 GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 FIRST_WORD_SWAP = {"A": "One", "Two": "2", "The": "This", "An": "One"}
-
-
-@pytest.fixture
-def server():
-    scripted = ScriptedServer()
-    yield scripted
-    scripted.close()
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def without_created(rows: list[dict]) -> list[dict]:

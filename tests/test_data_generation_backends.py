@@ -19,13 +19,6 @@ from tunelab.generation.backends import BackendError, HFBackend, OpenAIBackend, 
 from tunelab.generation.runner import GarbageReply, Generator
 
 
-@pytest.fixture
-def server():
-    scripted = ScriptedServer()
-    yield scripted
-    scripted.close()
-
-
 def prompts(n: int, tag: str = "item") -> list[list[dict]]:
     return [[{"role": "user", "content": f"{tag} {k}"}] for k in range(n)]
 

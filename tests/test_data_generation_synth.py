@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, read_jsonl
 from rouge_score import rouge_scorer
 from scripted_openai import ScriptedServer, user_text
 
@@ -37,17 +37,6 @@ from tunelab.generation.runner import GarbageReply
 SEEDS = SHARED_DATA / "self_instruct" / "seed_tasks.jsonl"
 DIALOGSUM = SHARED_DATA / "summarization" / "dialogsum" / "dialogsum.dev.jsonl"
 GSM8K_TRAIN = SHARED_DATA / "gsm8k" / "train.jsonl"
-
-
-@pytest.fixture
-def server():
-    scripted = ScriptedServer()
-    yield scripted
-    scripted.close()
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def digest(text: str) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ALPACA_DEMO, SHARED_DATA, run_cli
+from conftest import ALPACA_DEMO, SHARED_DATA, read_jsonl, run_cli
 from tunelab.cli import main
 from tunelab.config import EvalConfig
 from tunelab.data.builders import build_files, load_template_library
@@ -27,10 +27,6 @@ GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 DIALOGSUM = SHARED_DATA / "summarization" / "dialogsum" / "dialogsum.dev.jsonl"
 MULTI30K = SHARED_DATA / "translation" / "multi30k"
 SEED_TASKS = SHARED_DATA / "self_instruct" / "seed_tasks.jsonl"
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def without_provenance(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import ALPACA_DEMO, SHARED_DATA
+from conftest import ALPACA_DEMO, SHARED_DATA, read_jsonl
 from tunelab.cli import main
 from tunelab.data.convert import read_canonical
 from tunelab.data.quality import (
@@ -35,10 +35,6 @@ HH_RLHF = SHARED_DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"
 DIALOGSUM = SHARED_DATA / "summarization" / "dialogsum" / "dialogsum.dev.jsonl"
 MULTI30K = SHARED_DATA / "translation" / "multi30k"
 FILLER = "apple river quickly green seven under window music planet silver".split()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:

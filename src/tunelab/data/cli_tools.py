@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import TunelabError
 
@@ -38,15 +39,20 @@ def _rejects_note(path: Path | None) -> None:
         print(f"rejected records and why: {path}")
 
 
+def _print_written(result: Any, records: str, read: str) -> None:
+    """What a convert/build/cot job wrote (and, in brackets, ``read``), what it skipped and where its rejects went."""
+    print(f"wrote {result.written:,} {records} records to {result.out} ({read})")
+    if result.report.skipped:
+        print(result.report.summary())
+    _rejects_note(result.rejects_path)
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from tunelab.data.convert import convert_files
 
     result = convert_files(args.inputs, args.out, args.kind, args.format, args.text_field, args.system,
                            args.on_error, args.rejects)
-    print(f"wrote {result.written:,} {result.kind} records to {result.out} ({result.report.read:,} read)")
-    if result.report.skipped:
-        print(result.report.summary())
-    _rejects_note(result.rejects_path)
+    _print_written(result, result.kind, f"{result.report.read:,} read")
     return 0
 
 
@@ -71,11 +77,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         system="" if args.no_system else args.system, limit=args.limit, num_proc=args.num_proc,
         use_cache=not args.no_cache, rejects_path=args.rejects,
     )
-    print(f"wrote {result.written:,} {args.task} instruction records to {result.out} "
-          f"(from {result.report.read:,} raw records)")
-    if result.report.skipped:
-        print(result.report.summary())
-    _rejects_note(result.rejects_path)
+    _print_written(result, f"{args.task} instruction", f"from {result.report.read:,} raw records")
     return 0
 
 
@@ -87,11 +89,7 @@ def _cmd_cot(args: argparse.Namespace) -> int:
                          kind=args.kind)
     result = cot_files(args.inputs, args.out, options, limit=args.limit, num_proc=args.num_proc,
                        use_cache=not args.no_cache, rejects_path=args.rejects)
-    print(f"wrote {result.written:,} chain-of-thought {args.kind} records to {result.out} "
-          f"({result.report.read:,} problems read)")
-    if result.report.skipped:
-        print(result.report.summary())
-    _rejects_note(result.rejects_path)
+    _print_written(result, f"chain-of-thought {args.kind}", f"{result.report.read:,} problems read")
     return 0
 
 

@@ -49,8 +49,10 @@ def row_lengths(packed: torch.Tensor | list[list[int]], rows: int, width: int) -
         flat, out, index = packed.tolist(), [], 0
         for _ in range(rows):
             row: list[int] = []
-            while sum(row) < width and index < len(flat):
+            filled = 0
+            while filled < width and index < len(flat):
                 row.append(flat[index])
+                filled += flat[index]
                 index += 1
             out.append(row)
     if len(out) != rows or any(sum(row) != width for row in out):

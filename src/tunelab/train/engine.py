@@ -338,9 +338,9 @@ def train(
                 })
                 log_loss, log_tokens, log_units, log_start = 0.0, 0, 0, now
                 log_metrics = {}
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total_steps:
+            if due_before_end(cfg.train.eval_every, done, total_steps):
                 last_eval = run_evaluation(done)
-            if cfg.train.save_every and done % cfg.train.save_every == 0 and done != total_steps:
+            if due_before_end(cfg.train.save_every, done, total_steps):
                 checkpoint_now(done)
         if total_steps > start_step or not last_eval:
             last_eval = run_evaluation(total_steps)
@@ -361,6 +361,11 @@ def train(
     stop_processes(processes)
     console.print(f"saved {final_dir}")
     return TrainResult(out, final_dir, total_steps, last_eval, start_eval, model, tokenizer)
+
+
+def due_before_end(every: int, done: int, total: int) -> bool:
+    """Whether an every-N-steps action (evaluation, checkpoint) falls on step ``done``; the last step has its own."""
+    return bool(every) and done % every == 0 and done != total
 
 
 def autocast_factory(device: torch.device, precision: str) -> Callable[[], Any]:

@@ -44,10 +44,6 @@ def chunked_loss_supported(model: torch.nn.Module, device: torch.device) -> bool
     return logits.shape == direct.shape and bool(torch.allclose(logits, direct, rtol=1e-4, atol=1e-4))
 
 
-def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-
-
 def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
@@ -66,7 +62,6 @@ def chunked_token_logps(model: torch.nn.Module, inputs: dict, positions: torch.T
         One float32 log-prob per scored position.
     """
     decoder, head = _decoder_and_head(model)
-    inputs = {name: value for name, value in inputs.items() if name != "logits_to_keep"}
     hidden = decoder(**inputs).last_hidden_state
     if positions is not None:
         hidden, targets = hidden[0, positions], targets[0, positions]
@@ -74,6 +69,8 @@ def chunked_token_logps(model: torch.nn.Module, inputs: dict, positions: torch.T
         keep = targets != IGNORE_INDEX
         hidden, targets = hidden[keep], targets[keep]
     if targets.shape[0] <= chunk_tokens:
+        # One chunk: recomputing it in backward would save nothing (its backward comes first) and
+        # cost a second pass through the output layer.
         return _chunk_token_logps(head, hidden, targets)
     return torch.cat([
         checkpoint(_chunk_token_logps, head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens],
@@ -84,19 +81,5 @@ def chunked_token_logps(model: torch.nn.Module, inputs: dict, positions: torch.T
 
 def chunked_causal_lm_loss(model: torch.nn.Module, batch: Batch, chunk_tokens: int = 4096) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's trained tokens, ``chunk_tokens`` logits at a time."""
-    decoder, head = _decoder_and_head(model)
-    hidden = decoder(**batch.model_inputs()).last_hidden_state
-    if batch.trained_positions is not None:  # one packed row
-        hidden, targets = hidden[0, batch.trained_positions], batch.targets[0, batch.trained_positions]
-    else:
-        keep = batch.targets != IGNORE_INDEX
-        hidden, targets = hidden[keep], batch.targets[keep]
-    if targets.shape[0] <= chunk_tokens:
-        # One chunk: recomputing it in backward would save nothing (its backward comes first) and
-        # cost a second pass through the output layer.
-        return _chunk_loss(head, hidden, targets)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.shape[0], chunk_tokens):
-        piece = slice(start, start + chunk_tokens)
-        total = total + checkpoint(_chunk_loss, head, hidden[piece], targets[piece], use_reentrant=False)
-    return total
+    return -chunked_token_logps(model, batch.model_inputs(), batch.trained_positions, batch.targets,
+                                chunk_tokens).sum()

@@ -34,7 +34,6 @@ def sequence_logps(model: torch.nn.Module, batch: Batch,
         ``(logps, counts)``, both ``[num_sequences]``; logps in float32.
     """
     inputs, targets = batch.model_inputs(), batch.targets
-    count = batch.num_sequences
     if batch.trained_positions is not None:  # one packed row
         positions = batch.trained_positions
         if chunk_tokens:
@@ -44,24 +43,23 @@ def sequence_logps(model: torch.nn.Module, batch: Batch,
             logits = model(**inputs).logits[0]
             token_logps = -F.cross_entropy(logits.float(), targets[0, positions], reduction="none")
         owner = sequence_index(batch)[positions]
-        # Summed in float64: index_add adds a ~1,000-token sequence one term at a time, and float32 drifted
-        # by ~1e-6 relative (1e-4 in a DPO loss) where a tree-reduced .sum() does not.
-        logps = torch.zeros(count, device=token_logps.device, dtype=torch.float64).index_add(
-            0, owner, token_logps.double()).float()
-        counts = torch.bincount(owner, minlength=count)
-        return logps, counts
-    counts = (targets != IGNORE_INDEX).sum(dim=1)
-    if chunk_tokens:
-        token_logps = chunked_token_logps(model, inputs, None, targets, chunk_tokens)
-        owner = torch.repeat_interleave(torch.arange(targets.shape[0], device=targets.device), counts)
-        logps = torch.zeros(count, device=token_logps.device, dtype=torch.float64).index_add(
-            0, owner, token_logps.double()).float()
-        return logps, counts
-    logits = model(**inputs).logits
-    token_logps = -F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(targets.shape)
-    return token_logps.sum(dim=1), counts
+    elif chunk_tokens:
+        token_logps = chunked_token_logps(model, inputs, None, targets, chunk_tokens)  # row-major labelled positions
+        rows = torch.arange(targets.shape[0], device=targets.device)
+        owner = torch.repeat_interleave(rows, (targets != IGNORE_INDEX).sum(dim=1))
+    else:
+        logits = model(**inputs).logits
+        token_logps = -F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view(targets.shape)
+        return token_logps.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+    # Summed in float64: index_add adds a ~1,000-token sequence one term at a time, and float32 drifted
+    # by ~1e-6 relative (1e-4 in a DPO loss) where a tree-reduced .sum() does not.
+    count = batch.num_sequences
+    logps = torch.zeros(count, device=token_logps.device, dtype=torch.float64).index_add(
+        0, owner, token_logps.double()).float()
+    return logps, torch.bincount(owner, minlength=count)
 
 
 def reference_logps(policy: torch.nn.Module, reference: torch.nn.Module | None, batch: Batch,

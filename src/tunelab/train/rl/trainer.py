@@ -43,6 +43,7 @@ from tunelab.train.engine import (
     Evaluator,
     TrainResult,
     autocast_factory,
+    due_before_end,
     ensure_tiny_model,
     prepare_output_dir,
     save_final,
@@ -437,9 +438,9 @@ def train_online(config: TunelabConfig, resume: bool = False, overwrite: bool = 
                     "step_s": round(time.perf_counter() - step_start, 3),
                     "elapsed_s": round(state["elapsed"] + time.perf_counter() - window_start, 2),
                 })
-            if t.eval_every and done % t.eval_every == 0 and done != total_steps:
+            if due_before_end(t.eval_every, done, total_steps):
                 last_eval = run_evaluation(done)
-            if t.save_every and done % t.save_every == 0 and done != total_steps:
+            if due_before_end(t.save_every, done, total_steps):
                 checkpoint_now(done)
         if total_steps > start_step or not last_eval:
             last_eval = run_evaluation(total_steps)
