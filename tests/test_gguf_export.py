@@ -345,7 +345,7 @@ def test_each_pre_tokenizer_preset_is_detected_and_reproduces_hf_tokenization(pr
 
 
 def test_verify_catches_a_missing_permutation(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.setattr(gguf_export.writer, "permute_qk", lambda weights, n_head: weights)
+    monkeypatch.setattr(gguf_export.tensors, "permute_qk", lambda weights, n_head: weights)
     path = export_gguf(tiny_model, tmp_path / "unpermuted.gguf", outtype="f32")
     monkeypatch.undo()
     with pytest.raises(TunelabError, match=r"blk\.0\.attn_q\.weight differs"):

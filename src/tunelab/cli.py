@@ -69,6 +69,7 @@ def _cmd_models_tiny(args: argparse.Namespace) -> int:
     out = create_tiny_model(
         args.out_dir, arch=args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
         kv_heads=args.kv_heads, vocab=args.vocab, tokenizer_corpus=args.tokenizer_corpus, seed=args.seed,
+        head_dim=args.head_dim, sliding_window=args.sliding_window,
     )
     print(f"wrote a tiny {args.arch} model to {out}")
     return 0
@@ -341,12 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     models_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     tiny = models_commands.add_parser("tiny", help="write a tiny random model with a real tokenizer (offline)")
     tiny.add_argument("out_dir")
-    tiny.add_argument("--arch", default="llama")
+    tiny.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "gemma3"])
     tiny.add_argument("--hidden", type=int, default=64)
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--heads", type=int, default=4)
     tiny.add_argument("--kv-heads", type=int, default=None)
     tiny.add_argument("--vocab", type=int, default=1024)
+    tiny.add_argument("--head-dim", type=int, default=None, help="head size (default: the family's; qwen3 128, gemma3 256)")
+    tiny.add_argument("--sliding-window", type=int, default=None,
+                      help="mistral/gemma3 attention window (default: the family's, 4096 / 512)")
     tiny.add_argument("--tokenizer-corpus", default=None, help="text/JSON(L) file to train the tokenizer on")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_models_tiny)
