@@ -302,7 +302,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                   f"greedy generations equal: {result['generations_equal']}")
         record_export(args.model, out, {"format": "onnx", "dtype": args.dtype or "float32", "past": not args.no_past},
                       None if args.no_verify else result)
-        return 0
+        return _export_parity(args, out)
     from tunelab.deploy.gguf import export_gguf, verify_gguf
 
     out = export_gguf(args.model, args.out, args.outtype)
@@ -313,7 +313,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"verified by reading it back: {summary['n_tensors']} tensors (max |error| {errors}); "
               "tokenizer and chat template match")
     record_export(args.model, out, {"format": "gguf", "outtype": args.outtype}, None if args.no_verify else summary)
-    return 0
+    return _export_parity(args, out)
+
+
+def _export_parity(args: argparse.Namespace, out: Path) -> int:
+    """The parity gate step of ``tunelab export --prompts FILE`` (0 without --prompts)."""
+    if not args.prompts:
+        return 0
+    from tunelab.deploy.parity.cli import export_parity_step
+
+    return export_parity_step(args, Path(out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-past", action="store_true", help="onnx: export without KV-cache inputs/outputs")
     export.add_argument("--no-verify", action="store_true", help="skip the readback / onnxruntime parity check")
     export.set_defaults(func=_cmd_export)
+    from tunelab.deploy.parity.cli import add_commands as add_verify_command
+    from tunelab.deploy.parity.cli import add_gate_options
+
+    add_gate_options(export, for_export=True)
+    add_verify_command(commands)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with batched generation")
     serve.add_argument("--model", required=True, help="HF model directory (e.g. a merged model)")
