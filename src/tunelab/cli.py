@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--tokenizer-corpus", default=None, help="text/JSON(L) file to train the tokenizer on")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_models_tiny)
+    from tunelab.models.cli import add_commands as add_model_import
+
+    add_model_import(models_commands)
 
     data = commands.add_parser("data", help="data tools")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
