@@ -1,8 +1,9 @@
 """GGUF export: every tensor and the tokenizer read back equal to the HF model; Q/K permutation; refusals.
 
 Without llama.cpp here, the file's meaning is checked by a numpy forward pass that follows
-llama.cpp's ``llama`` graph (RoPE on adjacent pairs, GQA, RMSNorm, SwiGLU) on the tensors read
-from the file, against transformers' logits; and by tokenizing with llama.cpp's BPE algorithm.
+llama.cpp's graphs (tests/gguf_reference.py) on the tensors read from the file, against
+transformers' logits; and by tokenizing with llama.cpp's BPE algorithm. The other families
+(Mistral, Qwen2, Qwen3, Gemma 3) are tested in test_tiny_archs.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from conftest import SHARED_DATA
+from gguf_reference import gguf_logits as _gguf_logits
 from tunelab.deploy import gguf as gguf_export
 from tunelab.deploy.gguf import (
     check_with_llama_cpp,
@@ -47,51 +49,6 @@ def _hf_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].double().numpy()
-
-
-def _gguf_logits(path: Path, ids: list[int]) -> np.ndarray:
-    """A float64 forward pass of llama.cpp's ``llama`` graph over the tensors stored in the file."""
-    meta = read_gguf(path)["metadata"]
-    reader = gguf.GGUFReader(str(path))
-    w = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(list(reversed(t.shape.tolist())))
-         .astype(np.float64) for t in reader.tensors}
-    n_head, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
-    head_dim, eps = meta["llama.rope.dimension_count"], meta["llama.attention.layer_norm_rms_epsilon"]
-    base = meta["llama.rope.freq_base"]
-    T = len(ids)
-
-    def rms(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
-
-    def rope_adjacent_pairs(x: np.ndarray) -> np.ndarray:  # [T, heads, head_dim]; llama.cpp's "norm" RoPE
-        theta = np.arange(T)[:, None] * base ** (-np.arange(0, head_dim, 2) / head_dim)[None, :]
-        if "rope_freqs.weight" in w:  # Llama-3.1 scaling: ggml divides each frequency by its factor
-            theta = theta / w["rope_freqs.weight"][None, :]
-        cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
-        even, odd = x[..., 0::2], x[..., 1::2]
-        out = np.empty_like(x)
-        out[..., 0::2], out[..., 1::2] = even * cos - odd * sin, even * sin + odd * cos
-        return out
-
-    x = w["token_embd.weight"][ids]
-    causal = np.triu(np.full((T, T), -np.inf), 1)
-    for layer in range(meta["llama.block_count"]):
-        p = f"blk.{layer}."
-        h = rms(x, w[p + "attn_norm.weight"])
-        q = rope_adjacent_pairs((h @ w[p + "attn_q.weight"].T).reshape(T, n_head, head_dim))
-        k = rope_adjacent_pairs((h @ w[p + "attn_k.weight"].T).reshape(T, n_kv, head_dim))
-        v = (h @ w[p + "attn_v.weight"].T).reshape(T, n_kv, head_dim)
-        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
-        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(head_dim) + causal
-        probs = np.exp(scores - scores.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        attn = np.einsum("hqk,khd->qhd", probs, v).reshape(T, n_head * head_dim)
-        x = x + attn @ w[p + "attn_output.weight"].T
-        h = rms(x, w[p + "ffn_norm.weight"])
-        gate = h @ w[p + "ffn_gate.weight"].T
-        x = x + (gate / (1 + np.exp(-gate)) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
-    x = rms(x, w["output_norm.weight"])
-    return x @ w.get("output.weight", w["token_embd.weight"]).T
 
 
 # ---------------------------------------------------------------------------------------------

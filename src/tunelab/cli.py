@@ -312,6 +312,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         errors = ", ".join(f"{kind} {error:.2e}" for kind, error in summary["max_abs_error"].items())
         print(f"verified by reading it back: {summary['n_tensors']} tensors (max |error| {errors}); "
               "tokenizer and chat template match")
+        for note in summary["notes"]:
+            print(f"note: {note}")
     record_export(args.model, out, {"format": "gguf", "outtype": args.outtype}, None if args.no_verify else summary)
     return _export_parity(args, out)
 

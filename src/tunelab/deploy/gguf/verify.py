@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.deploy.gguf.gguf_lib import _gguf
-from tunelab.deploy.gguf.archs import arch_of, gguf_hparams
+from tunelab.deploy.gguf.archs import arch_of, export_notes, gguf_hparams
 from tunelab.deploy.gguf.hf_checkpoint import _read_config, _Weights, llama3_rope_factors
 from tunelab.deploy.gguf.reader import read_gguf
 from tunelab.deploy.gguf.tensors import Q8_0_BLOCK, _plan_tensors, unpermute_qk
@@ -45,7 +45,8 @@ def verify_gguf(model_dir: str | Path, gguf_file: str | Path, check_tokenization
 
     Returns:
         A summary: file size, tensor counts per type, max absolute error per type, q8_0
-        fallbacks, and the tokenizer facts that were checked.
+        fallbacks, the tokenizer facts that were checked, and notes on what the file says
+        differently from config.json (:func:`~tunelab.deploy.gguf.archs.export_notes`).
 
     Raises:
         TunelabError: listing every mismatch found.
@@ -131,4 +132,5 @@ def verify_gguf(model_dir: str | Path, gguf_file: str | Path, check_tokenization
         "max_abs_error": max_err,
         "q8_0_fallbacks": fallbacks,
         "tokenizer": tokenizer_summary,
+        "notes": export_notes(config),
     }

@@ -219,7 +219,7 @@ def open_gguf_transformers(spec: ModelSpec) -> TransformersModel:
         with contextlib.redirect_stderr(io.StringIO()):  # transformers' per-tensor tqdm bar, not switchable off
             model = AutoModelForCausalLM.from_pretrained(str(spec.path.parent), gguf_file=spec.path.name,
                                                          dtype=torch.float32).eval()
-    except (ValueError, KeyError, OSError) as exc:
+    except (ValueError, KeyError, OSError, NotImplementedError) as exc:
         raise TunelabError(f"--model gguf:{spec.location}: transformers cannot read this file "
                            f"({str(exc)[:300]}); llama-cpp-python can (pip install llama-cpp-python)") from None
     stop_ids = vocabulary.stop_ids

@@ -30,8 +30,8 @@ def load_parity_prompts(path: str | Path, limit: int | None = None) -> list[list
             raise TunelabError(f"{path}: prompts file not found")
         try:
             records, _ = load_prompts([str(path)], on_error="fail")
-        except DataError as exc:
-            raise TunelabError(f"--prompts {exc}") from None
+        except DataError as exc:  # its hint (data.on_error) is a training config's: every prompt is needed here
+            raise TunelabError(f"--prompts {str(exc).split(chr(10) + '(')[0]}") from None
         prompts = [record.messages for record in records]
     if not prompts:
         raise TunelabError(f"{path}: no prompts")

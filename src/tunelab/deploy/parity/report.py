@@ -4,35 +4,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.deploy.parity.gate import Comparison, GateResult
+from tunelab.deploy.parity.gate import GateResult
 
 HEADERS = ("model", "reader", "class", "prompt tokens", "max |Δlogit|", "top-1", "same answers", "same stop",
            "verdict")
 
 
-def _row(c: Comparison) -> list[str]:
-    if c.skipped:
-        return [c.name, c.reader, "-", "-", "-", "-", "-", "-", "skipped"]
-    tokens = f"{c.prompt_tokens_equal}/{c.prompt_tokens_checked}" if c.prompt_tokens_checked else "n/a"
-    logit = f"{c.max_abs_logit:.2e}" if c.max_abs_logit is not None else "n/a"
-    top1 = f"{c.top1:.3f}" if c.top1 is not None else "n/a"
-    return [c.name, c.reader, c.klass, tokens, logit, top1, f"{c.same_answers}/{c.prompts}",
-            f"{c.same_stops}/{c.prompts}", "pass" if c.passed else "FAIL"]
+def _row(c: dict[str, Any]) -> list[str]:
+    """One table row of a comparison (as :meth:`Comparison.as_dict` gives it, or read back from a report)."""
+    if c["skipped"]:
+        return [c["name"], c["reader"], "-", "-", "-", "-", "-", "-", "skipped"]
+    tokens = f"{c['prompt_tokens_equal']}/{c['prompt_tokens_checked']}" if c["prompt_tokens_checked"] else "n/a"
+    logit = f"{c['max_abs_logit']:.2e}" if c["max_abs_logit"] is not None else "n/a"
+    top1 = f"{c['top1']:.3f}" if c["top1"] is not None else "n/a"
+    return [c["name"], c["reader"], c["klass"], tokens, logit, top1, f"{c['same_answers']}/{c['prompts']}",
+            f"{c['same_stops']}/{c['prompts']}", "pass" if c["passed"] else "FAIL"]
 
 
-def limits_line(result: GateResult) -> str:
+def limits_line(comparisons: list[dict[str, Any]]) -> str:
     """The limits of each class in the table, in one line."""
     seen: dict[str, str] = {}
-    for c in result.comparisons:
-        if c.limits is None or c.klass in seen:
+    for c in comparisons:
+        limits = c["limits"]
+        if limits is None or c["klass"] in seen:
             continue
         parts = []
-        if c.limits.max_abs_logit is not None:
-            parts.append(f"|Δlogit| ≤ {c.limits.max_abs_logit:g}")
-        if c.limits.min_top1 is not None:
-            parts.append(f"top-1 ≥ {c.limits.min_top1:g}")
-        parts += [f"answers ≥ {c.limits.min_answers:g}", f"stops ≥ {c.limits.min_stops:g}"]
-        seen[c.klass] = f"{c.klass}: {', '.join(parts)}"
+        if limits["max_abs_logit"] is not None:
+            parts.append(f"|Δlogit| ≤ {limits['max_abs_logit']:g}")
+        if limits["min_top1"] is not None:
+            parts.append(f"top-1 ≥ {limits['min_top1']:g}")
+        parts += [f"answers ≥ {limits['min_answers']:g}", f"stops ≥ {limits['min_stops']:g}"]
+        seen[c["klass"]] = f"{c['klass']}: {', '.join(parts)}"
     return "limits: " + "; ".join(seen.values())
 
 
@@ -47,10 +49,11 @@ def print_report(result: GateResult, console: Any = None) -> None:
     table = Table(*HEADERS, title=f"parity with {result.reference}: {result.prompts} prompts, greedy, up to "
                                   f"{result.max_new_tokens} new tokens ({result.reference_stops} reference answers "
                                   "end with a stop token)")
-    for comparison in result.comparisons:
+    report = result.as_dict()
+    for comparison in report["comparisons"]:
         table.add_row(*_row(comparison))
     console.print(table)
-    console.print(limits_line(result))
+    console.print(limits_line(report["comparisons"]))
     for c in result.comparisons:
         if c.skipped:
             console.print(f"{c.name} ({c.reader}): skipped: {c.skipped}")
@@ -66,8 +69,8 @@ def print_report(result: GateResult, console: Any = None) -> None:
     console.print("parity: " + ("[green]pass[/]" if result.passed else "[red]FAIL[/]"))
 
 
-def markdown_table(result: GateResult) -> str:
-    """The table as Markdown (for docs and benchmarks/RESULTS.md)."""
+def markdown_table(report: dict[str, Any]) -> str:
+    """The table of a report (:meth:`GateResult.as_dict`, or the JSON of ``--report``) as Markdown."""
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _row(c)) + " |" for c in result.comparisons]
-    return "\n".join(lines) + "\n\n" + limits_line(result)
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _row(c)) + " |" for c in report["comparisons"]]
+    return "\n".join(lines) + "\n\n" + limits_line(report["comparisons"])
