@@ -63,6 +63,16 @@ def test_every_family_is_offered():
         create_tiny_model("/nonexistent", arch="qwen2", sliding_window=16)
 
 
+def test_a_config_builds_the_tiny_model_of_its_family(tmp_path):
+    from tunelab.config import config_from_dict
+    from tunelab.train.engine import ensure_tiny_model
+
+    model_dir = tmp_path / "tiny-qwen3"
+    config = make_config(tmp_path, model_dir, ALPACA_DEMO, model={"tiny": {"arch": "qwen3", "layers": 1}})
+    ensure_tiny_model(config_from_dict(config))
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "qwen3"
+
+
 @pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "gemma3"])
 def test_each_family_loads_in_plain_transformers_with_the_chat_tokenizer(family, tiny_model, name):
     model_dir = family(name)

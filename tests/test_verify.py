@@ -212,6 +212,8 @@ def test_gate_refuses_what_it_cannot_compare(exports):
     merged = _spec("m", "hf", exports["merged"])
     with pytest.raises(TunelabError, match="at least two --model"):
         run_gate([merged], prompts)
+    with pytest.raises(TunelabError, match="--max-new-tokens 0: must be at least 1"):
+        run_gate([merged, _spec("a", "adapter", exports["adapter"])], prompts, max_new_tokens=0)
     with pytest.raises(TunelabError, match="names repeat"):
         run_gate([merged, merged], prompts)
     with pytest.raises(TunelabError, match="must be an adapter, hf or onnx model, not gguf"):
@@ -239,6 +241,8 @@ def test_prompt_files(tmp_path):
     with pytest.raises(TunelabError, match=r"bad.jsonl:2") as error:
         load_parity_prompts(bad)
     assert "data.on_error" not in str(error.value)  # a training config's fix does not apply here
+    with pytest.raises(TunelabError, match="--limit 0: must be at least 1"):
+        load_parity_prompts(bad, limit=0)
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(TunelabError, match="no prompts"):
         load_parity_prompts(tmp_path / "empty.txt")

@@ -26,6 +26,7 @@ class _Section(BaseModel):
 class TinyModelConfig(_Section):
     """A tiny random model to build at model.path when nothing is there (tests, quickstart, CI)."""
 
+    arch: Literal["llama", "mistral", "qwen2", "qwen3", "gemma3"] = Field("llama", description="Model family.")
     hidden: int = Field(64, ge=8, description="Hidden size.")
     layers: int = Field(2, ge=1, description="Decoder layers.")
     heads: int = Field(4, ge=1, description="Attention heads.")

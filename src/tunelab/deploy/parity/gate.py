@@ -173,6 +173,8 @@ def run_gate(
     """
     if len(specs) < 2:
         raise TunelabError("tunelab verify compares models: give at least two --model")
+    if max_new_tokens < 1:
+        raise TunelabError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise TunelabError(f"--model names repeat ({', '.join(names)}); name them: NAME=KIND:LOCATION")

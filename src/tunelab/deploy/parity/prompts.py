@@ -21,6 +21,8 @@ def load_parity_prompts(path: str | Path, limit: int | None = None) -> list[list
     """
     from tunelab.data.records import load_prompts
 
+    if limit is not None and limit < 1:
+        raise TunelabError(f"--limit {limit}: must be at least 1")
     path = Path(path)
     if path.suffix == ".txt":
         lines = [line.strip() for line in read_user_text(path, "prompts file").splitlines()]
@@ -35,4 +37,4 @@ def load_parity_prompts(path: str | Path, limit: int | None = None) -> list[list
         prompts = [record.messages for record in records]
     if not prompts:
         raise TunelabError(f"{path}: no prompts")
-    return prompts[:limit] if limit else prompts
+    return prompts[:limit]
