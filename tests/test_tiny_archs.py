@@ -68,7 +68,8 @@ def test_a_config_builds_the_tiny_model_of_its_family(tmp_path):
     from tunelab.train.engine import ensure_tiny_model
 
     model_dir = tmp_path / "tiny-qwen3"
-    config = make_config(tmp_path, model_dir, ALPACA_DEMO, model={"tiny": {"arch": "qwen3", "layers": 1}})
+    config = make_config(tmp_path, model_dir, ALPACA_DEMO)
+    config["model"]["tiny"] = {"arch": "qwen3", "layers": 1}
     ensure_tiny_model(config_from_dict(config))
     assert json.loads((model_dir / "config.json").read_text())["model_type"] == "qwen3"
 
