@@ -128,6 +128,20 @@ def test_every_format_answers_like_the_adapter(exports, tmp_path):
         assert llama_cpp["passed"] and llama_cpp["same_answers"] == len(PROMPTS)
 
 
+def test_the_llama_cpp_reader_drives_llama_cpp_python(exports, monkeypatch):
+    """tunelab's llama.cpp path against a stand-in with llama-cpp-python's API (tests/fake_llama_cpp.py)."""
+    import fake_llama_cpp
+
+    fake_llama_cpp.install(monkeypatch)
+    prompts = load_parity_prompts(exports["prompts"])
+    result = run_gate([_spec("adapter", "adapter", exports["adapter"]), _spec("q8", "gguf", exports["q8_0"])],
+                      prompts, max_new_tokens=12, gguf_readers=("llama.cpp",), show_progress=False)
+    row = result.comparisons[0]
+    assert row.reader == "llama.cpp" and row.klass == "q8_0" and result.passed, row.failures
+    assert row.prompt_tokens_equal == row.prompt_tokens_checked == len(prompts)
+    assert row.same_stops == len(prompts) and 0 < row.max_abs_logit < 0.1
+
+
 def _spec(name: str, kind: str, path: Path) -> ModelSpec:
     return ModelSpec(name, kind, str(path))
 

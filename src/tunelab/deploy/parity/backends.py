@@ -129,7 +129,7 @@ class TransformersModel:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def close(self) -> None:
-        self.model = None
+        self.model = None  # the tokenizer stays: a closed reference still decodes answers
 
 
 def _dir_precision(model_dir: Path) -> str:
@@ -283,8 +283,11 @@ def open_llama_cpp(spec: ModelSpec, n_ctx: int) -> LlamaCppModel:
     from tunelab.deploy.gguf import read_gguf
 
     metadata = read_gguf(spec.path)["metadata"]
-    llm = Llama(model_path=str(spec.path), n_ctx=n_ctx, n_threads=torch.get_num_threads(), logits_all=True,
-                verbose=False)
+    try:
+        llm = Llama(model_path=str(spec.path), n_ctx=n_ctx, n_threads=torch.get_num_threads(), logits_all=True,
+                    verbose=False)
+    except (ValueError, RuntimeError) as exc:
+        raise TunelabError(f"--model gguf:{spec.location}: llama.cpp cannot load this file ({exc})") from None
     vocabulary = _GgufVocabulary(metadata)
     notes = [n for n in vocabulary.notes() if "SentencePiece" not in n]
     return LlamaCppModel(spec.name, llm, vocabulary, _gguf_precision(metadata), notes=notes)

@@ -10,7 +10,7 @@ answers it greedily. Every other model then
 * answers greedily with its own stop tokens: the answer (token ids, or a server's text against
   the reference's decoded answer) and the way it stopped must be the reference's.
 
-Models are loaded one at a time (the reference's logits are kept), so the peak memory is about two models.
+Models are loaded one at a time (the reference's logits at the answer positions are kept).
 """
 
 from __future__ import annotations
@@ -184,12 +184,13 @@ def run_gate(
     overrides = overrides or {}
     reference_model = _open(specs[0], "", api_key_env, 0)
     reference = _reference_run(reference_model, prompts, max_new_tokens, show_progress)
-    longest = max(len(ids) + len(a.ids or []) for ids, a in zip(reference.ids, reference.answers))
+    reference_model.close()  # its tokenizer stays, to decode answers
+    gc.collect()
+    n_ctx = max(len(ids) for ids in reference.ids) + max_new_tokens + 8  # room for a BOS and a longer answer
     comparisons = []
     for spec, reader in _runs(specs[1:], gguf_readers):
         comparisons.append(_compare(spec, reader, reference_model, reference, prompts, max_new_tokens, overrides,
-                                    api_key_env, longest + 8, show_progress))
-    reference_model.close()
+                                    api_key_env, n_ctx, show_progress))
     return GateResult(specs[0].name, len(prompts), max_new_tokens, comparisons,
                       sum(a.stop is not None for a in reference.answers))
 
