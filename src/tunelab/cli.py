@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--heads", type=int, default=4)
     tiny.add_argument("--kv-heads", type=int, default=None)
     tiny.add_argument("--vocab", type=int, default=1024)
-    tiny.add_argument("--head-dim", type=int, default=None, help="head size (default: the family's; qwen3 128, gemma3 256)")
+    tiny.add_argument("--head-dim", type=int, default=None,
+                      help="head size (default: the family's; qwen3 128, gemma3 256)")
     tiny.add_argument("--sliding-window", type=int, default=None,
                       help="mistral/gemma3 attention window (default: the family's, 4096 / 512)")
     tiny.add_argument("--tokenizer-corpus", default=None, help="text/JSON(L) file to train the tokenizer on")
