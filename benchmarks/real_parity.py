@@ -101,7 +101,8 @@ def run(out: Path, steps: int, max_new_tokens: int) -> None:
     times["train"] = tunelab("train", str(write_config(out, model, write_data(out), steps)), "--overwrite")
     adapter, merged = out / "sft" / "final", out / "merged"
     times["merge"] = tunelab("merge", "--adapter", str(adapter), "--out", str(merged))
-    times["gguf f16"] = tunelab("export", "--format", "gguf", "--model", str(merged), "--out", str(out / "nova-f16.gguf"))
+    times["gguf f16"] = tunelab("export", "--format", "gguf", "--model", str(merged), "--out",
+                                str(out / "nova-f16.gguf"))
     times["gguf q8_0"] = tunelab("export", "--format", "gguf", "--model", str(merged), "--out",
                                  str(out / "nova-q8_0.gguf"), "--outtype", "q8_0")
     times["onnx"] = tunelab("export", "--format", "onnx", "--model", str(merged), "--out", str(out / "onnx"))

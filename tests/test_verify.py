@@ -1,4 +1,4 @@
-"""tunelab verify: an adapter, its merge, GGUF files, an ONNX export and a running server answer alike; broken exports fail.
+"""tunelab verify: an adapter, its merge, GGUF, ONNX and a running server answer alike; broken exports fail.
 
 The tiny adapter is a LoRA with random (non-zero) weights on the tiny Llama, so it changes the
 model; its generation config adds a stop token the model often produces, so that answers end

@@ -65,7 +65,8 @@ _LLAMA_BIASES = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"
                  "ffn_down.bias")
 
 ARCHS: dict[str, GgufArch] = {
-    "llama": GgufArch("llama", "llama", True, _PLAIN_BLOCK, _LLAMA_BIASES, rope_scalings=("default", "linear", "llama3")),
+    "llama": GgufArch("llama", "llama", True, _PLAIN_BLOCK, _LLAMA_BIASES,
+                      rope_scalings=("default", "linear", "llama3")),
     "mistral": GgufArch("mistral", "llama", True, _PLAIN_BLOCK, _LLAMA_BIASES,
                         rope_scalings=("default", "linear", "llama3")),
     "qwen2": GgufArch("qwen2", "qwen2", False, _PLAIN_BLOCK, ("attn_q.bias", "attn_k.bias", "attn_v.bias")),
@@ -190,7 +191,8 @@ def _check_common(config: dict[str, Any], arch: GgufArch) -> None:
                            f"of {arch.model_type} (supported: none, {supported})")
     partial = float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) or 1.0)
     if not math.isclose(partial, 1.0):
-        raise TunelabError(f"config.json: partial_rotary_factor {partial}; tunelab writes models that rotate whole heads")
+        raise TunelabError(f"config.json: partial_rotary_factor {partial}; tunelab writes models that rotate "
+                           "whole heads")
     if arch.model_type in ("qwen3", "gemma3_text") and config.get("attention_bias"):
         raise TunelabError(f"config.json: attention_bias is true; llama.cpp's {arch.name} graph has no Q/K/V biases")
 

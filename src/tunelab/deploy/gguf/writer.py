@@ -48,8 +48,9 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, outtype: str = "f16
 
     Raises:
         TunelabError: the gguf package is missing, an unknown outtype, an unsupported family or
-            setting (see :mod:`~tunelab.deploy.gguf.archs`), a quantized model, an adapter directory, a tokenizer llama.cpp cannot reproduce, weights that do
-            not fit float16 for ``f16``, or NaN/inf weights.
+            setting (see :mod:`~tunelab.deploy.gguf.archs`), a quantized model, an adapter directory,
+            a tokenizer llama.cpp cannot reproduce, weights that do not fit float16 for ``f16``, or
+            NaN/inf weights.
     """
     if outtype not in OUTTYPES:
         raise TunelabError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")

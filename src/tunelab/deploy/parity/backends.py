@@ -374,7 +374,8 @@ class ServedModel:
             raise TunelabError(f"--model url:{self.base_url}: HTTP {exc.code} on {path}: {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise TunelabError(f"--model url:{self.base_url}: cannot reach the server ({reason}); is it running?") from None
+            raise TunelabError(f"--model url:{self.base_url}: cannot reach the server ({reason}); "
+                               "is it running?") from None
         except ValueError:
             raise TunelabError(f"--model url:{self.base_url}: {path} did not answer JSON") from None
 
