@@ -405,7 +405,34 @@ def test_sentencepiece_vocabulary(tmp_path):
     assert meta["tokenizer.ggml.bos_token_id"] == 1 and meta["tokenizer.ggml.eos_token_id"] == 2
     assert meta["tokenizer.ggml.unknown_token_id"] == 0
     assert meta["tokenizer.ggml.add_bos_token"] is True  # the Llama-2 tokenizer starts every text with <s>
+    assert meta["tokenizer.ggml.add_space_prefix"] is True  # "Hello" is tokenized as "▁Hello"
     assert "tokenizer.ggml.merges" not in meta
+
+
+def test_sentencepiece_without_a_space_prefix_says_so(tmp_path):
+    """Gemma's SentencePiece models add no "▁" before a text; llama.cpp assumes they do unless the file says."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    from tunelab.models.tiny import default_corpus
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(default_corpus())
+    model_dir = tmp_path / "spm-no-prefix"
+    model_dir.mkdir()
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(model_dir / "tokenizer"),
+                                             vocab_size=400, add_dummy_prefix=False, byte_fallback=True,
+                                             minloglevel=2)
+    assert sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model")) \
+        .encode_as_pieces("Hello")[0] != "\u2581Hello"
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False}))
+    config = LlamaConfig(vocab_size=448, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    path = export_gguf(model_dir, tmp_path / "no-prefix.gguf", outtype="f32")
+    assert read_gguf(path)["metadata"]["tokenizer.ggml.add_space_prefix"] is False
+    assert verify_gguf(model_dir, path)["tokenizer"]["add_space_prefix"] is False
 
 
 # ---------------------------------------------------------------------------------------------

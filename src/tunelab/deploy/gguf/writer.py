@@ -119,5 +119,7 @@ def _add_metadata(writer: Any, arch: str, model_dir: Path, config: dict[str, Any
         writer.add_uint32(_SPECIAL_ID_KEYS[kind], token_id)
     writer.add_add_bos_token(tokenizer.add_bos)
     writer.add_add_eos_token(tokenizer.add_eos)
+    if tokenizer.add_space_prefix is not None:
+        writer.add_add_space_prefix(tokenizer.add_space_prefix)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
