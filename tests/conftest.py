@@ -80,7 +80,8 @@ def make_config(tmp_path: Path, model: Path, data_file: Any, **sections: dict[st
         "method": {"type": "lora", "rank": 4},
         "data": {"train": [str(p) for p in data_file] if isinstance(data_file, list) else str(data_file),
                  "max_length": 256},
-        "train": {"max_steps": 4, "lr": 1e-3, "batch_tokens": 1024, "log_every": 1, "seed": 0},
+        # fp32: the same numbers on every CPU (auto picks bf16 where the CPU has native bf16).
+        "train": {"max_steps": 4, "lr": 1e-3, "batch_tokens": 1024, "log_every": 1, "seed": 0, "precision": "fp32"},
         "output_dir": str(tmp_path / "out"),
     }
     for section, values in sections.items():
