@@ -98,7 +98,7 @@ def test_sampling_params_follow_the_request(served):
     params = call.params
     assert (params.n, params.temperature, params.top_p, params.max_tokens, params.seed) == (1, 0.7, 0.9, 12, 5)
     assert params.stop_token_ids == sorted(stop_ids) and params.ignore_eos  # only tunelab's stop ids
-    assert params.logprobs == 0 and not params.detokenize
+    assert params.logprobs == 0 and params.prompt_logprobs is None and not params.detokenize
     rendered = render_prompt(tokenizer, served["template"], QUESTION)
     assert call.prompt == {"prompt_token_ids": tokenizer(rendered, add_special_tokens=False)["input_ids"]}
     assert call.lora_request is None

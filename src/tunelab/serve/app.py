@@ -1,36 +1,61 @@
-"""The OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics.
+"""The OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics,
+and vLLM's /tokenizer_info, /tokenize and /detokenize (lm-evaluation-harness's remote tokenizer).
 
 Prompts of chat requests are rendered with the chat template saved with the model (the one
-training used), and generation stops at the same stop tokens. Errors use OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``: 400 for bad requests and limits, 401 for a
-wrong key, 404 for an unknown model, 429 when the queue is full, 504 on a timeout.
+training used), and generation stops at the same stop tokens. Every request field is implemented
+or refused by name (:mod:`tunelab.serve.protocol`). A request fails alone: its values are
+checked before it reaches the engine, and the engine catches errors per request. Rendering,
+tokenizing and grammar compilation run off the event loop, bodies are size-limited and stop
+strings are matched in linear time, so no request can stall the others or /health.
+
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad
+requests and limits, 401 for a wrong key, 404 for an unknown model, 413 for a body over the
+limit, 429 when the queue is full, 500 when generation of this request failed, 504 on a
+timeout. Every answer, refusals included, is counted in /metrics and recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tunelab.data.templates import render_prompt
-from tunelab.errors import DataError
 from tunelab.serve.engine import GenerationRequest, QueueFull, ServingEngine
+from tunelab.serve.grammar import GrammarCompiler, GrammarError, TokenConstraint
+from tunelab.serve.guard import RequestGuard
+from tunelab.serve.logprobs import chat_logprobs, completion_logprobs
+from tunelab.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    NamedToolChoice,
+    Tool,
+    refused_fields,
+)
 from tunelab.serve.request_log import RecordSink, RequestRecord
+from tunelab.serve.server import ConnectionStats
+from tunelab.serve.text_stream import TextStream
+from tunelab.serve.tools import may_become_call, parse_tool_calls, render_chat, tool_call_schema
 
 logger = logging.getLogger("tunelab.serve")
+
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models",
+             "/tokenize": "tokenizer", "/detokenize": "tokenizer", "/tokenizer_info": "tokenizer",
+             "/metrics": "metrics", "/health": "health"}
 
 
 @dataclass
@@ -45,64 +70,19 @@ class ServeSettings:
     default_max_tokens: int = 256
     timeout: float = 60.0
     record_text: bool = False
+    context_length: int | None = None  # prompt + answer tokens the model can attend to (None: unknown)
+    max_body_bytes: int = 4 * 1024 * 1024
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
+class JSONAnswer(JSONResponse):
+    """JSON with non-ASCII escaped: any text a client sent (even a lone surrogate) can be echoed back."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-    def response(self) -> JSONResponse:
-        """The JSON error response."""
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
-class ChatMessage(BaseModel):
-    """A chat message; content may be text or a list of text parts."""
-
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class _Sampling(BaseModel):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
-    stream: bool = False
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    user: str | None = None
-
-
-class ChatCompletionRequest(_Sampling):
-    """Body of /v1/chat/completions (the fields tunelab uses; others are ignored)."""
-
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class CompletionRequest(_Sampling):
-    """Body of /v1/completions."""
-
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
-
-
-def _text_of(content: str | list[dict[str, Any]] | None) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    parts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(400, "only text content parts are supported", param="messages")
-        parts.append(part["text"])
-    return "".join(parts)
+def _error_response(error: APIError) -> JSONAnswer:
+    return JSONAnswer(error.body(), status_code=error.status)
 
 
 class ServerMetrics:
@@ -116,7 +96,7 @@ class ServerMetrics:
         self.ttfts: deque[float] = deque(maxlen=1000)
 
     def observe(self, record: RequestRecord) -> None:
-        """Count one finished request."""
+        """Count one answered request (refusals included)."""
         self.requests[(record.endpoint, record.status)] += 1
         self.prompt_tokens += record.prompt_tokens
         self.completion_tokens += record.completion_tokens
@@ -125,8 +105,8 @@ class ServerMetrics:
             if record.time_to_first_token_s is not None:
                 self.ttfts.append(record.time_to_first_token_s)
 
-    def render(self, engine: ServingEngine) -> str:
-        """The metrics in Prometheus' text exposition format."""
+    def render(self, engine: ServingEngine, extra: dict[str, float]) -> str:
+        """The metrics in Prometheus' text exposition format (``extra``: name -> counter value)."""
         lines = ["# TYPE tunelab_requests_total counter"]
         for (endpoint, status), count in sorted(self.requests.items()):
             lines.append(f'tunelab_requests_total{{endpoint="{endpoint}",status="{status}"}} {count}')
@@ -137,7 +117,11 @@ class ServerMetrics:
             "# TYPE tunelab_queue_depth gauge", f"tunelab_queue_depth {engine.queued}",
             "# TYPE tunelab_batches_total counter", f"tunelab_batches_total {engine.stats.batches}",
             "# TYPE tunelab_max_batch_size gauge", f"tunelab_max_batch_size {engine.stats.max_batch_seen}",
+            "# TYPE tunelab_connection_read_timeouts_total counter",
+            f"tunelab_connection_read_timeouts_total {ConnectionStats.read_timeouts}",
         ]
+        for name, value in sorted(extra.items()):
+            lines += [f"# TYPE {name} counter", f"{name} {value}"]
         for name, values in (("tunelab_request_latency_seconds", self.latencies),
                              ("tunelab_time_to_first_token_seconds", self.ttfts)):
             ordered = sorted(values)
@@ -149,48 +133,51 @@ class ServerMetrics:
         return "\n".join(lines) + "\n"
 
 
+@dataclass
+class _Job:
+    """What a request asks of the engine, prepared off the event loop."""
+
+    prompt_ids: list[int]
+    prompt_text: str
+    constraint: TokenConstraint | None = None
+    schema: dict[str, Any] | None = None  # the JSON schema ``constraint`` enforces
+    tools: list[Tool] | None = None  # tools whose calls are read back from the answer
+    forced_call: bool = False  # the grammar makes the answer a tool call
+
+
 class _Run:
-    """One generation request bridged from the worker thread into asyncio."""
+    """One generation request bridged from the engine's thread into asyncio."""
 
-    def __init__(self, app_state: _State, request: GenerationRequest, stops: list[str]) -> None:
-        self.state, self.request, self.stop_strings = app_state, request, stops
+    def __init__(self, state: _State, request: GenerationRequest, stops: list[str], job: _Job) -> None:
+        self.state, self.request, self.job = state, request, job
+        self.stream = TextStream(state.tokenizer, stops)
         self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[int | None] = asyncio.Queue()
-        self.text = ""
-        self.stopped_by_string = False
-        request.on_token = lambda token: self.loop.call_soon_threadsafe(self.events.put_nowait, token)
-        request.on_done = lambda: self.loop.call_soon_threadsafe(self.events.put_nowait, None)
+        self.events: asyncio.Queue[bool] = asyncio.Queue()
+        self.seen = 0  # tokens handed to the text stream
+        self.reported = 0  # tokens whose log-probs went out in a stream chunk
+        self.client_gone = False
+        request.on_token = lambda _token: self.loop.call_soon_threadsafe(self.events.put_nowait, True)
+        request.on_done = lambda: self.loop.call_soon_threadsafe(self.events.put_nowait, False)
 
-    def _decoded(self) -> str:
-        return self.state.tokenizer.decode(self.request.tokens, skip_special_tokens=True)
+    def _take(self) -> None:
+        new = self.request.tokens[self.seen:]
+        self.seen += len(new)
+        self.stream.add(new)
+        if self.stream.stopped:
+            self.request.cancel()  # a stop string ended the answer
 
-    def new_text(self, final: bool = False) -> str:
-        """Text decoded since the last call.
-
-        Until ``final``, text is held back while a character is incomplete or a stop string may
-        be starting; a stop string ends the text (and the generation) where it begins.
-        """
-        full = self._decoded()
-        for stop in self.stop_strings:
-            index = full.find(stop)
-            if index >= 0:
-                full, self.stopped_by_string = full[:index], True
-                self.request.cancel()
-        if not final and not self.stopped_by_string and (full.endswith("\ufffd") or any(
-                full.endswith(stop[:k]) for stop in self.stop_strings for k in range(1, len(stop)))):
-            return ""
-        piece, self.text = full[len(self.text):], full
-        return piece
-
-    async def tokens(self) -> AsyncIterator[int]:
-        """Generated tokens as they arrive; ends when the request is done."""
-        while (token := await self.events.get()) is not None:
-            yield token
+    async def tokens(self) -> AsyncIterator[None]:
+        """Yields whenever new text may be there; ends (with the text complete) when the request is done."""
+        while await self.events.get():
+            self._take()
+            yield
+        self._take()
+        self.stream.finish()
 
     @property
     def finish_reason(self) -> str:
         """OpenAI's finish reason: stop or length."""
-        return "stop" if self.stopped_by_string or self.request.finish_reason == "stop" else "length"
+        return "stop" if self.stream.stopped or self.request.finish_reason == "stop" else "length"
 
 
 @dataclass
@@ -202,42 +189,63 @@ class _State:
     settings: ServeSettings
     metrics: ServerMetrics
     sinks: tuple[RecordSink, ...]
+    grammar: GrammarCompiler
+    executor: ThreadPoolExecutor
+    max_token_chars: int
+    extra_metrics: Callable[[], dict[str, float]]
+
+
+class TokenizeRequest(BaseModel):
+    """Body of /tokenize (vLLM's shape): a prompt, or chat messages."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    """Body of /detokenize (vLLM's shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[StrictInt] = Field(max_length=1_000_000)
 
 
 def create_app(engine: ServingEngine, template: str, stop_ids: set[int], settings: ServeSettings,
-               request_log: RecordSink | None = None, record_sinks: Sequence[RecordSink] = ()) -> FastAPI:
-    """The FastAPI application serving ``engine``.
+               request_log: RecordSink | None = None, record_sinks: Sequence[RecordSink] = (),
+               extra_metrics: Callable[[], dict[str, float]] | None = None) -> Any:
+    """The ASGI application serving ``engine`` (FastAPI behind :class:`~tunelab.serve.guard.RequestGuard`).
 
-    Every finished request's :class:`RequestRecord` goes to ``request_log`` (a JSONL log) and to
-    each of ``record_sinks`` (e.g. the SQLite monitoring store).
+    Every answered request's :class:`RequestRecord` goes to ``request_log`` (a JSONL log) and to
+    each of ``record_sinks`` (e.g. the SQLite monitoring store); ``extra_metrics`` adds counters
+    to /metrics (the store's health).
     """
-    app = FastAPI(title="tunelab", docs_url=None, redoc_url=None)
+    app = FastAPI(title="tunelab", docs_url=None, redoc_url=None, openapi_url=None)
     sinks = tuple(s for s in (request_log, *record_sinks) if s is not None)
-    state = _State(engine, engine.tokenizer, template, stop_ids, settings, ServerMetrics(), sinks)
+    tokenizer = engine.tokenizer
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    state = _State(engine, tokenizer, template, stop_ids, settings, ServerMetrics(), sinks,
+                   GrammarCompiler(tokenizer, engine.vocab_size, stop_ids),
+                   ThreadPoolExecutor(max_workers=2, thread_name_prefix="tunelab-prepare"), max(longest, 1),
+                   extra_metrics or dict)
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def _api_error(_: Request, exc: APIError) -> JSONAnswer:
+        return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = "malformed JSON body" if first.get("type") == "json_invalid" else f"{where}: {first.get('msg')}"
-        return APIError(400, message, param=where or None).response()
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONAnswer:
+        error = _validation_api_error(exc)
+        _record_refusal(state, request.url.path, error.status, error.message)
+        return _error_response(error)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail), kind="invalid_request_error").response()
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        key = settings.api_key
-        if key and request.url.path != "/health":
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), key.encode()):
-                return APIError(401, "invalid API key", kind="invalid_api_key", code="invalid_api_key").response()
-        return await call_next(request)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONAnswer:
+        _record_refusal(state, request.url.path, exc.status_code, str(exc.detail))
+        return _error_response(APIError(exc.status_code, str(exc.detail)))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -245,36 +253,79 @@ def create_app(engine: ServingEngine, template: str, stop_ids: set[int], setting
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(state.metrics.render(engine), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(state.metrics.render(engine, state.extra_metrics()),
+                                 media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models() -> JSONAnswer:
         names = [settings.model_name, *settings.adapters]
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tunelab"}
-                                           for n in names]}
+        return JSONAnswer({"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tunelab",
+                                                       "max_model_len": settings.context_length} for n in names]})
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, http: Request):
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
-                    for m in body.messages]
-        if not messages:
-            raise APIError(400, "messages must not be empty", param="messages")
-        try:
-            prompt = render_prompt(state.tokenizer, template, messages)
-        except DataError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _serve(state, http, "chat", body, prompt, max_tokens)
+    async def chat(body: ChatCompletionRequest, http: Request) -> Response:
+        return await _serve(state, http, "chat", body)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: Request):
-        if isinstance(body.prompt, list):
-            if len(body.prompt) != 1:
-                raise APIError(400, "one prompt per request is supported", param="prompt")
-            body.prompt = body.prompt[0]
-        return await _serve(state, http, "completions", body, body.prompt, body.max_tokens)
+    async def completions(body: CompletionRequest, http: Request) -> Response:
+        return await _serve(state, http, "completions", body)
 
-    return app
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONAnswer:
+        return JSONAnswer({"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
+                           "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
+                           "chat_template": template, "model_max_length": settings.context_length})
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> JSONAnswer:
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+
+        def work() -> list[int]:
+            if body.messages is not None:
+                return _tokenize(state, render_chat(tokenizer, template, body.messages, None), False, "messages")
+            return _tokenize(state, body.prompt or "", body.add_special_tokens, "prompt")
+
+        ids = await asyncio.get_running_loop().run_in_executor(state.executor, work)
+        return JSONAnswer({"count": len(ids), "max_model_len": settings.context_length, "tokens": ids})
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> JSONAnswer:
+        _check_ids(body.tokens, engine.vocab_size, "tokens")
+        text = await asyncio.get_running_loop().run_in_executor(state.executor, tokenizer.decode, body.tokens)
+        return JSONAnswer({"prompt": text})
+
+    def on_reject(path: str, status: int, message: str) -> None:
+        _record_refusal(state, path, status, message)
+
+    return RequestGuard(app, settings.api_key, settings.max_body_bytes, on_reject)
+
+
+def _validation_api_error(exc: RequestValidationError) -> APIError:
+    """The 400 for a body that does not parse or validate, naming the field."""
+    first = exc.errors()[0] if exc.errors() else {}
+    location = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, "the request body is not valid JSON")
+    if first.get("type") == "missing" and not location:
+        return APIError(400, "the request needs a JSON body")
+    where = ".".join(p for p in location if not p.startswith(("function-", "list[", "str", "int", "literal")))
+    if location[:1] == ["prompt"] and first.get("type") != "extra_forbidden":
+        return APIError(400, "prompt: expected a string, a list of token ids (integers), or a list holding one "
+                             "string or one list of token ids", param="prompt")
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {where}", param=where)
+    return APIError(400, f"{where}: {first.get('msg')}", param=where or None)
+
+
+def _endpoint_of(path: str) -> str:
+    return ENDPOINTS.get(path, "other")
+
+
+def _record_refusal(state: _State, path: str, status: int, message: str) -> None:
+    """Count and record a request refused before it reached an endpoint's own checks."""
+    record = RequestRecord(time=time.time(), model="", endpoint=_endpoint_of(path), status=status, error=message)
+    _finish_record(state, record, time.monotonic())
 
 
 def _adapter_for(settings: ServeSettings, model: str) -> str | None:
@@ -282,128 +333,336 @@ def _adapter_for(settings: ServeSettings, model: str) -> str | None:
         return None
     if model in settings.adapters:
         return model
-    raise APIError(404, f"model {model!r} not found; available: {', '.join([settings.model_name, *settings.adapters])}",
-                   param="model", code="model_not_found")
+    raise APIError(404, f"model {model[:200]!r} not found; available: "
+                        f"{', '.join([settings.model_name, *settings.adapters])}", param="model", code="model_not_found")
 
 
-async def _serve(state: _State, http: Request, endpoint: str, body: _Sampling, prompt: str, max_tokens: int | None):
-    settings, started, arrived = state.settings, time.monotonic(), time.time()
-    record = RequestRecord(time=arrived, model=body.model, endpoint=endpoint, status=200)
+def _check_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"{param}: token id {bad} is outside this model's vocabulary (0-{vocab_size - 1})",
+                       param=param)
+
+
+def _tokenize(state: _State, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    """Token ids of ``text``; a text too long to fit is refused before it is tokenized."""
+    limit = state.settings.max_prompt_tokens
+    if len(text) > limit * state.max_token_chars:
+        raise APIError(400, f"the prompt has {len(text)} characters, more than the {limit} tokens this server "
+                            f"accepts at most can hold", param=param)
+    return list(state.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _prepare(state: _State, endpoint: str, body: ChatCompletionRequest | CompletionRequest) -> _Job:
+    """Render, tokenize and compile the grammar of a request (runs in a worker thread).
+
+    Raises:
+        APIError: a prompt or a schema that cannot be used.
+    """
+    tokenizer, settings = state.tokenizer, state.settings
+    if isinstance(body, ChatCompletionRequest):
+        tools = body.tools if body.tools and body.tool_choice != "none" else None
+        text = render_chat(tokenizer, state.template, body.messages, tools)
+        job = _Job(_tokenize(state, text, False, "messages"), text, tools=tools)
+        choice = body.tool_choice or "auto"
+        if tools and choice != "auto":
+            chosen = tools
+            if isinstance(choice, NamedToolChoice):
+                chosen = [t for t in tools if t.function.name == choice.function.name]
+                if not chosen:
+                    raise APIError(400, f"tool_choice: no tool named {choice.function.name!r}", param="tool_choice")
+            job.schema, job.forced_call = tool_call_schema(chosen), True
+            job.constraint = _compile(state, job.schema, "tools")
+        if body.response_format is not None and body.response_format.type != "text":
+            job.schema = {"type": "object"} if body.response_format.type == "json_object" else \
+                body.response_format.json_schema.schema_  # type: ignore[union-attr]
+            job.constraint = _compile(state, job.schema, "response_format")
+    else:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise APIError(400, f"prompt: {len(prompt)} prompts in one request; this server takes one prompt per "
+                                    "request (send them as separate requests: they are batched)", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            job = _Job(_tokenize(state, prompt, True, "prompt"), prompt)
+        else:
+            _check_ids(prompt, state.engine.vocab_size, "prompt")
+            job = _Job(list(prompt), tokenizer.decode(prompt) if body.echo else "")
+    count, param = len(job.prompt_ids), "messages" if endpoint == "chat" else "prompt"
+    if count == 0:
+        raise APIError(400, "the prompt is empty", param=param)
+    if count > settings.max_prompt_tokens:
+        raise APIError(400, f"the prompt has {count} tokens; this server accepts at most "
+                            f"{settings.max_prompt_tokens}", param=param)
+    return job
+
+
+def _compile(state: _State, schema: Any, param: str) -> TokenConstraint:
+    try:
+        return state.grammar.json_schema(schema)
+    except GrammarError as exc:
+        raise APIError(400, f"{param}: the schema cannot be enforced: {exc}", param=param) from None
+
+
+def _max_tokens(settings: ServeSettings, body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int) -> int:
+    """The answer's token budget: asked for (checked against the limits) or the default, within the context."""
+    if isinstance(body, ChatCompletionRequest):
+        asked = body.max_completion_tokens or body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    else:
+        asked, param = body.max_tokens, "max_tokens"  # 16 unless given (OpenAI's default); null: the server's
+        if asked == 0 and not body.echo:
+            raise APIError(400, "max_tokens: 0 is only allowed with echo (to score the prompt)", param=param)
+    explicit = asked is not None
+    asked = settings.default_max_tokens if asked is None else asked
+    if asked > settings.max_tokens_limit:
+        raise APIError(400, f"max_tokens {asked} is above this server's limit {settings.max_tokens_limit}", param=param)
+    context = settings.context_length
+    if context is not None and prompt_tokens + asked > context:
+        room = context - prompt_tokens
+        if explicit or room < 1:
+            raise APIError(400, f"this model's context is {context} tokens; the prompt has {prompt_tokens} and "
+                                f"{param} asks for {asked} more ({prompt_tokens + asked} in all)", param=param,
+                           code="context_length_exceeded")
+        asked = room
+    return asked
+
+
+async def _serve(state: _State, http: Request, endpoint: str,
+                 body: ChatCompletionRequest | CompletionRequest) -> Response:
+    settings, started = state.settings, time.monotonic()
+    record = RequestRecord(time=time.time(), model=body.model, endpoint=endpoint, status=200)
     try:
         adapter = _adapter_for(settings, body.model)
-        if body.n != 1:
-            raise APIError(400, "n must be 1", param="n")
-        max_tokens = max_tokens or settings.default_max_tokens
-        if max_tokens > settings.max_tokens_limit:
-            raise APIError(400, f"max_tokens {max_tokens} is above this server's limit {settings.max_tokens_limit}",
-                           param="max_tokens")
-        prompt_ids = state.tokenizer(prompt, add_special_tokens=endpoint == "completions")["input_ids"]
-        record.prompt_tokens = len(prompt_ids)
-        if not prompt_ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        if len(prompt_ids) > settings.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server accepts at most "
-                                f"{settings.max_prompt_tokens}", param="messages")
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        request = GenerationRequest(prompt_ids, max_tokens, state.stop_ids, body.temperature, body.top_p, body.seed,
-                                    adapter, settings.timeout)
-        run = _Run(state, request, stops)
+        refused_fields(body)
+        stops = body.stops()
+        bias = body.bias(state.engine.vocab_size)
+        job = await asyncio.get_running_loop().run_in_executor(state.executor, _prepare, state, endpoint, body)
+        record.prompt_tokens = len(job.prompt_ids)
+        max_tokens = _max_tokens(settings, body, len(job.prompt_ids))
+        if isinstance(body, ChatCompletionRequest):
+            top, prompt_logprobs = (body.top_logprobs or 0) if body.logprobs else 0, None
+        else:
+            top = body.logprobs or 0
+            prompt_logprobs = top if body.echo and body.logprobs is not None else None
+        request = GenerationRequest(
+            job.prompt_ids, max_tokens, state.stop_ids, 1.0 if body.temperature is None else body.temperature,
+            1.0 if body.top_p is None else body.top_p, body.seed, adapter, settings.timeout,
+            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=bias, constraint=job.constraint, json_schema=job.schema, top_logprobs=top,
+            prompt_logprobs=prompt_logprobs)
+        unsupported = state.engine.unsupported(request)
+        if unsupported is not None:
+            raise APIError(400, f"{unsupported}: not supported by this server's engine", param=unsupported)
+        run = _Run(state, request, stops, job)
         try:
             state.engine.submit(request)
         except QueueFull:
             raise APIError(429, "the server is busy (request queue full); retry later", kind="rate_limit_error",
                            code="queue_full") from None
         if settings.record_text:
-            record.prompt = prompt
+            record.prompt = job.prompt_text
         if body.stream:
-            return StreamingResponse(_stream(state, run, endpoint, body.model, record, started),
+            return StreamingResponse(_stream(state, run, endpoint, body, record, started),
                                      media_type="text/event-stream")
-        return await _complete(state, http, run, endpoint, body.model, record, started)
+        return await _complete(state, http, run, endpoint, body, record, started)
     except APIError as error:
         record.status, record.error = error.status, error.message
         _finish_record(state, record, started)
         raise
 
 
-async def _complete(state: _State, http: Request, run: _Run, endpoint: str, model: str, record: RequestRecord,
-                    started: float) -> JSONResponse:
-    async def watch_disconnect() -> None:
-        while not await http.is_disconnected():
-            await asyncio.sleep(0.05)
-        run.request.cancel()
+async def _watch_disconnect(http: Request, run: _Run) -> None:
+    """Cancel the generation when the client goes away (the body is read: only a disconnect can come)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    run.client_gone = True
+    run.request.cancel()
 
-    watcher = asyncio.create_task(watch_disconnect())
+
+def _failure(state: _State, run: _Run) -> APIError | None:
+    """The error a finished generation ends in (timeout, engine error), if any."""
+    request = run.request
+    if request.finish_reason == "timeout" and not run.stream.stopped:
+        return APIError(504, f"generation timed out after {state.settings.timeout:.0f} s", kind="timeout")
+    if request.finish_reason == "error":
+        return APIError(500, f"generation of this request failed: {request.error}", kind="server_error")
+    return None
+
+
+def _tool_answer(run: _Run, body: ChatCompletionRequest, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """The answer's content and tool calls (none unless tools are active and the answer is a call)."""
+    if run.job.tools is None:
+        return text, []
+    content, calls = parse_tool_calls(text, run.job.tools)
+    if body.parallel_tool_calls is False:
+        calls = calls[:1]
+    return (content or None, [c.as_api() for c in calls]) if calls else (text, [])
+
+
+async def _complete(state: _State, http: Request, run: _Run, endpoint: str,
+                    body: ChatCompletionRequest | CompletionRequest, record: RequestRecord, started: float) -> Response:
+    watcher = asyncio.create_task(_watch_disconnect(http, run))
     try:
         async for _ in run.tokens():
-            if run.stop_strings:  # decoding as we go is only needed to stop at a stop string
-                run.new_text()
+            pass
     finally:
         watcher.cancel()
-    run.new_text(final=True)
-    text, request = run.text, run.request
+    text, request = run.stream.text, run.request
+    finish = run.finish_reason
     _fill_record(record, run, text)
-    if request.finish_reason == "timeout" and not run.stopped_by_string:
-        record.status, record.error = 504, "timeout"
+    if run.client_gone:
+        record.status, record.error = 499, "client disconnected"
         _finish_record(state, record, started)
-        raise APIError(504, f"generation timed out after {state.settings.timeout:.0f} s", kind="timeout")
-    if request.finish_reason == "error":
-        record.status, record.error = 500, request.error
+        return Response(status_code=499)
+    failure = _failure(state, run)
+    if failure is not None:
+        record.status, record.error = failure.status, failure.message
         _finish_record(state, record, started)
-        raise APIError(500, f"generation failed: {request.error}", kind="server_error")
-    _finish_record(state, record, started)
+        raise failure
     usage = {"prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
              "total_tokens": record.prompt_tokens + record.completion_tokens}
-    if endpoint == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": run.finish_reason}
-        return JSONResponse({"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
-                             "created": int(time.time()), "model": model, "choices": [choice], "usage": usage})
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": run.finish_reason}
-    return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                         "model": model, "choices": [choice], "usage": usage})
+    tokenizer = state.tokenizer
+    if isinstance(body, ChatCompletionRequest):
+        content, calls = _tool_answer(run, body, text)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"], finish = calls, "tool_calls"
+        choice = {"index": 0, "message": message, "finish_reason": finish,
+                  "logprobs": chat_logprobs(tokenizer, request.tokens, request.logprobs,
+                                            request.top if body.top_logprobs else None) if body.logprobs else None}
+        record.finish_reason = finish
+        _finish_record(state, record, started)
+        return JSONAnswer({"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                           "created": int(time.time()), "model": body.model, "choices": [choice], "usage": usage})
+    _finish_record(state, record, started)
+    echoed = run.job.prompt_text if body.echo else ""
+    logprobs = None
+    if body.logprobs is not None:
+        ids, values, tops = list(request.tokens), list(request.logprobs), list(request.top) or [None] * len(request.tokens)
+        if body.echo:
+            ids, values, tops = run.job.prompt_ids + ids, request.prompt_token_logprobs + values, request.prompt_top + tops
+        logprobs = completion_logprobs(tokenizer, ids, values, tops)
+    choice = {"index": 0, "text": echoed + text, "logprobs": logprobs, "finish_reason": finish}
+    return JSONAnswer({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                       "model": body.model, "choices": [choice], "usage": usage})
 
 
-async def _stream(state: _State, run: _Run, endpoint: str, model: str, record: RequestRecord,
-                  started: float) -> AsyncIterator[str]:
+async def _stream(state: _State, run: _Run, endpoint: str, body: ChatCompletionRequest | CompletionRequest,
+                  record: RequestRecord, started: float) -> AsyncIterator[str]:
     ident = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    created = int(time.time())
+    created, tokenizer, request = int(time.time()), state.tokenizer, run.request
+    usage_wanted = bool(body.stream_options and body.stream_options.include_usage)
+    chat = isinstance(body, ChatCompletionRequest)
+    sent_chars = 0
 
-    def chunk(piece: str | None, finish: str | None = None, role: bool = False) -> str:
-        if endpoint == "chat":
-            delta = {"role": "assistant", "content": ""} if role else ({"content": piece} if piece else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
-        return "data: " + json.dumps({"id": ident, "object": obj, "created": created, "model": model,
-                                      "choices": [choice]}) + "\n\n"
+    def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        obj = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+               "model": body.model, "choices": choices}
+        if usage_wanted:
+            obj["usage"] = usage
+        return "data: " + json.dumps(obj) + "\n\n"
 
+    def new_logprobs() -> Any:
+        """Log-probs of the tokens not reported yet (None when not asked for)."""
+        start, end = run.reported, len(request.tokens)
+        run.reported = end
+        if chat and body.logprobs:
+            return chat_logprobs(tokenizer, request.tokens[start:end], request.logprobs[start:end],
+                                 request.top[start:end] if body.top_logprobs else None)
+        if not chat and body.logprobs is not None:
+            tops = request.top[start:end] or [None] * (end - start)
+            return completion_logprobs(tokenizer, request.tokens[start:end], request.logprobs[start:end], tops,
+                                       sent_chars)
+        return None
+
+    def content(piece: str, finish: str | None = None) -> str:
+        nonlocal sent_chars
+        logprobs = new_logprobs()
+        sent_chars += len(piece)
+        if chat:
+            delta = {"content": piece} if piece else {}
+            return event([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+        return event([{"index": 0, "text": piece, "logprobs": logprobs, "finish_reason": finish}])
+
+    def echo() -> str:
+        nonlocal sent_chars
+        logprobs = None
+        if not chat and body.logprobs is not None and request.prompt_token_logprobs:
+            logprobs = completion_logprobs(tokenizer, run.job.prompt_ids, request.prompt_token_logprobs,
+                                           request.prompt_top)
+        sent_chars = len(run.job.prompt_text)
+        return event([{"index": 0, "text": run.job.prompt_text, "logprobs": logprobs, "finish_reason": None}])
+
+    holding = chat and run.job.tools is not None  # an answer that may be a tool call is held back until it is known
+    held = ""
     completed = False
     try:
-        if endpoint == "chat":
-            yield chunk(None, role=True)
+        if chat:
+            yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        echo_pending = not chat and bool(body.echo)  # sent once the prompt is scored (with the first token)
         async for _ in run.tokens():
-            piece = run.new_text()
-            if piece:
-                yield chunk(piece)
-        tail = run.new_text(final=True)
-        if tail:
-            yield chunk(tail)
-        yield chunk(None, finish=run.finish_reason)
+            if echo_pending:
+                echo_pending = False
+                yield echo()
+            piece = run.stream.pending()
+            if holding:
+                held += piece
+                if not run.job.forced_call and not may_become_call(held):
+                    holding, piece, held = False, held, ""
+            if piece and not holding:
+                yield content(piece)
+        if echo_pending:
+            yield echo()
+        piece = run.stream.pending(final=True)
+        failure = _failure(state, run)
+        finish = run.finish_reason
+        if holding:
+            held += piece
+            text, calls = _tool_answer(run, body, held)  # type: ignore[arg-type]
+            if calls:
+                if text:
+                    yield content(text)
+                for index, call in enumerate(calls):
+                    head = {"index": index, "id": call["id"], "type": "function",
+                            "function": {"name": call["function"]["name"], "arguments": ""}}
+                    yield event([{"index": 0, "delta": {"tool_calls": [head]}, "logprobs": None, "finish_reason": None}])
+                    yield event([{"index": 0, "delta": {"tool_calls": [{"index": index, "function": {
+                        "arguments": call["function"]["arguments"]}}]}, "logprobs": None, "finish_reason": None}])
+                piece, finish = "", "tool_calls"
+            else:
+                piece = held
+        if piece:
+            yield content(piece)
+        if failure is not None:
+            record.status, record.error = failure.status, failure.message
+            yield "data: " + json.dumps(failure.body()) + "\n\n"
+        else:
+            record.finish_reason = finish
+            yield content("", finish=finish)
+        if usage_wanted:
+            tokens = len(request.tokens)
+            yield event([], {"prompt_tokens": record.prompt_tokens, "completion_tokens": tokens,
+                             "total_tokens": record.prompt_tokens + tokens})
         yield "data: [DONE]\n\n"
         completed = True
     finally:
         if not completed:  # the client went away: stop generating for it
-            run.request.cancel()
+            request.cancel()
             record.status, record.error = 499, "client disconnected"
-        _fill_record(record, run, run.text)
+        finish_reason = record.finish_reason
+        _fill_record(record, run, run.stream.text)
+        record.finish_reason = finish_reason or record.finish_reason
         _finish_record(state, record, started)
 
 
 def _fill_record(record: RequestRecord, run: _Run, text: str) -> None:
     request = run.request
     record.completion_tokens = len(request.tokens)
-    record.finish_reason = request.finish_reason
+    record.finish_reason = run.finish_reason if request.finish_reason in ("stop", "length", "cancelled") and \
+        not run.client_gone else request.finish_reason
     record.batch_size = request.batch_size
     if request.first_token_at is not None:
         record.time_to_first_token_s = request.first_token_at - request.submitted
