@@ -184,19 +184,20 @@ def test_missing_vllm_is_a_clear_error(monkeypatch, capsys, tiny_model):
 
 
 def test_the_cli_serves_with_the_vllm_engine(tiny_model, tmp_path, monkeypatch):
-    import uvicorn
     from fastapi.testclient import TestClient
+
+    from tunelab.serve.server import GracefulServer
 
     fake_vllm.install(monkeypatch)
     adapter = make_adapter(tiny_model, tmp_path / "alpha", seed=1)
     answers = []
 
-    def run(app, **_) -> None:
-        with TestClient(app) as client:
+    def run(server, sockets=None) -> None:
+        with TestClient(server.config.app) as client:
             answers.append(client.post("/v1/chat/completions", json={"model": "alpha", "messages": QUESTION,
                                                                      "max_tokens": 4, "temperature": 0}))
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(GracefulServer, "run", run)
     assert main(["serve", "--engine", "vllm", "--model", str(tiny_model), "--adapter", f"alpha={adapter}",
                  "--no-monitor", "--max-batch-size", "4", "--max-prompt-tokens", "3000"]) == 0
     fake = fake_vllm.AsyncLLMEngine.built[-1]

@@ -14,6 +14,7 @@ Tokens are handed to the request as they come (streaming), with their log-probab
 from __future__ import annotations
 
 import inspect
+import json
 import queue
 import threading
 import time
@@ -21,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -29,6 +31,14 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from tunelab.serve.grammar import TokenConstraint
 from tunelab.serve.sampling import TokenChooser
+
+
+def model_context_length(model_dir: str | Path) -> int | None:
+    """The model's context in tokens (``max_position_embeddings`` of its config.json), None when unknown."""
+    config_file = Path(model_dir) / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    limit = config.get("max_position_embeddings")
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
 class QueueFull(Exception):

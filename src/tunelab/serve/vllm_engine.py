@@ -30,7 +30,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.errors import TunelabError
-from tunelab.serve.engine import EngineStats, GenerationRequest, QueueFull
+from tunelab.serve.engine import EngineStats, GenerationRequest, QueueFull, model_context_length
 
 # LoRAConfig.max_lora_rank accepts only these values (vllm/config/lora.py, MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -112,10 +112,8 @@ def load_serving_tokenizer(model_path: str, adapters: dict[str, str],
 
 def model_max_len(model_dir: str | Path, wanted: int) -> int:
     """``wanted`` tokens (prompt + answer), capped by the model's ``max_position_embeddings`` when it has one."""
-    config_file = Path(model_dir) / "config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    limit = config.get("max_position_embeddings")
-    return min(wanted, int(limit)) if isinstance(limit, int) and limit > 0 else wanted
+    limit = model_context_length(model_dir)
+    return wanted if limit is None else min(wanted, limit)
 
 
 def structured_outputs(vllm: ModuleType, schema: dict | None) -> dict[str, Any] | None:
