@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -21,16 +20,17 @@ from tunelab.models.load import generation_stop_ids, load_with_adapters
 from tunelab.serve.app import ServeSettings, create_app
 from tunelab.serve.engine import GenerationEngine
 from tunelab.serve.request_log import RequestLog
+from tunelab.serve.server import GracefulServer, server_config
 
 KEY = "secret-test-key"
 QUESTION = [{"role": "user", "content": "What is 2 + 3?"}]
 
 
 class LiveServer:
-    """uvicorn serving a tunelab app in a thread on a free port of 127.0.0.1."""
+    """uvicorn, configured as ``tunelab serve`` runs it, serving a tunelab app in a thread on a free port."""
 
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    def __init__(self, app, **options) -> None:
+        self.server = GracefulServer(server_config(app, "127.0.0.1", 0, **options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -24,6 +24,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,9 +87,14 @@ def _error_response(error: APIError) -> JSONAnswer:
 
 
 class ServerMetrics:
-    """Counters and recent latencies for /metrics (Prometheus text format)."""
+    """Counters and recent latencies for /metrics (Prometheus text format).
+
+    ``loop_lags`` holds how late a 100 ms timer on the event loop fired, over the last minute: a
+    blocked loop (which would stall /health and every stream) shows here first.
+    """
 
     def __init__(self) -> None:
+        self.loop_lags: deque[tuple[float, float]] = deque(maxlen=600)
         self.requests: Counter[tuple[str, int]] = Counter()
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -105,6 +111,19 @@ class ServerMetrics:
             if record.time_to_first_token_s is not None:
                 self.ttfts.append(record.time_to_first_token_s)
 
+    async def watch_loop(self, period: float = 0.1) -> None:
+        """Measure the event loop's lag forever (run as a task)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + period
+            await asyncio.sleep(period)
+            self.loop_lags.append((time.monotonic(), max(0.0, loop.time() - due)))
+
+    def recent_loop_lag(self, window_s: float = 60.0) -> float:
+        """The largest event-loop lag of the last ``window_s`` seconds."""
+        since = time.monotonic() - window_s
+        return max((lag for at, lag in self.loop_lags if at >= since), default=0.0)
+
     def render(self, engine: ServingEngine, extra: dict[str, float]) -> str:
         """The metrics in Prometheus' text exposition format (``extra``: name -> counter value)."""
         lines = ["# TYPE tunelab_requests_total counter"]
@@ -119,6 +138,8 @@ class ServerMetrics:
             "# TYPE tunelab_max_batch_size gauge", f"tunelab_max_batch_size {engine.stats.max_batch_seen}",
             "# TYPE tunelab_connection_read_timeouts_total counter",
             f"tunelab_connection_read_timeouts_total {ConnectionStats.read_timeouts}",
+            "# TYPE tunelab_event_loop_lag_max_seconds gauge",
+            f"tunelab_event_loop_lag_max_seconds {self.recent_loop_lag():.4f}",
         ]
         for name, value in sorted(extra.items()):
             lines += [f"# TYPE {name} counter", f"{name} {value}"]
@@ -223,7 +244,13 @@ def create_app(engine: ServingEngine, template: str, stop_ids: set[int], setting
     each of ``record_sinks`` (e.g. the SQLite monitoring store); ``extra_metrics`` adds counters
     to /metrics (the store's health).
     """
-    app = FastAPI(title="tunelab", docs_url=None, redoc_url=None, openapi_url=None)
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        watch = asyncio.create_task(state.metrics.watch_loop())
+        yield
+        watch.cancel()
+
+    app = FastAPI(title="tunelab", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     sinks = tuple(s for s in (request_log, *record_sinks) if s is not None)
     tokenizer = engine.tokenizer
     longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
