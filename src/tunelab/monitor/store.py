@@ -200,6 +200,7 @@ class RequestStore:
         self._conn = self._open(at_start=True)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pending: list[Any] = []  # taken from the queue, not written yet (kept across a writer restart)
+        self._barriers: list[_Barrier] = []
         self._closing = False
         self._thread_lock = threading.Lock()
         self._start_writer()
@@ -309,7 +310,7 @@ class RequestStore:
         stopping = False
         while True:
             wait = self.flush_seconds if not pending else max(0.0, first_at + self.flush_seconds - time.monotonic())
-            barriers: list[_Barrier] = []
+            barriers = self._barriers  # kept across a writer restart, like the rows
             try:
                 item = self._queue.get(timeout=wait)
             except queue.Empty:
@@ -341,6 +342,7 @@ class RequestStore:
                     last_retention = now
             for barrier in barriers:
                 barrier.done.set()
+            barriers.clear()
             if stopping:
                 if pending and time.monotonic() < self._close_deadline:
                     time.sleep(min(0.2, self.busy_timeout_s))  # a locked file: retry until the deadline
@@ -464,11 +466,11 @@ class RequestStore:
 
 
 def _sqlite_value(value: Any) -> Any:
-    """A value SQLite can store: text with lone surrogates (from a client's JSON) made valid UTF-8."""
+    """A value SQLite can store: text with lone surrogates (from a client's JSON) made valid UTF-8, ints clamped."""
     if isinstance(value, str):
         return value.encode("utf-8", "replace").decode("utf-8")
     if isinstance(value, int) and not -(2**63) <= value < 2**63:
-        return str(value)
+        return max(-(2**63), min(value, 2**63 - 1))  # SQLite integers are 64-bit
     return value
 
 
