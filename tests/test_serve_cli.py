@@ -3,6 +3,7 @@ stores every record and closes the serve run."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -12,12 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jsonschema
+import openai
 import pytest
+from conftest import SHARED_DATA, make_config, write_config
+
+from tunelab.cli import main
 
 from tunelab.monitor.store import read_meta, read_requests
 from tunelab.track.registry import Registry
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
+GLAIVE = SHARED_DATA / "llamafactory_demo" / "glaive_toolcall_en_demo.json"
 
 
 def start_serve(model: Path, db: Path, *options: str) -> tuple[subprocess.Popen, str]:
@@ -34,8 +41,13 @@ def start_serve(model: Path, db: Path, *options: str) -> tuple[subprocess.Popen,
 
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
-    db = tmp_path_factory.mktemp("serve-cli") / "requests.db"
-    process, url = start_serve(tiny_model, db, "--max-tokens-limit", "64")
+    """One ``tunelab serve`` for the module: the tiny model, and as ``glaive`` a LoRA fine-tuned on tool calls."""
+    work = tmp_path_factory.mktemp("serve-cli")
+    config = make_config(work, tiny_model, GLAIVE, train={"max_steps": 4, "lr": 3e-3, "batch_tokens": 2048,
+                                                          "log_every": 1, "seed": 0}, data={"max_length": 512})
+    assert main(["train", str(write_config(work, config))]) == 0
+    db = work / "requests.db"
+    process, url = start_serve(tiny_model, db, "--max-tokens-limit", "128", "--adapter", f"glaive={work / 'out' / 'final'}")
     yield {"process": process, "url": url, "db": db, "model": tiny_model}
     if process.poll() is None:
         process.kill()
@@ -75,6 +87,37 @@ def test_lm_eval_local_completions_equals_its_hf_model(served, tmp_path):
             assert float(ll_a) == pytest.approx(float(ll_b), abs=1e-4) and bool(greedy_a) == bool(greedy_b)
     for task, metric in (("tunelab_arith_gen", "exact_match,none"), ("tunelab_arith_mc", "acc,none")):
         assert served_run["results"][task][metric] == pytest.approx(hf_run["results"][task][metric], abs=1e-4)
+
+
+def test_a_model_fine_tuned_on_tool_calls_answers_the_openai_tools_api(served):
+    """glaive's tool-call conversations, trained with tunelab, then called through the openai client."""
+    rows = json.loads(GLAIVE.read_text(encoding="utf-8"))
+    row = next(r for r in rows if r["tools"] and any(t["from"] == "function_call" for t in r["conversations"]))
+    functions = json.loads(row["tools"])
+    tools = [{"type": "function", "function": f} for f in functions]
+    client = openai.OpenAI(base_url=f"{served['url']}/v1", api_key="none", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": row["conversations"][0]["value"]}]
+    reply = client.chat.completions.create(model="glaive", messages=messages, tools=tools, max_tokens=128,
+                                           tool_choice={"type": "function", "function": {"name": functions[0]["name"]}})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.function.name == functions[0]["name"]
+    jsonschema.validate(json.loads(call.function.arguments), functions[0]["parameters"])
+    streamed = {"name": "", "arguments": ""}
+    for chunk in client.chat.completions.create(model="glaive", messages=messages, tools=tools, max_tokens=128,
+                                                tool_choice="required", stream=True):
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            streamed["name"] += delta.function.name or ""
+            streamed["arguments"] += delta.function.arguments or ""
+    assert streamed["name"] in {f["name"] for f in functions} and isinstance(json.loads(streamed["arguments"]), dict)
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": row["conversations"][2]["value"]
+                  if row["conversations"][2]["from"] == "observation" else '{"result": "done"}'}]
+    answer = client.chat.completions.create(model="glaive", messages=messages, tools=tools, max_tokens=16,
+                                            temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert answer.usage.prompt_tokens > reply.usage.prompt_tokens  # the call and its result went into the prompt
 
 
 def test_sigterm_stores_every_record_and_closes_the_run(served):

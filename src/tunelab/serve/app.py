@@ -538,7 +538,8 @@ async def _complete(state: _State, http: Request, run: _Run, endpoint: str,
         watcher.cancel()
     text, request = run.stream.text, run.request
     finish = run.finish_reason
-    _fill_record(record, run, text)
+    _fill_record(record, run, text, finish if request.finish_reason in ("stop", "length") or run.stream.stopped
+                 else None)
     if run.client_gone:
         record.status, record.error = 499, "client disconnected"
         _finish_record(state, record, started)
@@ -679,17 +680,20 @@ async def _stream(state: _State, run: _Run, endpoint: str, body: ChatCompletionR
         if not completed:  # the client went away: stop generating for it
             request.cancel()
             record.status, record.error = 499, "client disconnected"
-        finish_reason = record.finish_reason
-        _fill_record(record, run, run.stream.text)
-        record.finish_reason = finish_reason or record.finish_reason
+        _fill_record(record, run, run.stream.text, finish=record.finish_reason)
         _finish_record(state, record, started)
 
 
-def _fill_record(record: RequestRecord, run: _Run, text: str) -> None:
+def _fill_record(record: RequestRecord, run: _Run, text: str, finish: str | None = None) -> None:
+    """Copy what the generation did into the record; ``finish``: the answer's finish reason when known."""
     request = run.request
     record.completion_tokens = len(request.tokens)
-    record.finish_reason = run.finish_reason if request.finish_reason in ("stop", "length", "cancelled") and \
-        not run.client_gone else request.finish_reason
+    if finish is not None:
+        record.finish_reason = finish
+    elif request.finish_reason == "cancelled" and run.stream.stopped:
+        record.finish_reason = "stop"  # the server cancelled it at a stop string
+    else:
+        record.finish_reason = request.finish_reason
     record.batch_size = request.batch_size
     if request.first_token_at is not None:
         record.time_to_first_token_s = request.first_token_at - request.submitted
