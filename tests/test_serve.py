@@ -214,11 +214,13 @@ def test_full_queue_answers_429_and_timeouts_504(tiny_model):
     model, tokenizer = load_with_adapters(str(tiny_model), {}, torch.device("cpu"))
     engine = GenerationEngine(model, tokenizer, max_batch_size=1, max_wait_ms=0, max_queue=1)
     settings = ServeSettings(model_name="tiny", max_tokens_limit=400, timeout=300)  # no 504 on a loaded machine
-    live = LiveServer(create_app(engine, resolve_template(tokenizer, "auto"), set(), settings))
+    records: list = []
+    sink = type("ListSink", (), {"record": lambda self, row: records.append(row)})()
+    live = LiveServer(create_app(engine, resolve_template(tokenizer, "auto"), set(), settings, record_sinks=[sink]))
     statuses: list[int] = []
 
     def ask() -> None:  # no stop ids: every request generates all 400 tokens
-        response = httpx.post(f"{live.url}/v1/chat/completions", timeout=60,
+        response = httpx.post(f"{live.url}/v1/chat/completions", timeout=300,
                               json={"model": "tiny", "messages": QUESTION, "max_tokens": 400})
         statuses.append(response.status_code)
 
@@ -229,6 +231,8 @@ def test_full_queue_answers_429_and_timeouts_504(tiny_model):
         for thread in threads:
             thread.join()
         assert statuses.count(429) >= 1 and statuses.count(200) >= 1 and set(statuses) <= {200, 429}
+        assert sorted(r.status for r in records) == sorted(statuses)  # refusals are recorded too
+        assert f'status="429"}} {statuses.count(429)}' in httpx.get(f"{live.url}/metrics").text
         settings.timeout = 0.3
         slow = httpx.post(f"{live.url}/v1/chat/completions", timeout=60,
                           json={"model": "tiny", "messages": QUESTION, "max_tokens": 400})

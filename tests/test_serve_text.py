@@ -84,6 +84,32 @@ def test_tool_calls_are_parsed_from_either_form(text, names, content):
         assert isinstance(json.loads(call.arguments), dict) and call.id.startswith("call_")
 
 
+NATIVE_TEMPLATE = (  # a template that knows tools, shaped like Qwen 2.5's
+    "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>\n{% endif %}"
+    "{% for m in messages %}<{{ m.role }}>"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function.name }}({{ c.function.arguments.q }})"
+    "</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}</{{ m.role }}>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_tools_and_calls_reach_a_template_as_it_expects(tokenizer):
+    from tunelab.data.templates import BUILTIN_TEMPLATES
+    from tunelab.serve.protocol import ChatMessage
+    from tunelab.serve.tools import render_chat
+
+    messages = [ChatMessage(role="user", content="find cats"),
+                ChatMessage(role="assistant", tool_calls=[{"id": "call_1", "function": {
+                    "name": "search", "arguments": '{"q": "cats"}'}}]),
+                ChatMessage(role="tool", tool_call_id="call_1", content="3 cats")]
+    native = render_chat(tokenizer, NATIVE_TEMPLATE, messages, TOOLS)
+    assert native.startswith("<tools>search;lookup;</tools>") and "<tool_call>search(cats)</tool_call>" in native
+    assert native.endswith("<tool>3 cats</tool>\n<assistant>")
+    plain = render_chat(tokenizer, BUILTIN_TEMPLATES["chatml"], messages, TOOLS)
+    assert plain.startswith("<|im_start|>system\nYou can call these functions:") and '"name": "lookup"' in plain
+    assert '<|im_start|>assistant\n{"name": "search", "arguments": {"q": "cats"}}<|im_end|>' in plain
+    assert "<|im_start|>tool\n3 cats<|im_end|>" in plain
+
+
 def test_streaming_holds_back_only_what_may_be_a_call():
     assert may_become_call("") and may_become_call("  {") and may_become_call("<tool") and may_become_call("<tool_call>{")
     assert not may_become_call("Hello") and not may_become_call("<b>")

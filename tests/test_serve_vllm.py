@@ -107,6 +107,38 @@ def test_sampling_params_follow_the_request(served):
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
 
 
+def test_new_fields_map_onto_sampling_params(served):
+    client, fake, tokenizer = served["client"], served["fake"], served["tokenizer"]
+    reply = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4, temperature=0,
+                                           logprobs=True, top_logprobs=2, presence_penalty=0.5,
+                                           frequency_penalty=0.25, logit_bias={"7": 3.0})
+    params = fake.calls[-1].params
+    assert (params.logprobs, params.presence_penalty, params.frequency_penalty) == (2, 0.5, 0.25)
+    assert params.logit_bias == {7: 3.0} and params.structured_outputs is None
+    content = reply.choices[0].logprobs.content
+    assert len(content) == len(fake.calls[-1].tokens) and all(len(e.top_logprobs) == 2 for e in content)
+    assert [e.logprob for e in content] == pytest.approx(fake.calls[-1].logprobs)
+    ids = tokenizer("The cat sat")["input_ids"]
+    echoed = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    assert fake.calls[-1].params.prompt_logprobs == 1 and fake.calls[-1].params.max_tokens == 1  # one token, dropped
+    logprobs = echoed.choices[0].logprobs
+    assert echoed.usage.completion_tokens == 0 and len(logprobs.tokens) == len(ids)
+    assert logprobs.token_logprobs[0] is None and all(lp < 0 for lp in logprobs.token_logprobs[1:])
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4, response_format={
+        "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert fake.calls[-1].params.structured_outputs.json == schema  # vLLM enforces the schema itself
+    without = served["engine"].vllm.sampling_params
+    try:
+        del without.StructuredOutputsParams  # a vLLM with neither structured outputs nor guided decoding
+        refused = httpx.post(f"{served['live'].url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                             timeout=30, json={"model": "tiny", "messages": QUESTION, "response_format": {
+                                 "type": "json_object"}})
+    finally:
+        without.StructuredOutputsParams = fake_vllm.StructuredOutputsParams
+    assert refused.status_code == 400 and error_of(refused)["param"] == "response_format"
+
+
 def test_adapters_are_lora_requests_chosen_by_model_name(served):
     client, fake, tokenizer = served["client"], served["fake"], served["tokenizer"]
     assert (fake.args.enable_lora, fake.args.max_loras, fake.args.max_lora_rank) == (True, 2, 8)  # r=4 -> 8

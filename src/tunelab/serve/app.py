@@ -480,6 +480,8 @@ async def _serve(state: _State, http: Request, endpoint: str,
             logit_bias=bias, constraint=job.constraint, json_schema=job.schema, top_logprobs=top,
             prompt_logprobs=prompt_logprobs)
         unsupported = state.engine.unsupported(request)
+        if unsupported == "response_format" and job.forced_call:
+            unsupported = "tool_choice"  # the grammar came from the forced tool call
         if unsupported is not None:
             raise APIError(400, f"{unsupported}: not supported by this server's engine", param=unsupported)
         run = _Run(state, request, stops, job)
