@@ -129,6 +129,7 @@ def test_sigterm_stores_every_record_and_closes_the_run(served):
         except httpx.TransportError:  # arrived after the listening socket closed
             return "refused"
 
+    started = time.time()
     with ThreadPoolExecutor(8) as pool:
         answers = [pool.submit(ask) for _ in range(16)]
         deadline = time.monotonic() + 30
@@ -139,7 +140,7 @@ def test_sigterm_stores_every_record_and_closes_the_run(served):
     assert process.wait(timeout=120) == 0  # a graceful exit, not 143
     answered = statuses.count(200)
     assert answered >= 1 and set(statuses) <= {200, 503, "refused"}
-    rows = read_requests(db)
+    rows = read_requests(db, since=started)
     chat_rows = [s for s, e in zip(rows.status.tolist(), rows.endpoint) if e == "chat"]
     assert chat_rows.count(200) == answered  # every answered request is in the store
     assert Registry().get(read_meta(db)["serve_run_id"])["status"] == "stopped"
