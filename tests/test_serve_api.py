@@ -12,7 +12,6 @@ import openai
 import pytest
 import torch
 from test_serve import QUESTION, LiveServer
-from transformers import AutoModelForCausalLM
 
 from tunelab.data.templates import resolve_template
 from tunelab.models.load import generation_stop_ids, load_with_adapters
