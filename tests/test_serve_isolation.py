@@ -36,7 +36,7 @@ def guarded(tiny_model, tmp_path_factory):
                              context_length=2048, max_body_bytes=1 << 20)
     app = create_app(engine, resolve_template(tokenizer, "auto"), generation_stop_ids(model.generation_config, tokenizer),
                      settings, None, [store])
-    live = LiveServer(app, read_timeout=0.5)
+    live = LiveServer(app, read_timeout=2.0)  # short, for the half-sent requests test; generous for a loaded machine
     yield {"url": live.url, "engine": engine, "store": store, "tokenizer": tokenizer, "sent": [0]}
     live.close()
     engine.close()
