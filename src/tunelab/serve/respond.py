@@ -50,10 +50,15 @@ class Run:
         if self.stream.stopped:
             self.request.cancel()  # a stop string ended the answer
 
-    async def tokens(self) -> AsyncIterator[None]:
-        """Yields whenever new text may be there; ends (with the text complete) when the request is done."""
+    async def tokens(self, incremental: bool = True) -> AsyncIterator[None]:
+        """Yields whenever new text may be there; ends (with the text complete) when the request is done.
+
+        ``incremental`` False decodes once at the end (a whole answer with no stop strings needs no
+        text before then; the result is the same).
+        """
         while await self.events.get():
-            self._take()
+            if incremental:
+                self._take()
             yield
         self._take()
         self.stream.finish()
@@ -97,7 +102,7 @@ async def complete(state: ServeState, http: Request, run: Run, endpoint: str,
     """Wait for the whole answer and return it as one JSON response (499 recorded if the client left)."""
     watcher = asyncio.create_task(watch_disconnect(http, run))
     try:
-        async for _ in run.tokens():
+        async for _ in run.tokens(incremental=bool(run.stream.automata)):
             pass
     finally:
         watcher.cancel()
