@@ -12,7 +12,9 @@ temporary sibling of OUT and renamed at the end: a failure leaves nothing in OUT
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import shutil
@@ -165,16 +167,9 @@ def _quiet_transformers() -> None:
 
 @contextmanager
 def _no_tqdm() -> Iterator[None]:
-    """Hide transformers' own tqdm bar while a step's spinner shows progress (tqdm reads TQDM_DISABLE)."""
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
+    """Hide transformers' own tqdm bar (written to sys.stderr) while the step's spinner shows progress."""
+    with contextlib.redirect_stderr(io.StringIO()):
         yield
-    finally:
-        if before is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = before
 
 
 def _assemble(source: GgufSource, target: Path, on_bytes: Callable[[int], None]) -> str:
@@ -215,9 +210,11 @@ class _Steps:
     """Progress on the console: a spinner per step, then the step with its time."""
 
     def __init__(self, show: bool) -> None:
+        import sys
+
         from rich.console import Console
 
-        self.console = Console(stderr=True, quiet=not show, highlight=False)
+        self.console = Console(file=sys.stderr, quiet=not show, highlight=False)  # the stderr of now, kept
         self.seconds: dict[str, float] = {}
 
     @contextmanager
