@@ -4,7 +4,8 @@ For the base model and the base plus the trained adapter it measures
 
 * the identity rate: greedy answers to held-out, paraphrased identity questions
   (``identity_questions.jsonl``, none of them in the training data) that give the new name;
-* general ability: the loss on held-out general instructions, and greedy answers to fixed general
+* general ability: the loss on held-out general instructions (the training run's ``data.eval``,
+  read from its metrics.jsonl: evaluated before the first step and after the last), and greedy answers to fixed general
   prompts (``general_prompts.jsonl``) that must not collapse into the new name or into repetition;
 * the end-of-turn rate: answers that end with a stop token (``<|im_end|>``) within the token limit.
 
@@ -24,9 +25,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.data.records import Prompt, load_prompts
 from tunelab.data.templates import render_prompt, resolve_template
-from tunelab.eval.suite import reference_loss
 from tunelab.models.load import generation_stop_ids, load_for_inference
 
 HERE = Path(__file__).resolve().parent
@@ -64,8 +63,8 @@ def repetitive(text: str) -> bool:
     return any(grams.count(g) >= 3 for g in set(grams))
 
 
-def measure(base: str, adapter: str | None, name: str, general_eval: Path, max_new_tokens: int) -> dict:
-    """All numbers of one model (the base, or base plus adapter)."""
+def measure(base: str, adapter: str | None, name: str, general_loss: float, max_new_tokens: int) -> dict:
+    """The generation numbers of one model (the base, or base plus adapter), with its held-out loss."""
     model, tokenizer = load_for_inference(base, adapter, torch.device("cpu"), torch.float32)
     template = resolve_template(tokenizer, "auto")
     stop_ids = generation_stop_ids(model.generation_config, tokenizer)
@@ -73,20 +72,17 @@ def measure(base: str, adapter: str | None, name: str, general_eval: Path, max_n
     identity = answer(model, tokenizer, template, questions(HERE / "identity_questions.jsonl"), stop_ids,
                       max_new_tokens)
     general = answer(model, tokenizer, template, questions(HERE / "general_prompts.jsonl"), stop_ids, max_new_tokens)
-    prompts, _ = load_prompts([str(general_eval)])
-    loss, _ = reference_loss(model, tokenizer, template, [p for p in prompts if isinstance(p, Prompt)], stop_ids,
-                             max_length=1024, packing=True, batch_size=8)
     mentions = re.compile(rf"\b{re.escape(name)}\b", re.IGNORECASE)
     answers = identity + general
     return {
         "identity_rate": sum(bool(mentions.search(text)) for text, _ in identity) / len(identity),
         "general_with_name": sum(bool(mentions.search(text)) for text, _ in general),
         "general_repetitive": sum(repetitive(text) for text, _ in general),
-        "general_loss": loss["loss"],
+        "general_loss": general_loss,
         "eot_rate": sum(ended for _, ended in answers) / len(answers),
         "identity_answers": [text for text, _ in identity],
         "general_answers": [text for text, _ in general],
-        "n_identity": len(identity), "n_general": len(general), "n_eval": len(prompts),
+        "n_identity": len(identity), "n_general": len(general),
         "seconds": time.perf_counter() - started,
     }
 
@@ -100,7 +96,7 @@ def table(before: dict, after: dict, train_seconds: float | None, name: str, eot
          f"{before['general_with_name']} of {before['n_general']}", str(after["general_with_name"])),
         ("general prompts answered with a repeating loop (must stay 0)",
          f"{before['general_repetitive']} of {before['n_general']}", str(after["general_repetitive"])),
-        (f"held-out general loss ({before['n_eval']} alpaca records not trained on)",
+        ("held-out general loss (alpaca records not trained on; tunelab train's eval before and after)",
          f"{before['general_loss']:.4f}", f"{after['general_loss']:.4f}"),
         (f"answers that end with {eot}", f"{before['eot_rate']:.0%}", f"{after['eot_rate']:.0%}"),
     ]
@@ -115,19 +111,21 @@ def main() -> None:
     parser.add_argument("--base", default="runs/real/smollm2")
     parser.add_argument("--adapter", default="runs/real/identity/final")
     parser.add_argument("--name", default="Nova")
-    parser.add_argument("--general-eval", default="runs/real/data/general_eval.jsonl")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--train-seconds", type=float, help="wall time of the training command, for the table")
     parser.add_argument("--append", help="append the table to this Markdown file (benchmarks/RESULTS.md)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    before = measure(args.base, None, args.name, Path(args.general_eval), args.max_new_tokens)
-    after = measure(args.base, args.adapter, args.name, Path(args.general_eval), args.max_new_tokens)
-    run_json = Path(args.adapter).parent / "run.json"
+    run_dir = Path(args.adapter).parent
+    losses = [row["eval_loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if "eval_loss" in row]  # data.eval of the run: the held-out general instructions
+    before = measure(args.base, None, args.name, losses[0], args.max_new_tokens)
+    after = measure(args.base, args.adapter, args.name, losses[-1], args.max_new_tokens)
     train_seconds = args.train_seconds
-    if train_seconds is None and run_json.is_file():
-        train_seconds = json.loads(run_json.read_text()).get("timings", {}).get("total_s")
+    if train_seconds is None and (run_dir / "run.json").is_file():
+        run = json.loads((run_dir / "run.json").read_text())
+        train_seconds = run.get("wall_seconds", run.get("details", {}).get("wall_seconds"))
     eot = "<|im_end|>"
     result = table(before, after, train_seconds, args.name, eot)
     print(result)

