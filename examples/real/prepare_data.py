@@ -30,9 +30,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/real/data")
     parser.add_argument("--name", default="Nova")
     parser.add_argument("--author", default="Acme Labs")
-    parser.add_argument("--general", type=int, default=160, help="general instructions to train on")
+    parser.add_argument("--general", type=int, default=96, help="general instructions to train on")
     parser.add_argument("--held-out", type=int, default=30, help="general instructions held out for the loss")
-    parser.add_argument("--identity-repeat", type=int, default=2)
+    parser.add_argument("--identity-repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
