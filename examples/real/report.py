@@ -63,8 +63,8 @@ def repetitive(text: str) -> bool:
     return any(grams.count(g) >= 3 for g in set(grams))
 
 
-def measure(base: str, adapter: str | None, name: str, general_loss: float, max_new_tokens: int) -> dict:
-    """The generation numbers of one model (the base, or base plus adapter), with its held-out loss."""
+def measure(base: str, adapter: str | None, name: str, max_new_tokens: int) -> dict:
+    """The generation numbers of one model (the base, or base plus adapter)."""
     model, tokenizer = load_for_inference(base, adapter, torch.device("cpu"), torch.float32)
     template = resolve_template(tokenizer, "auto")
     stop_ids = generation_stop_ids(model.generation_config, tokenizer)
@@ -78,7 +78,6 @@ def measure(base: str, adapter: str | None, name: str, general_loss: float, max_
         "identity_rate": sum(bool(mentions.search(text)) for text, _ in identity) / len(identity),
         "general_with_name": sum(bool(mentions.search(text)) for text, _ in general),
         "general_repetitive": sum(repetitive(text) for text, _ in general),
-        "general_loss": general_loss,
         "eot_rate": sum(ended for _, ended in answers) / len(answers),
         "identity_answers": [text for text, _ in identity],
         "general_answers": [text for text, _ in general],
@@ -111,7 +110,8 @@ def main() -> None:
     parser.add_argument("--base", default="runs/real/smollm2")
     parser.add_argument("--adapter", default="runs/real/identity/final")
     parser.add_argument("--name", default="Nova")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--base-only", action="store_true", help="measure (and cache) the base model only")
     parser.add_argument("--train-seconds", type=float, help="wall time of the training command, for the table")
     parser.add_argument("--append", help="append the table to this Markdown file (benchmarks/RESULTS.md)")
     args = parser.parse_args()
@@ -119,9 +119,22 @@ def main() -> None:
     torch.manual_seed(0)
     run_dir = Path(args.adapter).parent
     losses = [row["eval_loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-              if "eval_loss" in row]  # data.eval of the run: the held-out general instructions
-    before = measure(args.base, None, args.name, losses[0], args.max_new_tokens)
-    after = measure(args.base, args.adapter, args.name, losses[-1], args.max_new_tokens)
+              if "eval_loss" in row] if (run_dir / "metrics.jsonl").is_file() else []
+    # The base model's answers do not change between runs: kept next to it, keyed by what decides them.
+    cache = Path(args.base).resolve().parent / f"{Path(args.base).name}.report-base.json"
+    key = {"base": str(Path(args.base).resolve()), "name": args.name, "max_new_tokens": args.max_new_tokens,
+           "questions": questions(HERE / "identity_questions.jsonl") + questions(HERE / "general_prompts.jsonl")}
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
+    if cached.get("key") == key:
+        before = cached["numbers"]
+    else:
+        before = measure(args.base, None, args.name, args.max_new_tokens)
+        cache.write_text(json.dumps({"key": key, "numbers": before}))
+    if args.base_only:  # the base model's numbers only, cached for the full report
+        print(json.dumps({k: v for k, v in before.items() if not k.endswith("answers")}))
+        return
+    after = measure(args.base, args.adapter, args.name, args.max_new_tokens)
+    before["general_loss"], after["general_loss"] = losses[0], losses[-1]
     train_seconds = args.train_seconds
     if train_seconds is None and (run_dir / "run.json").is_file():
         run = json.loads((run_dir / "run.json").read_text())
