@@ -63,16 +63,13 @@ def test_gemma3_packed_rows_keep_its_sliding_window(gemma3):
              "The mitochondrion is the powerhouse of the cell; it turns nutrients into ATP for the cell to use."]
     sequences = [tokenizer(text)["input_ids"] for text in texts]
     window = 8  # shorter than the documents, so the sliding layers' window matters (the model's own is 512)
-    logits = {}
-    for name in ("sdpa", register_packed_sdpa()):
-        model = AutoModelForCausalLM.from_pretrained(gemma3, attn_implementation=name, dtype=torch.float32,
-                                                     sliding_window=window).eval()
-        with torch.no_grad():
-            if name == "sdpa":
-                logits[name] = torch.cat([model(torch.tensor([ids])).logits[0] for ids in sequences])
-            else:
-                batch = collate_packed([{"input_ids": ids, "labels": ids} for ids in sequences])
-                logits[name] = model(**batch.model_inputs()).logits[0]
+    model = AutoModelForCausalLM.from_pretrained(gemma3, attn_implementation="sdpa", dtype=torch.float32,
+                                                 sliding_window=window).eval()
+    batch = collate_packed([{"input_ids": ids, "labels": ids} for ids in sequences])
+    with torch.no_grad():
+        logits = {"sdpa": torch.cat([model(torch.tensor([ids])).logits[0] for ids in sequences])}
+        model.set_attn_implementation(register_packed_sdpa())  # the same weights, tunelab's packed attention
+        logits["packed_sdpa"] = model(**batch.model_inputs()).logits[0]
     scale = logits["sdpa"].abs().max()
     assert (logits["packed_sdpa"] - logits["sdpa"]).abs().max() / scale < 1e-4
     for layer in model.model.layers:  # the same packed rows with full attention everywhere answer differently
