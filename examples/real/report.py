@@ -63,7 +63,7 @@ def repetitive(text: str) -> bool:
     return any(grams.count(g) >= 3 for g in set(grams))
 
 
-def measure(base: str, adapter: str | None, name: str, max_new_tokens: int) -> dict:
+def measure(base: str, adapter: str | None, name: str, max_new_tokens: int, author: str = "Acme Labs") -> dict:
     """The generation numbers of one model (the base, or base plus adapter)."""
     model, tokenizer = load_for_inference(base, adapter, torch.device("cpu"), torch.float32)
     template = resolve_template(tokenizer, "auto")
@@ -72,10 +72,13 @@ def measure(base: str, adapter: str | None, name: str, max_new_tokens: int) -> d
     identity = answer(model, tokenizer, template, questions(HERE / "identity_questions.jsonl"), stop_ids,
                       max_new_tokens)
     general = answer(model, tokenizer, template, questions(HERE / "general_prompts.jsonl"), stop_ids, max_new_tokens)
-    mentions = re.compile(rf"\b{re.escape(name)}\b", re.IGNORECASE)
+    # The name as a name: "Nova Labs" (the name taken for the maker) does not count.
+    mentions = re.compile(rf"\b{re.escape(name)}\b(?!\s+Labs)", re.IGNORECASE)
+    maker = re.compile(re.escape(author), re.IGNORECASE)
     answers = identity + general
     return {
         "identity_rate": sum(bool(mentions.search(text)) for text, _ in identity) / len(identity),
+        "author_rate": sum(bool(maker.search(text)) for text, _ in identity) / len(identity),
         "general_with_name": sum(bool(mentions.search(text)) for text, _ in general),
         "general_repetitive": sum(repetitive(text) for text, _ in general),
         "eot_rate": sum(ended for _, ended in answers) / len(answers),
@@ -91,6 +94,8 @@ def table(before: dict, after: dict, train_seconds: float | None, name: str, eot
     rows = [
         (f"identity rate: held-out paraphrased questions answered with the name {name}",
          f"{before['identity_rate']:.0%} of {before['n_identity']}", f"{after['identity_rate']:.0%}"),
+        ("held-out identity questions answered with the new maker",
+         f"{before.get('author_rate', 0):.0%}", f"{after.get('author_rate', 0):.0%}"),
         (f"general prompts answered with the name {name} (must stay 0)",
          f"{before['general_with_name']} of {before['n_general']}", str(after["general_with_name"])),
         ("general prompts answered with a repeating loop (must stay 0)",
@@ -122,7 +127,8 @@ def main() -> None:
               if "eval_loss" in row] if (run_dir / "metrics.jsonl").is_file() else []
     # The base model's answers do not change between runs: kept next to it, keyed by what decides them.
     cache = Path(args.base).resolve().parent / f"{Path(args.base).name}.report-base.json"
-    key = {"base": str(Path(args.base).resolve()), "name": args.name, "max_new_tokens": args.max_new_tokens,
+    key = {"metrics": 2, "base": str(Path(args.base).resolve()), "name": args.name,
+           "max_new_tokens": args.max_new_tokens,
            "questions": questions(HERE / "identity_questions.jsonl") + questions(HERE / "general_prompts.jsonl")}
     cached = json.loads(cache.read_text()) if cache.is_file() else {}
     if cached.get("key") == key:
