@@ -248,7 +248,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     engine, tokenizer, stop_ids = _serving_engine(args, adapters)
     request_log = RequestLog(args.request_log) if args.request_log else None
-    app = create_app(engine, resolve_template(tokenizer, "auto"), stop_ids, settings, request_log, monitoring.sinks,
+    app = create_app(engine, resolve_template(tokenizer, "auto", fallback="chatml"), stop_ids, settings, request_log,
+                     monitoring.sinks,
                      monitoring.metrics)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--tokenizer-corpus", default=None, help="text/JSON(L) file to train the tokenizer on")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_models_tiny)
+    from tunelab.models.cli import add_commands as add_model_import
+
+    add_model_import(models_commands)
 
     data = commands.add_parser("data", help="data tools")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -386,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--max-length", type=int, default=None, help="longest prompt + answer in tokens")
     evaluate.add_argument("--no-packing", action="store_true", help="padded batches for the perplexity pass")
-    evaluate.add_argument("--template", choices=["auto", "tokenizer", "chatml", "llama3", "alpaca", "plain"])
+    evaluate.add_argument("--template", choices=["auto", "tokenizer", "chatml", "gemma", "llama3", "alpaca", "plain"])
     evaluate.add_argument("--max-samples", type=int, default=None, help="first N examples of each set")
     evaluate.add_argument("--answer-pattern", default=None, help="regex whose group 1 is the final answer")
     evaluate.add_argument("--fail-below", action="append", metavar="METRIC=VALUE",
