@@ -32,7 +32,7 @@ def guarded(tiny_model, tmp_path_factory):
     model, tokenizer = load_with_adapters(str(tiny_model), {}, torch.device("cpu"))
     engine = GenerationEngine(model, tokenizer, max_batch_size=16, max_wait_ms=50, max_queue=64)
     store = RequestStore(tmp_path_factory.mktemp("isolation") / "requests.db", flush_seconds=0.05)
-    settings = ServeSettings(model_name="tiny", api_key=KEY, max_tokens_limit=256, default_max_tokens=16, timeout=60,
+    settings = ServeSettings(model_name="tiny", api_key=KEY, max_tokens_limit=1900, default_max_tokens=16, timeout=60,
                              context_length=2048, max_body_bytes=1 << 20)
     app = create_app(engine, resolve_template(tokenizer, "auto"), generation_stop_ids(model.generation_config, tokenizer),
                      settings, None, [store])
@@ -163,7 +163,7 @@ def test_a_client_leaving_a_non_streaming_request_stops_its_generation(guarded):
     before = engine.stats.generated_tokens
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{guarded['url']}/v1/chat/completions", headers=AUTH, timeout=httpx.Timeout(60, read=0.3),
-                   json={"model": "tiny", "messages": QUESTION, "max_tokens": 256, "logit_bias": no_end})
+                   json={"model": "tiny", "messages": QUESTION, "max_tokens": 1900, "logit_bias": no_end})
     guarded["sent"][0] += 1
     store = guarded["store"]
     deadline = time.monotonic() + 20
@@ -174,7 +174,7 @@ def test_a_client_leaving_a_non_streaming_request_stops_its_generation(guarded):
         time.sleep(0.05)
     assert 499 in read_requests(store.path).status.tolist()
     time.sleep(0.3)
-    assert engine.stats.generated_tokens - before < 256
+    assert engine.stats.generated_tokens - before < 1900
 
 
 def test_a_request_failing_inside_a_batch_fails_alone(guarded):
