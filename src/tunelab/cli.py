@@ -221,12 +221,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from tunelab.data.templates import resolve_template
     from tunelab.monitor.serving import start_serve_monitoring
     from tunelab.serve.app import ServeSettings, create_app
+    from tunelab.serve.engine import model_context_length
     from tunelab.serve.request_log import RequestLog
+    from tunelab.serve.server import GracefulServer, raise_open_file_limit, server_config
 
     if args.engine == "vllm":
         from tunelab.serve.vllm_engine import require_vllm
@@ -245,17 +245,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model_name=name, adapters=tuple(adapters), api_key=args.api_key or os.environ.get("TUNELAB_API_KEY"),
         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens, timeout=args.timeout, record_text=args.record_text,
+        context_length=model_context_length(args.model), max_body_bytes=args.max_body_bytes,
     )
     engine, tokenizer, stop_ids = _serving_engine(args, adapters)
     request_log = RequestLog(args.request_log) if args.request_log else None
-    app = create_app(engine, resolve_template(tokenizer, "auto"), stop_ids, settings, request_log, monitoring.sinks)
+    app = create_app(engine, resolve_template(tokenizer, "auto", fallback="chatml"), stop_ids, settings, request_log,
+                     monitoring.sinks,
+                     monitoring.metrics)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
     monitoring.register(args.model, adapters, {"name": name, "host": args.host, "port": args.port,
                                                "adapters": adapters, "record_text": args.record_text,
                                                "engine": args.engine})
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    raise_open_file_limit()
+    config = server_config(app, args.host, args.port, args.read_timeout, args.keep_alive, args.max_connections,
+                           graceful_timeout=args.timeout + 5)
+    try:  # returns after SIGTERM/SIGINT once the requests in flight are answered
+        GracefulServer(config, on_ready=lambda url: print(f"tunelab serve: {name} ready at {url}", flush=True)).run()
     finally:
         engine.close()
         if request_log is not None:
@@ -400,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--max-length", type=int, default=None, help="longest prompt + answer in tokens")
     evaluate.add_argument("--no-packing", action="store_true", help="padded batches for the perplexity pass")
-    evaluate.add_argument("--template", choices=["auto", "tokenizer", "chatml", "llama3", "alpaca", "plain"])
+    evaluate.add_argument("--template", choices=["auto", "tokenizer", "chatml", "gemma", "llama3", "alpaca", "plain"])
     evaluate.add_argument("--max-samples", type=int, default=None, help="first N examples of each set")
     evaluate.add_argument("--answer-pattern", default=None, help="regex whose group 1 is the final answer")
     evaluate.add_argument("--fail-below", action="append", metavar="METRIC=VALUE",
@@ -472,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prompt-tokens", type=int, default=4096)
     serve.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens allowed")
     serve.add_argument("--default-max-tokens", type=int, default=256)
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413")
+    serve.add_argument("--read-timeout", type=float, default=10.0,
+                       help="seconds a client has to send a whole request (headers and body)")
+    serve.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle connection stays open")
+    serve.add_argument("--max-connections", type=int, default=1000, help="connections at once (then 503)")
     serve.add_argument("--monitor-db", help="SQLite store of per-request records for tunelab monitor "
                                             "(default: $TUNELAB_HOME/monitor/NAME.db, TUNELAB_HOME=~/.tunelab)")
     serve.add_argument("--no-monitor", action="store_true", help="do not record requests in the monitoring store")

