@@ -31,7 +31,7 @@ from tunelab.data.records import Conversation, LoadReport, Text, load_records
 from tunelab.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, NO_TEMPLATE, render_conversation, resolve_template
 from tunelab.errors import DataError
 
-CACHE_VERSION = 1  # bump when tokenization output changes for the same inputs
+CACHE_VERSION = 2  # bump when tokenization output changes for the same inputs
 PAIR_OBJECTIVES = {"reward", "dpo", "simpo", "orpo"}  # trained on preference pairs
 FEEDBACK_OBJECTIVES = {"kto"}  # trained on records labelled desirable or not
 
@@ -94,8 +94,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def _record_to_row(record: Conversation | Text) -> dict[str, Any]:
     if isinstance(record, Text):
-        return {"messages": [], "text": record.text, "source": record.source}
-    return {"messages": record.messages, "text": "", "source": record.source}
+        return {"messages": [], "text": record.text, "source": record.source, "tools": ""}
+    return {"messages": record.messages, "text": "", "source": record.source,
+            "tools": json.dumps(record.tools) if record.tools else ""}
 
 
 class _Tokenizer:
@@ -120,12 +121,13 @@ class _Tokenizer:
         flag = "split" if len(chunks) > 1 else ""
         return [(c, [IGNORE_INDEX] + c[1:], flag) for c in chunks]
 
-    def _conversation(self, messages: list[dict]) -> list[tuple[list[int], list[int], str]]:
+    def _conversation(self, messages: list[dict], tools: list[dict]) -> list[tuple[list[int], list[int], str]]:
         if self.template is None:
             raise DataError("a conversation record, but " + NO_TEMPLATE.format(names="|".join(BUILTIN_TEMPLATES))
                             .replace("train.objective: pretrain to train on plain text",
                                      "give plain-text records (format: text)"))
-        rendered = render_conversation(self.tokenizer, self.template, messages, self.train_on, self.stop_ids)
+        rendered = render_conversation(self.tokenizer, self.template, messages, self.train_on, self.stop_ids,
+                                       tools=tools)
         ids, labels, flag = rendered.input_ids, rendered.labels, ""
         if len(ids) > self.max_length:
             if self.overlong == "drop":
@@ -137,11 +139,12 @@ class _Tokenizer:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "flag": [], "source": []}
-        for messages, text, source in zip(batch["messages"], batch["text"], batch["source"]):
+        tools_column = batch.get("tools") or [""] * len(batch["source"])
+        for messages, text, source, tools in zip(batch["messages"], batch["text"], batch["source"], tools_column):
             try:
                 if not messages and self.objective == "sft":
                     raise DataError("a plain-text record cannot be used for train.objective: sft (use pretrain)")
-                pieces = self._text(text) if not messages else self._conversation(messages)
+                pieces = self._text(text) if not messages else self._conversation(messages, json.loads(tools or "[]"))
             except DataError as exc:
                 pieces = [([], [], f"error: {exc}")]
             for ids, labels, flag in pieces:
