@@ -84,3 +84,46 @@ def test_a_bad_tools_field_names_the_file_and_line(tmp_path: Path, tools, messag
     records, report = load_records([str(path)], on_error="skip")
     assert len(records) == 1 and sum(report.skipped.values()) == 1
     assert len(list(read_rows(str(path)))) == 2
+
+
+def test_a_model_trained_on_declared_tools_calls_one_by_itself_when_served(tiny_model, tmp_path: Path):
+    """tool_choice auto, end to end: train on glaive calls, serve, and the model chooses to call."""
+    import openai
+    import torch
+    from test_serve import LiveServer
+
+    from conftest import make_config, write_config
+    from tunelab.cli import main
+    from tunelab.data.templates import resolve_template
+    from tunelab.models.load import generation_stop_ids, load_with_adapters
+    from tunelab.serve.app import ServeSettings, create_app
+    from tunelab.serve.engine import GenerationEngine
+
+    rows = [r for r in json.loads(GLAIVE.read_text()) if r["conversations"][1]["from"] == "function_call"][:2]
+    calls = [{"conversations": r["conversations"][:2], "tools": r["tools"]} for r in rows]
+    data = tmp_path / "calls.json"
+    data.write_text(json.dumps(calls))
+    config = make_config(tmp_path, tiny_model, data, method={"type": "full"}, data={"train": str(data), "max_length": 1024},
+                         train={"max_steps": 80, "lr": 1e-2, "schedule": "constant", "batch_tokens": 4096})
+    assert main(["train", str(write_config(tmp_path, config))]) == 0
+    model, tokenizer = load_with_adapters(str(tmp_path / "out" / "final"), {}, torch.device("cpu"))
+    engine = GenerationEngine(model, tokenizer, max_batch_size=4, max_wait_ms=5, max_queue=8)
+    settings = ServeSettings(model_name="tiny", max_tokens_limit=256, default_max_tokens=128, timeout=120,
+                             context_length=2048, max_body_bytes=1 << 20)
+    live = LiveServer(create_app(engine, resolve_template(tokenizer, "auto"),
+                                 generation_stop_ids(model.generation_config, tokenizer), settings))
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0, timeout=120)
+        for row in rows:
+            expected = json.loads(row["conversations"][1]["value"])
+            tools = [{"type": "function", "function": f} for f in json.loads(row["tools"])]
+            reply = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": row["conversations"][0]["value"]}],
+                tools=tools, tool_choice="auto", max_tokens=128, temperature=0)
+            choice = reply.choices[0]
+            assert choice.finish_reason == "tool_calls", choice.message.content
+            call = choice.message.tool_calls[0].function
+            assert call.name == expected["name"] and json.loads(call.arguments) == expected["arguments"]
+    finally:
+        live.close()
+        engine.close()
