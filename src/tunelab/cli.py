@@ -108,6 +108,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.launch import check_engine_installed, check_launch, relaunch
 
     config = load_config(args.config, args.overrides)
+    from tunelab.train.run_dir import check_config_location
+
+    check_config_location(args.config, config.output_dir)
     if args.nproc is not None:  # re-run this command under torchrun; does not return
         relaunch(args.nproc, config.distributed,
                  [args.config, *args.overrides, *(["--resume"] if args.resume else []),
@@ -146,6 +149,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     "answer_pattern": config.eval.answer_pattern, "max_new_tokens": config.eval.max_new_tokens}
     if not model_path or not files or not args.out:
         raise TunelabError("tunelab eval needs --model (or --config), --data (or data.eval in the config) and --out")
+    _check_answer_pattern(args.answer_pattern)
+    _claim_report_dir(args, ("results.json", "predictions.jsonl", "report.md", "report.html"), files)
     options = EvalOptions(
         metrics=[m.strip() for m in args.metrics.split(",")] if args.metrics else None,
         max_new_tokens=args.max_new_tokens or defaults.get("max_new_tokens", 256),
@@ -174,10 +179,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _check_answer_pattern(pattern: str | None) -> None:
+    from tunelab.data.answers import check_answer_pattern
+
+    if pattern is not None:
+        try:
+            check_answer_pattern(pattern)
+        except ValueError as exc:
+            raise TunelabError(f"--answer-pattern {pattern!r}: {exc}") from None
+
+
+def _claim_report_dir(args: argparse.Namespace, names: tuple[str, ...], inputs: list[str]) -> None:
+    """Refuse to replace an earlier report in ``--out`` (without --overwrite) or an input file (ever)."""
+    from tunelab.outputs import claim_files
+
+    claim_files([Path(args.out) / name for name in names], args.overwrite, "--out", inputs)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from tunelab.eval.compare import run_compare
     from tunelab.eval.report import markdown_table, write_compare_report
     from tunelab.eval.suite import check_thresholds
+
+    _check_answer_pattern(args.answer_pattern)
+    _claim_report_dir(args, ("results.json", "verdicts.jsonl", "report.md", "report.html"),
+                      [spec.partition("=")[2] or spec for spec in args.predictions or []])
 
     results = run_compare(args.predictions or [], args.judge, args.out, judge_model=args.judge_model,
                           labels_path=args.labels, resamples=args.resamples, seed=args.seed,
@@ -199,6 +225,11 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
     from tunelab.models.load import resolve_device
     from tunelab.train.rl.rewards import RewardModelScorer
 
+    if args.out:
+        from tunelab.outputs import claim_files
+
+        outs = [args.out] if len(args.data) == 1 else [Path(args.out) / f"{Path(p).stem}.scores.jsonl" for p in args.data]
+        claim_files(outs, args.overwrite, "--out", args.data)
     scorer = RewardModelScorer(args.model, resolve_device(args.device), batch_size=args.batch_size)
     for path in args.data:
         rows, summary = score_file(scorer, path, "skip" if args.skip_bad else "fail")
@@ -214,7 +245,7 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from tunelab.deploy.merge import merge_adapter
 
-    out = merge_adapter(args.adapter, args.out, args.dtype, args.base)
+    out = merge_adapter(args.adapter, args.out, args.dtype, args.base, overwrite=args.overwrite)
     print(f"merged {args.adapter} into {out} ({args.dtype})")
     return 0
 
@@ -292,7 +323,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         from tunelab.deploy.onnx import export_onnx, verify_onnx
 
-        out = export_onnx(args.model, args.out, with_past=not args.no_past, dtype=args.dtype or "float32")
+        out = export_onnx(args.model, args.out, with_past=not args.no_past, dtype=args.dtype or "float32",
+                          overwrite=args.overwrite)
         print(f"wrote {out}")
         if not args.no_verify:
             atol = 1e-4 if (args.dtype or "float32") == "float32" else 1e-2
@@ -304,7 +336,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 0
     from tunelab.deploy.gguf import export_gguf, verify_gguf
 
-    out = export_gguf(args.model, args.out, args.outtype)
+    out = export_gguf(args.model, args.out, args.outtype, overwrite=args.overwrite)
     print(f"wrote {out}")
     if not args.no_verify:
         summary = verify_gguf(args.model, out)
@@ -389,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--judge", help="grade answers 1-10 with openai:BASE_URL or hf:MODEL_DIR (judge_score)")
     evaluate.add_argument("--judge-model", help="model name for an OpenAI-compatible judge")
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     evaluate.set_defaults(func=_cmd_eval)
 
     compare = commands.add_parser("compare", help="A/B test models' predictions: win rates with CIs")
@@ -404,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--answer-pattern", default=None, help="regex whose group 1 is the final answer")
     compare.add_argument("--fail-below", action="append", metavar="METRIC=VALUE",
                          help="exit 1 when win_rate/ci_low/ci_high of the first pair is below the value")
+    compare.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     compare.set_defaults(func=_cmd_compare)
 
     reward = commands.add_parser("reward", help="reward model utilities")
@@ -415,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=8)
     score.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
     score.add_argument("--device", default="auto")
+    score.add_argument("--overwrite", action="store_true", help="replace existing score files")
     score.set_defaults(func=_cmd_reward_score)
 
     merge = commands.add_parser("merge", help="merge a LoRA adapter into its base model")
@@ -422,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="output model directory")
     merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     merge.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     merge.set_defaults(func=_cmd_merge)
 
     export = commands.add_parser("export", help="export a model to ONNX (onnxruntime) or GGUF (llama.cpp/Ollama)")
@@ -432,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["float32", "float16"], help="onnx: weight dtype (default float32)")
     export.add_argument("--no-past", action="store_true", help="onnx: export without KV-cache inputs/outputs")
     export.add_argument("--no-verify", action="store_true", help="skip the readback / onnxruntime parity check")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     export.set_defaults(func=_cmd_export)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with batched generation")

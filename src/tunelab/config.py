@@ -9,6 +9,7 @@ line and the key, and for an unknown key suggests the closest valid one.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -324,6 +325,20 @@ class TrainConfig(_Section):
     )
     loss_chunk_tokens: int = Field(4096, ge=16, description="Trained positions per chunk of the chunked loss.")
 
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError("each AdamW beta must be in [0, 1), e.g. [0.9, 0.999]")
+        return betas
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?", name):
+            raise ValueError("expected auto, cpu, cuda or cuda:N (N a GPU index), mps or xpu")
+        return name
+
     @field_validator("chunked_loss", "compile", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:
@@ -362,6 +377,13 @@ class EvalConfig(_Section):
         default_factory=lambda: ["exact_match"],
         description="Generation metrics logged at each evaluation as eval_<name> (see tunelab eval --metrics).",
     )
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _answer_regex(cls, pattern: str) -> str:
+        from tunelab.data.answers import check_answer_pattern
+
+        return check_answer_pattern(pattern)
 
     @field_validator("metrics")
     @classmethod
@@ -589,12 +611,16 @@ class _LineLoader(yaml.SafeLoader):
     """A YAML loader that remembers the line of every mapping key, by dotted path."""
 
 
-def _compose_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+def _compose_lines(node: yaml.Node, prefix: str, lines: dict[str, int], source: Path) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            lines[path] = key_node.start_mark.line + 1
-            _compose_lines(value_node, path, lines)
+            line = key_node.start_mark.line + 1
+            if path in lines:  # YAML keeps the last of two equal keys: the first would be dropped silently
+                raise ConfigError(f"{source}:{line}: duplicate key '{path}' (first at line {lines[path]}); "
+                                  "merge the two into one")
+            lines[path] = line
+            _compose_lines(value_node, path, lines, source)
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
@@ -619,7 +645,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise ConfigError(f"{path}: the config must be a mapping of sections (model:, data:, train: ...)")
     lines: dict[str, int] = {}
     if node is not None:
-        _compose_lines(node, "", lines)
+        _compose_lines(node, "", lines, path)
     return data, lines
 
 

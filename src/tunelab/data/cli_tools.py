@@ -47,8 +47,24 @@ def _print_written(result: Any, records: str, read: str) -> None:
     _rejects_note(result.rejects_path)
 
 
+def _claim(args: argparse.Namespace, *paths: str | Path) -> None:
+    """Refuse to replace existing outputs (without --overwrite) or an input (ever), before any work."""
+    from tunelab.outputs import claim_files
+
+    claim_files(paths, args.overwrite, "--out", args.inputs)
+
+
+def _with_rejects(args: argparse.Namespace) -> list[Path]:
+    """``--out`` and the rejects file written beside it."""
+    from tunelab.data.convert import rejects_path_for
+
+    return [Path(args.out), Path(args.rejects) if args.rejects else rejects_path_for(args.out)]
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from tunelab.data.convert import convert_files
+
+    _claim(args, *_with_rejects(args))
 
     result = convert_files(args.inputs, args.out, args.kind, args.format, args.text_field, args.system,
                            args.on_error, args.rejects)
@@ -71,6 +87,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return 0
     if not args.inputs or not args.out or not args.task:
         raise TunelabError("tunelab data build needs INPUT files, --task and --out (or --show-templates)")
+    _claim(args, *_with_rejects(args))
     result = build_files(
         args.inputs, args.out, args.task, templates=args.templates, seed=args.seed, variants=args.variants,
         fields=_key_values(args.field, "--field"), params=_key_values(args.param, "--param"),
@@ -84,6 +101,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_cot(args: argparse.Namespace) -> int:
     from tunelab.data.cot import CotOptions, cot_files
 
+    _claim(args, *_with_rejects(args))
     options = CotOptions(fmt=args.format, calculator=args.calculator, check_arithmetic=not args.no_check_arithmetic,
                          step_format=args.step_format, answer_format=args.answer_format, system=args.system,
                          kind=args.kind)
@@ -97,6 +115,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     from tunelab.data.convert import rejects_path_for
     from tunelab.data.quality import CleanOptions, clean_files
 
+    _claim(args, *_with_rejects(args))
     options = CleanOptions(
         exact_dedup=not args.no_dedup, near_dedup=not (args.no_dedup or args.no_near_dedup),
         near_dup_threshold=args.near_dup_threshold, dedup_on=args.dedup_on, min_length=args.min_length,
@@ -117,6 +136,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from tunelab.data.stats import stats_files
 
+    _claim(args, *(Path(args.out) / name for name in ("stats.json", "report.md", "token_lengths.png")))
     report, sketch = stats_files(
         args.inputs, args.out, tokenizer=args.tokenizer, template=args.template, bins=args.bins,
         max_length=args.max_length, kind=args.kind, fmt=args.format, text_field=args.text_field,
@@ -130,8 +150,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from tunelab.data.split import parse_ratios, split_files
+    from tunelab.data.split import SPLIT_NAMES, parse_ratios, split_files
 
+    _claim(args, *(Path(args.out) / f"{name}.jsonl" for name in SPLIT_NAMES))
     report = split_files(args.inputs, args.out, parse_ratios(args.ratios), args.seed, stratify=args.stratify,
                          group=args.group, kind=args.kind, fmt=args.format, text_field=args.text_field)
     print("wrote " + ", ".join(str(path) for path in report.paths.values()))
@@ -152,6 +173,8 @@ def _common(parser: argparse.ArgumentParser, out_help: str, inputs_required: boo
     parser.add_argument("inputs", nargs="+" if inputs_required else "*", metavar="INPUT",
                         help="data files: JSON, JSONL, CSV, Parquet, TXT (also .gz)")
     parser.add_argument("--out", required=inputs_required, help=out_help)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace outputs of an earlier run (refused otherwise; an input is never replaced)")
 
 
 def _map_options(parser: argparse.ArgumentParser) -> None:
