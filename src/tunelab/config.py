@@ -485,7 +485,9 @@ class DistributedConfig(_Section):
     @model_validator(mode="after")
     def _options_of_the_strategy(self) -> DistributedConfig:
         for section in ("fsdp", "deepspeed"):
-            if section in self.model_fields_set and self.strategy != section:
+            # Set to other than its defaults (the resolved config.yaml of a run holds both at their defaults).
+            options = getattr(self, section)
+            if section in self.model_fields_set and self.strategy != section and options != type(options)():
                 raise ValueError(f"{section} options apply to strategy {section} only (strategy is {self.strategy})")
         if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
             raise ValueError("deepspeed.offload_params needs zero_stage 3 (only stage 3 shards parameters)")

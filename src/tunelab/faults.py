@@ -7,8 +7,11 @@ otherwise). Values:
 - ``N:F`` (F between 0 and 1): the same, but first leave the write in progress cut at fraction F
   (the file being written truncated to F of its size, or F of a metrics row appended), as a kill in
   the middle of that write would leave it.
-- ``count``: only count; with ``TUNELAB_CRASH_LOG=FILE`` every point reached is appended to FILE
-  as ``N NAME`` (the kill-fuzz test reads it to pick where to strike).
+- ``count``: only count.
+
+With ``TUNELAB_CRASH_LOG=FILE`` every point reached is appended to FILE as ``N NAME`` (and a write
+cut short as ``N cut at F: NAME``); the kill-fuzz test reads it to pick where to strike and to say
+where it struck.
 
 The points sit between and inside the writes that matter: every optimizer step, every file of a
 checkpoint, the manifest, the rename, the pruning of old checkpoints, each metrics row, the rewrite
@@ -68,4 +71,7 @@ def crash_point(name: str, partial: Callable[[float], None] | None = None) -> No
         return
     if fraction and partial is not None:
         partial(float(fraction))
+        if log:
+            with open(log, "a", encoding="utf-8") as handle:
+                handle.write(f"{_hits} cut at {fraction}: {name}\n")
     os.kill(os.getpid(), signal.SIGKILL)

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.config import DataConfig
 from tunelab.data.files import file_fingerprint
+from tunelab.data.oversize import cut_messages, message_bytes, raw_byte_limit
 from tunelab.data.pair_tokenize import PairTokenizer, feedback_rows, preference_rows
 from tunelab.data.preferences import load_feedback, load_preferences
 from tunelab.data.records import Conversation, LoadReport, Text, load_records
@@ -109,6 +110,7 @@ class _Tokenizer:
         self.overlong = overlong
         self.stop_ids = set(stop_ids)
         self.objective = objective
+        self.byte_limit = raw_byte_limit(tokenizer, max_length)
 
     def _text(self, text: str) -> list[tuple[list[int], list[int], str]]:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -121,6 +123,10 @@ class _Tokenizer:
         return [(c, [IGNORE_INDEX] + c[1:], flag) for c in chunks]
 
     def _conversation(self, messages: list[dict]) -> list[tuple[list[int], list[int], str]]:
+        if message_bytes(messages) > self.byte_limit:  # certainly longer than max_length: never tokenize it whole
+            if self.overlong == "drop":
+                return [([], [], "dropped: longer than data.max_length (data.overlong: drop)")]
+            messages = cut_messages(messages, self.byte_limit)
         rendered = render_conversation(self.tokenizer, self.template, messages, self.train_on, self.stop_ids)
         ids, labels, flag = rendered.input_ids, rendered.labels, ""
         if len(ids) > self.max_length:

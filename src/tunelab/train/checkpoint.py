@@ -99,7 +99,7 @@ def write_manifest(directory: Path) -> None:
              for p in _files(directory)}
     manifest = directory / MANIFEST
     manifest.write_text(json.dumps({"version": 1, "files": files}, indent=1))
-    crash_point(f"checkpoint {directory.name} {MANIFEST}", truncate_to(manifest))
+    crash_point(f"checkpoint {directory.name.removeprefix('.tmp-')} {MANIFEST}", truncate_to(manifest))
     fsync_path(manifest)
     fsync_path(directory)
 
@@ -333,7 +333,27 @@ def load_checkpoint(
 
     Returns:
         The trainer state (step, data position, ...).
+
+    Raises:
+        TunelabError: the checkpoint does not fit this model or optimizer (the config changed since).
     """
+    try:
+        return _restore(path, model, optimizer, scheduler, scaler)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TunelabError(
+            f"{path}: this checkpoint does not fit the model, method or optimizer of this config ({first}). Resume "
+            "with the config the run was started with, or start again with --overwrite."
+        ) from None
+
+
+def _restore(
+    path: Path,
+    model: PreTrainedModel | PeftModel | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> dict[str, Any]:
     if isinstance(model, PeftModel):
         if (path / PROMPT_ENCODER_FILE).is_file():
             load_prompt_encoder_state(model, load_file(path / PROMPT_ENCODER_FILE, device=str(model.device)))

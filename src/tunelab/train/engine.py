@@ -263,6 +263,7 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
     elif run_dir.resume:
         console.print("--resume: no checkpoint to resume from, starting from the beginning")
 
+    run_dir.write_config()
     reporter = Reporter(out, total_steps, start_step, cfg.train.tensorboard, processes.is_main)
 
     def run_evaluation(step: int) -> dict[str, Any]:

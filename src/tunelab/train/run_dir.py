@@ -48,7 +48,7 @@ class RunDirectory:
         self.lock = RunLock(self.path, notify=lambda text: console.print(f"[yellow]{text}", highlight=False))
 
     def open(self) -> None:
-        """Claim and lock ``output_dir`` and write ``config.yaml`` (main process; others do nothing)."""
+        """Claim, lock and clean ``output_dir`` (main process; the others do nothing)."""
         if not self.main:
             return
         out = self.path
@@ -84,8 +84,16 @@ class RunDirectory:
                 aside = set_aside(broken)
                 console.print(f"[yellow]--resume: skipped {broken.name}: {reason}; kept it as {aside.name}",
                               highlight=False)
-        with atomic_output(out / "config.yaml", directory=False, what="resolved config") as tmp:
-            tmp.write_text(dump_config(self.config))
+
+    def write_config(self) -> None:
+        """Write the resolved ``config.yaml`` (main process), once the run is about to train.
+
+        Not earlier: a run that fails while reading its data or model leaves ``output_dir`` empty,
+        so that running it again needs neither ``--resume`` nor ``--overwrite``.
+        """
+        if self.main:
+            with atomic_output(self.path / "config.yaml", directory=False, what="resolved config") as tmp:
+                tmp.write_text(dump_config(self.config))
 
     def checkpoint(self) -> Path | None:
         """The checkpoint to resume from (None: a fresh start); every process may call it once the main one opened."""

@@ -395,6 +395,7 @@ def _train_online(config: TunelabConfig, run_dir: RunDirectory, evaluators: Sequ
     elif run_dir.resume:
         console.print("--resume: no checkpoint to resume from, starting from the beginning")
 
+    run_dir.write_config()
     reporter = Reporter(out, total_steps, start_step, t.tensorboard)
     eval_limit = cfg.eval.generate_samples or 64
 
