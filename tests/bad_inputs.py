@@ -645,6 +645,12 @@ def unprivileged(w: Workspace):
     for path in w.readonly:  # type: ignore[attr-defined]
         path.chmod(0o555)
     w.cleanups.append(lambda: [path.chmod(0o755) for path in w.readonly])  # type: ignore[attr-defined]
+    # What the commands import lazily: the Python installation may not be readable by that user.
+    import optparse  # noqa: F401 - nltk's, through rouge_score
+
+    import tunelab.data.convert  # noqa: F401
+    import tunelab.eval.generation_eval  # noqa: F401
+    import tunelab.train.engine  # noqa: F401
     if os.geteuid() != 0:
         yield
         return
@@ -657,11 +663,13 @@ def unprivileged(w: Workspace):
         os.setegid(0)
 
 
-def _readonly_dir(w: Workspace, name: str) -> Path:
+def _readonly_dir(w: Workspace, name: str, writable_root: bool = False) -> Path:
     directory = w.root / name
     directory.mkdir()
     for path in (w.root, *w.root.rglob("*")):
         path.chmod(0o755 if path.is_dir() else 0o644)
+    if writable_root:  # the run's own output_dir can be made there
+        w.root.chmod(0o777)
     w.readonly = [directory]  # type: ignore[attr-defined]
     return directory
 
@@ -672,3 +680,12 @@ case("no_permission_for_output", lambda w: ["data", "convert", str(w.data), "--o
      world_readable=True)
 case("no_permission_for_output_dir", lambda w: ["train", w.config(), f"output_dir={_readonly_dir(w, 'runs')}/x"], 2,
      "{w.root}/runs/x: cannot write the run directory: permission denied", context=unprivileged, world_readable=True)
+case("no_permission_for_data_cache", lambda w: train(w, f"model.path={_copy_model(w)}",
+                                                     f"data.cache_dir={_readonly_dir(w, 'cache', writable_root=True)}/data"), 2,
+     "{w.root}/cache/data: cannot write the tokenized data cache: permission denied",
+     "set data.cache_dir to a directory you can write", context=unprivileged, world_readable=True)
+case("output_dir_under_a_file", lambda w: train(w, f"output_dir={w.write('notes.txt', 'mine')}/run"), 2,
+     "{w.root}/notes.txt/run: cannot write the run directory: a part of the path is a file, not a directory")
+case("convert_out_under_a_file", lambda w: ["data", "convert", str(w.data), "--out",
+                                             f"{w.write('notes.txt', 'mine')}/c.jsonl"], 2,
+     "a part of the path is a file, not a directory")

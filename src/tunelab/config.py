@@ -297,7 +297,7 @@ class TrainConfig(_Section):
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Final learning rate as a fraction of lr.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (never on biases, norms or embeddings' norms).")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this (null: no clipping).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -370,7 +370,7 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description="Longest generated answer.")
     answer_pattern: str = Field(
         r"(?im)^\s*answer\s*:\s*(.+?)\s*$",
-        description="Regex whose first group is the final answer, for exact_match; the whole text when it does not match.",
+        description="Regex whose first group is the final answer, for exact_match; the whole text when it does not match. Checked (it must compile and have a group) before anything loads.",
     )
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
     metrics: list[str] = Field(

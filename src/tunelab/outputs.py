@@ -29,6 +29,9 @@ _NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota 
              errno.EFBIG: "file too large for this file system or the process's file-size limit"}
 _NO_PERMISSION = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
                   errno.EROFS: "read-only file system"}
+_BAD_PATH = {errno.ENOTDIR: "a part of the path is a file, not a directory",
+             errno.EEXIST: "a part of the path is a file, not a directory",
+             errno.ENAMETOOLONG: "the file name is too long", errno.EISDIR: "it is a directory"}
 # What torch and safetensors say when the OS refused a write (they drop the errno).
 _WRITER_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed", "I/O error",
                     "Error while serializing")
@@ -192,12 +195,14 @@ def _space_left(path: Path) -> str:
 
 
 def describe_write_failure(exc: BaseException) -> str | None:
-    """Why a write failed, in words, when ``exc`` is a disk-space or permission failure (else None)."""
+    """Why a write failed, in words, when ``exc`` is a disk-space, permission or path failure (else None)."""
     number = exc.errno if isinstance(exc, OSError) else None
     if number in _NO_SPACE:
         return _NO_SPACE[number]
     if number in _NO_PERMISSION:
         return _NO_PERMISSION[number]
+    if number in _BAD_PATH:
+        return _BAD_PATH[number]
     text = str(exc)
     if isinstance(exc, OSError) and number is None and "No space left" in text:
         return "no space left on device"
@@ -211,7 +216,7 @@ def describe_write_failure(exc: BaseException) -> str | None:
 
 @contextmanager
 def write_errors(path: str | Path, what: str, kept: str | Callable[[], str] | None = None) -> Iterator[None]:
-    """Turn a failed write (disk full, quota, file-size limit, no permission) into an :class:`OutputError`.
+    """Turn a failed write (disk full, quota, file-size limit, no permission, a file in the path) into an error.
 
     Args:
         path: what was being written (named in the message, with the file the OS named if it differs).

@@ -31,6 +31,7 @@ from tunelab.data.preferences import load_feedback, load_preferences
 from tunelab.data.records import Conversation, LoadReport, Text, load_records
 from tunelab.data.templates import IGNORE_INDEX, render_conversation, resolve_template
 from tunelab.errors import DataError
+from tunelab.outputs import write_errors
 
 CACHE_VERSION = 1  # bump when tokenization output changes for the same inputs
 PAIR_OBJECTIVES = {"reward", "dpo", "simpo", "orpo"}  # trained on preference pairs
@@ -299,18 +300,24 @@ def prepare_data(
     eval_rows = to_rows(eval_records) if isinstance(fn, _Tokenizer) else []
 
     tmp = cache / f".tmp-{fingerprint}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with _quiet_datasets():
-        train.save_to_disk(str(tmp / "train"))
-        if evaluation is not None:
-            evaluation.save_to_disk(str(tmp / "eval"))
-    meta = {
-        "train_report": {k: v for k, v in asdict(train_report).items() if k != "from_cache"},
-        "eval_report": {k: v for k, v in asdict(eval_report).items() if k != "from_cache"} if eval_report else None,
-        "eval_records": eval_rows,
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with write_errors(cache, "tokenized data cache", kept="nothing was trained yet; free space, or set "
+                      "data.cache_dir to a directory you can write"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            with _quiet_datasets():
+                train.save_to_disk(str(tmp / "train"))
+                if evaluation is not None:
+                    evaluation.save_to_disk(str(tmp / "eval"))
+            meta = {
+                "train_report": {k: v for k, v in asdict(train_report).items() if k != "from_cache"},
+                "eval_report": {k: v for k, v in asdict(eval_report).items() if k != "from_cache"}
+                if eval_report else None,
+                "eval_records": eval_rows,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return TokenizedData(train, evaluation, train_report, eval_report, eval_rows, template, fingerprint)
