@@ -131,7 +131,7 @@ def test_convert_cli_prints_the_report_and_user_errors_without_traceback(tmp_pat
     out = tmp_path / "hh.jsonl"
     done = run_cli("data", "convert", str(HH_RLHF), "--out", str(out))
     assert done.returncode == 0, done.stderr
-    assert "wrote 2,308 preference records" in done.stdout and "4 skipped: 'chosen' is empty" in done.stdout
+    assert "wrote 2,299 preference records" in done.stdout and "4 skipped: 'chosen' is empty" in done.stdout
     missing = run_cli("data", "convert", str(tmp_path / "nope.jsonl"), "--out", str(out))
     assert missing.returncode == 2 and "nope.jsonl: data file not found" in missing.stderr
     assert "Traceback" not in missing.stderr

@@ -164,9 +164,11 @@ def _cache(args: argparse.Namespace):
 
 def _claim(args: argparse.Namespace, suffixes: tuple[str, ...]) -> None:
     """Refuse to replace an earlier run's outputs (without --overwrite) or an input (ever), before any work."""
+    from tunelab.data.files import check_inputs_exist
     from tunelab.data.generation_jobs import side_path
     from tunelab.outputs import claim_files
 
+    check_inputs_exist(args.inputs)  # a mistyped input is named first
     claim_files([args.out, *(side_path(args.out, suffix) for suffix in suffixes)], args.overwrite, "--out",
                 args.inputs)
 

@@ -49,8 +49,10 @@ def _print_written(result: Any, records: str, read: str) -> None:
 
 def _claim(args: argparse.Namespace, *paths: str | Path) -> None:
     """Refuse to replace existing outputs (without --overwrite) or an input (ever), before any work."""
+    from tunelab.data.files import check_inputs_exist
     from tunelab.outputs import claim_files
 
+    check_inputs_exist(args.inputs)  # a mistyped input is named first
     claim_files(paths, args.overwrite, "--out", args.inputs)
 
 
@@ -115,7 +117,6 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     from tunelab.data.convert import rejects_path_for
     from tunelab.data.quality import CleanOptions, clean_files
 
-    _claim(args, *_with_rejects(args))
     options = CleanOptions(
         exact_dedup=not args.no_dedup, near_dedup=not (args.no_dedup or args.no_near_dedup),
         near_dup_threshold=args.near_dup_threshold, dedup_on=args.dedup_on, min_length=args.min_length,
@@ -124,6 +125,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         redact_pii=args.redact_pii, seed=args.seed,
         languages=tuple(code.strip().lower() for code in args.lang.split(",")) if args.lang else None,
     )
+    options.check()  # the options first, then the outputs
+    _claim(args, *_with_rejects(args))
     report = clean_files(args.inputs, args.out, options, kind=args.kind, fmt=args.format, text_field=args.text_field,
                          rejects_path=args.rejects, use_cache=not args.no_cache, num_proc=args.num_proc)
     print(f"wrote {report.kept:,} records to {args.out}")
@@ -152,8 +155,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_split(args: argparse.Namespace) -> int:
     from tunelab.data.split import SPLIT_NAMES, parse_ratios, split_files
 
+    ratios = parse_ratios(args.ratios)  # the options first, then the outputs
     _claim(args, *(Path(args.out) / f"{name}.jsonl" for name in SPLIT_NAMES))
-    report = split_files(args.inputs, args.out, parse_ratios(args.ratios), args.seed, stratify=args.stratify,
+    report = split_files(args.inputs, args.out, ratios, args.seed, stratify=args.stratify,
                          group=args.group, kind=args.kind, fmt=args.format, text_field=args.text_field)
     print("wrote " + ", ".join(str(path) for path in report.paths.values()))
     _print_lines(report.lines())

@@ -186,6 +186,17 @@ def _hub_rows(name: str) -> Iterator[Row]:
         yield Row(row, f"{name}:row {index + 1}")
 
 
+def _is_hub_id(name: str) -> bool:
+    return "/" in name and not name.startswith((".", "/", "~")) and Path(name).suffix not in (*SUFFIXES, ".gz")
+
+
+def check_inputs_exist(names: list[str]) -> None:
+    """Raise :class:`DataError` for the first input that is neither a file nor a hub dataset id (before any work)."""
+    for name in names:
+        if not Path(name).expanduser().exists() and not _is_hub_id(name):
+            raise DataError(f"{name}: data file not found")
+
+
 def read_rows(name: str) -> Iterator[Row]:
     """Yield the raw rows of one data file (or hub dataset id), each with its ``file:line``.
 
@@ -196,7 +207,7 @@ def read_rows(name: str) -> Iterator[Row]:
     """
     path = Path(name).expanduser()
     if not path.exists():
-        if "/" in name and not name.startswith((".", "/", "~")) and Path(name).suffix not in (*SUFFIXES, ".gz"):
+        if _is_hub_id(name):
             yield from _hub_rows(name)
             return
         raise DataError(f"{name}: data file not found")

@@ -15,6 +15,7 @@ from tunelab.models.load import (
     DTYPES,
     add_stop_ids,
     generation_stop_ids,
+    is_adapter_dir,
     load_model,
     load_tokenizer,
 )
@@ -56,7 +57,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
             adapter or the base, a quantized base (dequantise first), an adapter that does not fit
             the base, an unknown dtype.
     """
-    check_adapter_dir(adapter_dir, f"--adapter {adapter_dir}")
+    if not Path(adapter_dir).is_dir() or not is_adapter_dir(adapter_dir):
+        check_adapter_dir(adapter_dir, f"--adapter {adapter_dir}")  # says what is missing
     if dtype not in DTYPES:
         raise TunelabError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if base is None:
@@ -66,7 +68,6 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
             raise TunelabError(f"--adapter {adapter_dir}: adapter_config.json cannot be read ({exc})") from None
         if not base:
             raise TunelabError(f"--adapter {adapter_dir}: adapter_config.json names no base model; pass --base")
-    out = claim_output(out_dir, overwrite, "--out", [("adapter", adapter_dir), ("base model", base)])
     quantized = quantization_of(base)
     if quantized:
         raise TunelabError(
@@ -74,6 +75,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
             "and save a model that is neither. Dequantise first: load the base in bfloat16/float16 (the "
             "unquantized checkpoint), then run tunelab merge --base on that directory."
         )
+    check_adapter_dir(adapter_dir, f"--adapter {adapter_dir}")  # safetensors weights, never a pickle
+    out = claim_output(out_dir, overwrite, "--out", [("adapter", adapter_dir), ("base model", base)])
     model = load_model(ModelConfig(path=base), torch.float32, torch.device("cpu"))
     with adapter_fit(adapter_dir, base, f"--adapter {adapter_dir}"):
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
