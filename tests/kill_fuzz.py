@@ -123,7 +123,7 @@ class Fuzz:
         self.plan = plan
         self.work = Path(plan["work"])
         self.rng = random.Random(plan["seed"])
-        self.results: dict[str, Any] = {"kills": [], "trials": [], "failures": [], "points": []}
+        self.results: dict[str, Any] = {"kills": [], "random_kills": 0, "trials": [], "failures": [], "points": []}
 
     def reference(self, index: int, base: dict[str, Any]) -> tuple[list[str], float, dict[str, Any]] | None:
         """Run a setting uninterrupted: its crash points, its duration and its outcome."""
@@ -187,6 +187,7 @@ class Fuzz:
             where = ("resumed run, " if attempt else "run, ") + where
             kills.append(where)
             self.results["kills"].append(where)
+            self.results["random_kills"] += chosen is None
             argv = ["train", str(directory / "run.yaml"), "--resume"]
         if code == -9:
             code = run(argv, directory / "final.txt", {})
@@ -216,7 +217,7 @@ def main(plan_file: str, result_file: str) -> None:
         for number in range(plan["trials_per_setting"]):
             fuzz.trial(f"s{index}-t{number}", base, *reference)
     extra = 0  # more random trials until enough kills (a run may finish before its kill comes)
-    while references and len(fuzz.results["kills"]) < plan["min_kills"] and extra < plan["max_extra_trials"]:
+    while references and fuzz.results["random_kills"] < plan["min_kills"] and extra < plan["max_extra_trials"]:
         index, base, *reference = references[extra % len(references)]
         fuzz.trial(f"s{index}-extra{extra}", base, *reference)
         extra += 1

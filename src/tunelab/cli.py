@@ -150,7 +150,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not model_path or not files or not args.out:
         raise TunelabError("tunelab eval needs --model (or --config), --data (or data.eval in the config) and --out")
     _check_answer_pattern(args.answer_pattern)
-    _claim_report_dir(args, ("results.json", "predictions.jsonl", "report.md", "report.html"), files)
     options = EvalOptions(
         metrics=[m.strip() for m in args.metrics.split(",")] if args.metrics else None,
         max_new_tokens=args.max_new_tokens or defaults.get("max_new_tokens", 256),
@@ -165,6 +164,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         options.judge = Judge(parse_judge_spec(args.judge, judge_model=args.judge_model),
                               cache_path=str(Path(args.out) / "judge_cache.jsonl"))
+    # The options first, then the outputs, then the model.
+    _claim_report_dir(args, ("results.json", "predictions.jsonl", "report.md", "report.html"), files)
     device = resolve_device(args.device)
     model, tokenizer = load_for_inference(model_path, args.adapter, device, device_dtype(device))
     description = {"model": model_path, "adapter": args.adapter, "device": str(device)}

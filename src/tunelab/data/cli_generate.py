@@ -131,10 +131,8 @@ def _refuse(args: argparse.Namespace, names: dict[str, str], why: str) -> None:
         raise ConfigError(f"{', '.join(given)}: {why}")
 
 
-def _backend(args: argparse.Namespace):
-    """The backend the options name (loads a local model)."""
-    from tunelab.generation.backends import parse_backend_spec
-
+def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The backend's options, refusing those that do not apply to its kind (nothing loads)."""
     kind = args.backend.partition(":")[0]
     if kind == "hf":
         _refuse(args, _OPENAI_OPTIONS, "only for openai: backends")
@@ -144,7 +142,14 @@ def _backend(args: argparse.Namespace):
     else:
         _refuse(args, _HF_OPTIONS, "only for hf: backends")
         options = _given(args, _OPENAI_OPTIONS)
-    return parse_backend_spec(args.backend, args.backend_model, **options)
+    return options
+
+
+def _backend(args: argparse.Namespace):
+    """The backend the options name (loads a local model)."""
+    from tunelab.generation.backends import parse_backend_spec
+
+    return parse_backend_spec(args.backend, args.backend_model, **_backend_options(args))
 
 
 def _sampling(args: argparse.Namespace, default):
@@ -195,6 +200,7 @@ def _cmd_augment(args: argparse.Namespace) -> int:
     )
     options.sampling = _sampling(args, options.sampling)
     options.check()  # before a model loads
+    _backend_options(args)
     _claim(args, ("report.json", "failed.jsonl"))
     backend = _backend(args)
     result = augment_files(args.inputs, args.out, backend, options, _cache(args), args.attempts)
@@ -218,6 +224,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
                                             max_tokens=args.max_tokens or options.instance_sampling.max_tokens)
         run = self_instruct
     options.check()  # before a model loads
+    _backend_options(args)
     _claim(args, ("report.json", "failed.jsonl", "rejects.jsonl"))
     backend = _backend(args)
     return _finish(run(args.inputs, args.out, backend, options, _cache(args), args.attempts))

@@ -29,6 +29,7 @@ from tunelab.config import TunelabConfig
 from tunelab.data.packing import Batch, packed_lengths_tensor
 from tunelab.data.tokenize import default_cache_dir, prepare_data
 from tunelab.errors import TrainingError
+from tunelab.faults import crash_point
 from tunelab.models.adapters import (
     apply_method,
     count_parameters,
@@ -48,9 +49,8 @@ from tunelab.models.load import (
 from tunelab.models.attention import VARLEN_NAME
 from tunelab.models.quant import is_quantized, weight_memory
 from tunelab.models.tiny import create_tiny_model
-from tunelab.train.batches import MicroBatches, eval_batches
-from tunelab.faults import crash_point
 from tunelab.outputs import remove, replace_with, temporary_sibling, write_errors
+from tunelab.train.batches import MicroBatches, eval_batches
 from tunelab.train.checkpoint import latest_checkpoint, save_model_dir
 from tunelab.train.speed import apply_speed_switches
 from tunelab.train.distributed import Parallel, Processes, parallelize, start_processes, stop_processes

@@ -17,7 +17,7 @@ from pathlib import Path
 from tunelab.config import TunelabConfig, dump_config
 from tunelab.errors import TunelabError
 from tunelab.outputs import atomic_output, write_errors
-from tunelab.train.checkpoint import find_resumable, remove_unfinished, set_aside
+from tunelab.train.checkpoint import find_resumable, list_checkpoints, remove_unfinished, set_aside
 from tunelab.train.reporting import console
 from tunelab.train.run_lock import RunLock
 
@@ -46,6 +46,7 @@ class RunDirectory:
         self.config, self.resume, self.overwrite, self.main = config, resume, overwrite, main
         self.path = Path(config.output_dir)
         self.lock = RunLock(self.path, notify=lambda text: console.print(f"[yellow]{text}", highlight=False))
+        self._checkpoint: Path | None = None
 
     def open(self) -> None:
         """Claim, lock and clean ``output_dir`` (main process; the others do nothing)."""
@@ -79,7 +80,7 @@ class RunDirectory:
         if self.resume:
             for leftover in remove_unfinished(out):
                 console.print(f"[dim]--resume: removed {leftover.name}, left half-written by the interrupted run[/dim]")
-            checkpoint, skipped = find_resumable(out)
+            self._checkpoint, skipped = find_resumable(out)
             for broken, reason in skipped:
                 aside = set_aside(broken)
                 console.print(f"[yellow]--resume: skipped {broken.name}: {reason}; kept it as {aside.name}",
@@ -96,8 +97,17 @@ class RunDirectory:
                 tmp.write_text(dump_config(self.config))
 
     def checkpoint(self) -> Path | None:
-        """The checkpoint to resume from (None: a fresh start); every process may call it once the main one opened."""
-        return find_resumable(self.path)[0] if self.resume else None
+        """The checkpoint to resume from (None: a fresh start); every process may call it once the main one opened.
+
+        The main process verified it; by then it has set the broken newer ones aside, so the other
+        processes take the newest ``step-N`` without hashing the checkpoint again.
+        """
+        if not self.resume:
+            return None
+        if self.main:
+            return self._checkpoint
+        steps = list_checkpoints(self.path)
+        return steps[-1][1] if steps else None
 
     def close(self) -> None:
         """Release the lock."""
