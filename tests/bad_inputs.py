@@ -650,6 +650,8 @@ def unprivileged(w: Workspace):
 
     import tunelab.data.convert  # noqa: F401
     import tunelab.eval.generation_eval  # noqa: F401
+    import tunelab.eval.report  # noqa: F401
+    import tunelab.eval.suite  # noqa: F401
     import tunelab.train.engine  # noqa: F401
     if os.geteuid() != 0:
         yield
@@ -689,3 +691,9 @@ case("output_dir_under_a_file", lambda w: train(w, f"output_dir={w.write('notes.
 case("convert_out_under_a_file", lambda w: ["data", "convert", str(w.data), "--out",
                                              f"{w.write('notes.txt', 'mine')}/c.jsonl"], 2,
      "a part of the path is a file, not a directory")
+case("no_permission_for_eval_report", lambda w: ["eval", "--model", str(_copy_model(w)), "--data", str(w.data), "--out",
+                                                 f"{_readonly_dir(w, 'reports')}/ev", "--max-samples", "1",
+                                                 "--max-new-tokens", "2", "--metrics", "exact_match",
+                                                 "--device", "cpu"], 2,
+     "{w.root}/reports/ev: cannot write the evaluation report: permission denied", context=unprivileged,
+     world_readable=True)

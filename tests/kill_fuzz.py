@@ -83,7 +83,9 @@ def outcome(out: Path) -> dict[str, Any]:
     weights = {}
     for file in sorted((out / "final").glob("*.safetensors")):
         weights.update({f"{file.name}:{k}": v for k, v in load_file(file).items()})
-    return {"rows": rows, "weights": weights}
+    # Every file and directory name: no temporary left behind, no checkpoint more or less.
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    return {"rows": rows, "weights": weights, "files": files}
 
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> str | None:
@@ -92,6 +94,8 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> str | None:
         diff = next((i for i, (x, y) in enumerate(zip(a["rows"], b["rows"])) if x != y), min(len(a["rows"]),
                                                                                          len(b["rows"])))
         return f"metrics differ from row {diff + 1}: {a['rows'][diff:diff + 1]} vs {b['rows'][diff:diff + 1]}"
+    if a["files"] != b["files"]:
+        return f"other files: {sorted(set(a['files']) ^ set(b['files']))}"
     if a["weights"].keys() != b["weights"].keys():
         return "final/ holds other tensors"
     import torch

@@ -3,9 +3,11 @@
 tests/kill_fuzz.py does the work in one subprocess that imports tunelab once and forks a child per
 run. Two settings whose log_every does not divide save_every (a metrics window straddles every
 restart), a held-out set evaluated during training, dropout (the RNG state must resume too).
-Three chosen moments come first: after step 5 (mid logging window), inside the write of the adapter
-of checkpoint 4 (the file cut in half) and during the final save (the last evaluation row must not
-be written twice); then seeded random ones.
+Four chosen moments come first: after step 5 (mid logging window), inside the write of the adapter
+of checkpoint 4 (the file cut in half), between the last checkpoint and the pruning of the oldest
+(one checkpoint too many must not stay) and during the final save (the last evaluation row must not
+be written twice); then seeded random ones. The output directories must end up holding exactly the
+files of the uninterrupted run: no temporary, no checkpoint more or less.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def test_kill_minus_9_anywhere_then_resume_is_bit_identical(tmp_path: Path, tiny
         "work": str(work / "runs"), "seed": 16, "config": config,
         "settings": [{"log_every": 3, "save_every": 2}, {"log_every": 2, "save_every": 3}],
         "named": [["step 5", ""], ["checkpoint step-4 model adapter_model.safetensors", "0.5"],
-                  ["final final before rename", ""]],
+                  ["checkpoint step-8 renamed", ""], ["final final before rename", ""]],
         "trials_per_setting": 3, "kills_per_trial": 3, "timed_share": 0.3,
         "min_kills": MIN_KILLS, "max_extra_trials": 8,
     }
@@ -55,7 +57,8 @@ def test_kill_minus_9_anywhere_then_resume_is_bit_identical(tmp_path: Path, tiny
         assert worker.returncode == 0, worker.stderr[-3000:]
         result = json.loads((tmp_path / "result.json").read_text())
     finally:
-        if not (tmp_path / "result.json").is_file() or json.loads((tmp_path / "result.json").read_text())["failures"]:
+        done = json.loads((tmp_path / "result.json").read_text()) if (tmp_path / "result.json").is_file() else None
+        if done is None or done["failures"] or not all(trial["identical"] for trial in done["trials"]):
             shutil.copytree(work, tmp_path / "work", dirs_exist_ok=True)  # kept for a look at the logs
         shutil.rmtree(work, ignore_errors=True)
     trials = result["trials"]

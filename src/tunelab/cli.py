@@ -170,7 +170,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(model_path, args.adapter, device, device_dtype(device))
     description = {"model": model_path, "adapter": args.adapter, "device": str(device)}
     stop_ids = generation_stop_ids(model.generation_config, tokenizer)
-    results = run_eval(model, tokenizer, files, args.out, options, stop_ids, description)
+    from tunelab.outputs import write_errors
+
+    with write_errors(args.out, "evaluation report", kept="the model and data are untouched"):
+        results = run_eval(model, tokenizer, files, args.out, options, stop_ids, description)
     rows = [[name, value] for name, value in results["metrics"].items()]
     print(markdown_table(["metric", "value"], rows))
     print(f"wrote {args.out}/results.json, predictions.jsonl, report.md, report.html")
@@ -206,10 +209,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     _claim_report_dir(args, ("results.json", "verdicts.jsonl", "report.md", "report.html"),
                       [spec.partition("=")[2] or spec for spec in args.predictions or []])
 
-    results = run_compare(args.predictions or [], args.judge, args.out, judge_model=args.judge_model,
-                          labels_path=args.labels, resamples=args.resamples, seed=args.seed,
-                          answer_pattern=args.answer_pattern)
-    write_compare_report(args.out, results)
+    from tunelab.outputs import write_errors
+
+    with write_errors(args.out, "comparison report", kept="the predictions are untouched"):
+        results = run_compare(args.predictions or [], args.judge, args.out, judge_model=args.judge_model,
+                              labels_path=args.labels, resamples=args.resamples, seed=args.seed,
+                              answer_pattern=args.answer_pattern)
+        write_compare_report(args.out, results)
     rows = [[p["model_a"], p["model_b"], p["wins"], p["ties"], p["losses"], p["no_verdict"], p["win_rate"],
              p["ci_low"], p["ci_high"], p["p_value"]] for p in results["pairs"]]
     print(markdown_table(["A", "B", "wins", "ties", "losses", "no verdict", "win rate", "ci_low", "ci_high", "p"], rows))

@@ -249,12 +249,18 @@ def save_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) frees its space
     crash_point(f"checkpoint step-{step} renamed")
+    prune_checkpoints(output_dir, keep)
+    return final
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    root = checkpoint_root(output_dir)
     for _, old in list_checkpoints(output_dir)[:-keep]:
         doomed = root / f".delete-{old.name}"
         old.rename(doomed)  # gone from the list at once: a kill while deleting leaves no half checkpoint
         crash_point(f"prune {old.name}")
         shutil.rmtree(doomed, ignore_errors=True)
-    return final
 
 
 def _write_checkpoint_files(

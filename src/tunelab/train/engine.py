@@ -360,8 +360,9 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
                 save_final(model, tokenizer, stop_ids, final_dir, pissa_init, weights)
     elapsed = state["elapsed"] + time.perf_counter() - window_start
     if processes.is_main:
-        write_run_json(out, cfg, data.fingerprint, device, precision, params, total_steps, elapsed,
-                       time.perf_counter() - started, last_eval)
+        with write_errors(out / "run.json", "run record", kept=f"{final_dir} and the checkpoints are complete"):
+            write_run_json(out, cfg, data.fingerprint, device, precision, params, total_steps, elapsed,
+                           time.perf_counter() - started, last_eval)
     stop_processes(processes)
     console.print(f"saved {final_dir}")
     return TrainResult(out, final_dir, total_steps, last_eval, start_eval, model, tokenizer)

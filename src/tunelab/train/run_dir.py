@@ -11,18 +11,27 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 from tunelab.config import TunelabConfig, dump_config
 from tunelab.errors import TunelabError
 from tunelab.outputs import atomic_output, write_errors
-from tunelab.train.checkpoint import find_resumable, list_checkpoints, remove_unfinished, set_aside
+from tunelab.train.checkpoint import (
+    find_resumable,
+    list_checkpoints,
+    prune_checkpoints,
+    remove_unfinished,
+    set_aside,
+)
 from tunelab.train.reporting import console
 from tunelab.train.run_lock import RunLock
 
 # What a run writes into output_dir; --overwrite deletes these and nothing else.
 RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "run.json", "config.yaml", "tensorboard", "pissa_init")
+# The temporaries its writes leave when killed (``.final.tmp-PID``, ``.run.json.tmp`` ...).
+LEFTOVER = re.compile(r"^\.(final|metrics\.jsonl|config\.yaml|run\.json)\.(tmp|old)(-\d+)?$")
 
 
 def check_config_location(config_file: str | Path, output_dir: str | Path) -> None:
@@ -66,6 +75,9 @@ class RunDirectory:
 
     def _prepare(self) -> None:
         out = self.path
+        for leftover in (p for p in out.iterdir() if LEFTOVER.match(p.name)):  # only a run's own temporaries
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            console.print(f"[dim]removed {leftover.name}, left half-written by an interrupted run[/dim]")
         found = [name for name in RUN_FILES if (out / name).exists()]
         if found and not self.resume:
             if not self.overwrite:
@@ -85,6 +97,8 @@ class RunDirectory:
                 aside = set_aside(broken)
                 console.print(f"[yellow]--resume: skipped {broken.name}: {reason}; kept it as {aside.name}",
                               highlight=False)
+            # A run killed between writing a checkpoint and deleting the oldest one kept one too many.
+            prune_checkpoints(out, self.config.train.keep_checkpoints)
 
     def write_config(self) -> None:
         """Write the resolved ``config.yaml`` (main process), once the run is about to train.

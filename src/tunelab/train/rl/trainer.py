@@ -467,7 +467,8 @@ def _train_online(config: TunelabConfig, run_dir: RunDirectory, evaluators: Sequ
         save_final(model, tokenizer, stop_ids, final_dir, extra=value_head.save if value_head is not None else None)
     elapsed = state["elapsed"] + time.perf_counter() - window_start
     fingerprint = hashlib.sha256("".join(file_fingerprint(f) for f in cfg.data.train).encode()).hexdigest()[:20]
-    write_run_json(out, cfg, fingerprint, device, precision, params, total_steps, elapsed,
-                   time.perf_counter() - started, last_eval)
+    with write_errors(out / "run.json", "run record", kept=f"{final_dir} and the checkpoints are complete"):
+        write_run_json(out, cfg, fingerprint, device, precision, params, total_steps, elapsed,
+                       time.perf_counter() - started, last_eval)
     console.print(f"saved {final_dir}")
     return TrainResult(out, final_dir, total_steps, last_eval, start_eval, model, tokenizer)
