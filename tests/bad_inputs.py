@@ -75,7 +75,6 @@ class Workspace:
         if text is not None:
             return str(self.write(name, text))
         config = make_config(self.root, self.model, str(data_file or self.data), **sections)
-        config["data"].setdefault("max_length", 64)
         config["data"]["max_length"] = sections.get("data", {}).get("max_length", 64)
         config["train"] = {"max_steps": 2, "lr": 1e-3, "batch_tokens": 256, "log_every": 1, "seed": 0,
                            "precision": "fp32", **sections.get("train", {})}
