@@ -547,6 +547,16 @@ case("split_out_holds_splits", lambda w: ["data", "split", str(w.data), "--out",
      "{w.root}/splits/train.jsonl already exists", setup=lambda w: w.write("splits/train.jsonl", "old\n"))
 case("clean_out_exists", lambda w: ["data", "clean", str(w.data), "--out", str(w.write("clean.jsonl", "x\n"))], 2,
      "already exists")
+case("split_bad_ratios_named_before_the_existing_output",
+     lambda w: ["data", "split", str(w.data), "--out", str(w.root / "splits"), "--ratios", "0.5,0.7", "--overwrite"],
+     2, "--ratios '0.5,0.7' add up to 1.2", setup=lambda w: w.write("splits/train.jsonl", "old\n"))
+case("clean_bad_option_named_before_the_existing_output",
+     lambda w: ["data", "clean", str(w.data), "--out", str(w.write("clean.jsonl", "x\n")), "--near-dup-threshold",
+                "2", "--overwrite"], 2, "--near-dup-threshold 2.0: must be in (0, 1]")
+case("stats_negative_max_length", lambda w: ["data", "stats", str(w.data), "--out", str(w.root / "st"),
+                                              "--max-length", "-3"], 2, "argument --max-length: -3 is below 1")
+case("cot_limit_zero", lambda w: ["data", "cot", str(w.data), "--out", str(w.root / "c.jsonl"), "--limit", "0"], 2,
+     "argument --limit: 0 is below 1")
 case("stats_out_holds_a_report", lambda w: ["data", "stats", str(w.data), "--out", str(w.root / "st")], 2,
      "{w.root}/st/report.md already exists", setup=lambda w: w.write("st/report.md", "my notes"))
 case("convert_gzip_that_is_not", lambda w: ["data", "convert", str(w.write("in.jsonl.gz", "plain")), "--out",

@@ -29,6 +29,19 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
+def _count(minimum: int) -> Any:
+    """An argparse ``type`` for a whole number of at least ``minimum`` (checked as the options are read)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
 def _print_lines(lines: list[str]) -> None:
     for line in lines:
         print(line)
@@ -182,7 +195,7 @@ def _common(parser: argparse.ArgumentParser, out_help: str, inputs_required: boo
 
 
 def _map_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-proc", type=int, default=None,
+    parser.add_argument("--num-proc", type=_count(1), default=None,
                         help="worker processes (default: one per core, at most 4, for 20,000+ records)")
     parser.add_argument("--no-cache", action="store_true", help="recompute instead of using the on-disk cache")
 
@@ -206,11 +219,11 @@ def add_commands(data_commands: argparse._SubParsersAction) -> None:
     build.add_argument("--show-templates", action="store_true", help="print the template library and exit")
     build.add_argument("--field", action="append", metavar="NAME=KEY", help="read field NAME from raw key KEY")
     build.add_argument("--param", action="append", metavar="NAME=VALUE", help="field NAME is VALUE for every record")
-    build.add_argument("--variants", type=int, default=1, help="records per input, each with another phrasing")
+    build.add_argument("--variants", type=_count(1), default=1, help="records per input, each with another phrasing")
     build.add_argument("--seed", type=int, default=0, help="seed of the phrasing choice")
     build.add_argument("--system", help="system prompt instead of the task's")
     build.add_argument("--no-system", action="store_true", help="no system prompt")
-    build.add_argument("--limit", type=int, help="first N raw records")
+    build.add_argument("--limit", type=_count(1), help="first N raw records")
     build.add_argument("--rejects", help="where unusable records go (default: OUT's name + .rejects.jsonl)")
     _map_options(build)
     build.set_defaults(func=_cmd_build)
@@ -227,7 +240,7 @@ def add_commands(data_commands: argparse._SubParsersAction) -> None:
     cot.add_argument("--system", help="system prompt for every record")
     cot.add_argument("--kind", choices=["conversation", "prompt"], default="conversation",
                      help="conversation (training) or prompt with the answer as reference (eval, RL)")
-    cot.add_argument("--limit", type=int, help="first N problems")
+    cot.add_argument("--limit", type=_count(1), help="first N problems")
     cot.add_argument("--rejects", help="where unusable problems go (default: OUT's name + .rejects.jsonl)")
     _map_options(cot)
     cot.set_defaults(func=_cmd_cot)
@@ -241,9 +254,9 @@ def add_commands(data_commands: argparse._SubParsersAction) -> None:
     clean.add_argument("--near-dup-threshold", type=float, default=0.8, help="Jaccard similarity (default 0.8)")
     clean.add_argument("--dedup-on", choices=["all", "prompt", "answer"], default="all",
                        help="text compared for duplicates (system prompts never count)")
-    clean.add_argument("--min-length", type=int, help="drop records shorter than this (--length-unit)")
-    clean.add_argument("--max-length", type=int, help="drop records longer than this (--length-unit)")
-    clean.add_argument("--min-answer-length", type=int, help="drop records whose answer is shorter")
+    clean.add_argument("--min-length", type=_count(0), help="drop records shorter than this (--length-unit)")
+    clean.add_argument("--max-length", type=_count(1), help="drop records longer than this (--length-unit)")
+    clean.add_argument("--min-answer-length", type=_count(0), help="drop records whose answer is shorter")
     clean.add_argument("--length-unit", choices=["words", "chars", "tokens"], default="words")
     clean.add_argument("--tokenizer", help="tokenizer or model directory (for --length-unit tokens)")
     clean.add_argument("--keep-garbled", action="store_true", help="do not drop empty or garbled texts")
@@ -262,8 +275,8 @@ def add_commands(data_commands: argparse._SubParsersAction) -> None:
     stats.add_argument("--tokenizer", help="tokenizer or model directory (default: lengths in words)")
     stats.add_argument("--template", choices=["auto", "tokenizer", "chatml", "llama3", "alpaca", "plain"],
                        default="auto", help="chat template used to render conversations")
-    stats.add_argument("--bins", type=int, default=20, help="histogram bins")
-    stats.add_argument("--max-length", type=int, help="also count records longer than this")
+    stats.add_argument("--bins", type=_count(1), default=20, help="histogram bins")
+    stats.add_argument("--max-length", type=_count(1), help="also count records longer than this")
     _map_options(stats)
     stats.set_defaults(func=_cmd_stats)
 
