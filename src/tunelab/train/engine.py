@@ -94,7 +94,7 @@ def ensure_tiny_model(cfg: TunelabConfig) -> None:
     tiny = cfg.model.tiny
     if tiny is not None and not Path(cfg.model.path).exists():
         console.print(f"building a tiny model at {cfg.model.path}")
-        create_tiny_model(cfg.model.path, hidden=tiny.hidden, layers=tiny.layers, heads=tiny.heads,
+        create_tiny_model(cfg.model.path, arch=tiny.arch, hidden=tiny.hidden, layers=tiny.layers, heads=tiny.heads,
                           vocab=tiny.vocab, tokenizer_corpus=tiny.tokenizer_corpus, seed=tiny.seed)
 
 
