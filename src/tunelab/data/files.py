@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,14 @@ def _decode_lines(path: Path) -> tuple[list[str], dict[int, str]]:
     """The file's lines as text, and the line numbers (1-based) that are not UTF-8, with why."""
     lines: list[str] = []
     errors: dict[int, str] = {}
-    raw = gzip.decompress(path.read_bytes()) if path.suffix.lower() == ".gz" else path.read_bytes()
+    try:
+        raw = path.read_bytes()
+        if path.suffix.lower() == ".gz":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a cut-off gzip an EOFError
+        if path.suffix.lower() == ".gz" and not isinstance(exc, PermissionError | FileNotFoundError):
+            raise DataError(f"{path}: not a readable gzip file ({exc}); is it really gzipped, and complete?") from None
+        raise DataError(f"{path}: cannot read the file ({getattr(exc, 'strerror', None) or exc})") from None
     for number, line in enumerate(raw.split(b"\n"), start=1):
         try:
             lines.append(line.decode("utf-8").removesuffix("\r"))  # CRLF line ends, as text mode reads them
@@ -178,6 +186,17 @@ def _hub_rows(name: str) -> Iterator[Row]:
         yield Row(row, f"{name}:row {index + 1}")
 
 
+def _is_hub_id(name: str) -> bool:
+    return "/" in name and not name.startswith((".", "/", "~")) and Path(name).suffix not in (*SUFFIXES, ".gz")
+
+
+def check_inputs_exist(names: list[str]) -> None:
+    """Raise :class:`DataError` for the first input that is neither a file nor a hub dataset id (before any work)."""
+    for name in names:
+        if not Path(name).expanduser().exists() and not _is_hub_id(name):
+            raise DataError(f"{name}: data file not found")
+
+
 def read_rows(name: str) -> Iterator[Row]:
     """Yield the raw rows of one data file (or hub dataset id), each with its ``file:line``.
 
@@ -188,7 +207,7 @@ def read_rows(name: str) -> Iterator[Row]:
     """
     path = Path(name).expanduser()
     if not path.exists():
-        if "/" in name and not name.startswith((".", "/", "~")) and Path(name).suffix not in (*SUFFIXES, ".gz"):
+        if _is_hub_id(name):
             yield from _hub_rows(name)
             return
         raise DataError(f"{name}: data file not found")

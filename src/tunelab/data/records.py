@@ -135,9 +135,43 @@ def _text_field(value: Any, name: str, required: bool = True) -> str:
     return value
 
 
+def check_roles(messages: list[dict[str, str]]) -> None:
+    """Raise unless the roles come in an order a chat template can render and a model should learn.
+
+    An optional system message first; then the user speaks first, user and assistant take turns,
+    and tool results follow the assistant message that called the tool (the assistant answers
+    after them). Templates that do not check this render such conversations silently, and the
+    model learns a dialogue that never happens.
+
+    Raises:
+        DataError: naming the first message (1-based) that is out of order.
+    """
+    previous = None
+    for number, message in enumerate(messages, start=1):
+        role = message["role"]
+        if role == "system":
+            if number > 1:
+                raise DataError(f"message {number} is a system message; only the first message may be one")
+            continue
+        if previous is None and role != "user":
+            raise DataError(f"message {number} is a {role} message, but the conversation must start with the user "
+                            "(after an optional system message)")
+        if role == previous and role in ("user", "assistant"):
+            raise DataError(f"messages {number - 1} and {number} are both {role} messages; user and assistant "
+                            "must take turns (merge the two, or fix the roles)")
+        if role == "tool" and previous not in ("assistant", "tool"):
+            raise DataError(f"message {number} is a tool result after a {previous} message; tool results follow "
+                            "the assistant message that called the tool")
+        if role == "user" and previous == "tool":
+            raise DataError(f"message {number} is a user message right after a tool result; the assistant "
+                            "answers after tool results")
+        previous = role
+
+
 def _check_conversation(messages: list[dict[str, str]]) -> None:
     if not messages:
         raise DataError("conversation has no messages")
+    check_roles(messages)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("conversation has no assistant message")
     for message in messages:
@@ -278,6 +312,7 @@ def to_prompt(row: Row, fmt: Format, text_field: str = "text", system_prompt: st
             reference = messages.pop()["content"] or reference
         if not any(m["role"] == "user" for m in messages):
             raise DataError("prompt has no user message")
+        check_roles(messages)
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
     except DataError as exc:

@@ -25,11 +25,13 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.config import DataConfig
 from tunelab.data.files import file_fingerprint
+from tunelab.data.oversize import cut_messages, message_bytes, raw_byte_limit
 from tunelab.data.pair_tokenize import PairTokenizer, feedback_rows, preference_rows
 from tunelab.data.preferences import load_feedback, load_preferences
 from tunelab.data.records import Conversation, LoadReport, Text, load_records
 from tunelab.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, NO_TEMPLATE, render_conversation, resolve_template
 from tunelab.errors import DataError
+from tunelab.outputs import write_errors
 
 CACHE_VERSION = 2  # bump when tokenization output changes for the same inputs
 PAIR_OBJECTIVES = {"reward", "dpo", "simpo", "orpo"}  # trained on preference pairs
@@ -110,6 +112,7 @@ class _Tokenizer:
         self.overlong = overlong
         self.stop_ids = set(stop_ids)
         self.objective = objective
+        self.byte_limit = raw_byte_limit(tokenizer, max_length)
 
     def _text(self, text: str) -> list[tuple[list[int], list[int], str]]:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -126,6 +129,10 @@ class _Tokenizer:
             raise DataError("a conversation record, but " + NO_TEMPLATE.format(names="|".join(BUILTIN_TEMPLATES))
                             .replace("train.objective: pretrain to train on plain text",
                                      "give plain-text records (format: text)"))
+        if message_bytes(messages) > self.byte_limit:  # certainly longer than max_length: never tokenize it whole
+            if self.overlong == "drop":
+                return [([], [], "dropped: longer than data.max_length (data.overlong: drop)")]
+            messages = cut_messages(messages, self.byte_limit)
         rendered = render_conversation(self.tokenizer, self.template, messages, self.train_on, self.stop_ids,
                                        tools=tools)
         ids, labels, flag = rendered.input_ids, rendered.labels, ""
@@ -306,18 +313,24 @@ def prepare_data(
     eval_rows = to_rows(eval_records) if isinstance(fn, _Tokenizer) else []
 
     tmp = cache / f".tmp-{fingerprint}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with _quiet_datasets():
-        train.save_to_disk(str(tmp / "train"))
-        if evaluation is not None:
-            evaluation.save_to_disk(str(tmp / "eval"))
-    meta = {
-        "train_report": {k: v for k, v in asdict(train_report).items() if k != "from_cache"},
-        "eval_report": {k: v for k, v in asdict(eval_report).items() if k != "from_cache"} if eval_report else None,
-        "eval_records": eval_rows,
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with write_errors(cache, "tokenized data cache", kept="nothing was trained yet; free space, or set "
+                      "data.cache_dir to a directory you can write"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            with _quiet_datasets():
+                train.save_to_disk(str(tmp / "train"))
+                if evaluation is not None:
+                    evaluation.save_to_disk(str(tmp / "eval"))
+            meta = {
+                "train_report": {k: v for k, v in asdict(train_report).items() if k != "from_cache"},
+                "eval_report": {k: v for k, v in asdict(eval_report).items() if k != "from_cache"}
+                if eval_report else None,
+                "eval_records": eval_rows,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return TokenizedData(train, evaluation, train_report, eval_report, eval_rows, template, fingerprint)

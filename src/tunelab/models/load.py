@@ -21,6 +21,7 @@ from tunelab.config import ModelConfig
 from tunelab.errors import TunelabError
 from tunelab.models.attention import register_packed_sdpa
 from tunelab.models.quant import quantization_config
+from tunelab.models.weight_files import adapter_fit, check_adapter_dir, check_safetensors_dir
 
 Precision = Literal["fp32", "bf16", "fp16"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,8 +90,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     _check_local(path, ("tokenizer_config.json", "tokenizer.json", "config.json"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
-    except (OSError, ValueError) as exc:
-        raise TunelabError(f"model.path {path}: cannot load the tokenizer: {exc}") from None
+    except Exception as exc:  # tokenizers raises a bare Exception for a corrupt tokenizer.json
+        raise TunelabError(f"model.path {path}: cannot load the tokenizer: {str(exc).splitlines()[0][:300]}") from None
     if not tokenizer.is_fast:
         raise TunelabError(f"model.path {path}: a fast tokenizer (tokenizer.json) is needed for label masks")
     if tokenizer.pad_token_id is None:
@@ -124,6 +125,8 @@ def load_model(
             quantization without bitsandbytes installed.
     """
     _check_local(model_cfg.path)
+    if Path(model_cfg.path).expanduser().is_dir():  # a truncated download fails here, naming the file
+        check_safetensors_dir(Path(model_cfg.path).expanduser(), f"model.path {model_cfg.path}")
     quantization = quantization_config(model_cfg, device)
     # A quantized model is placed while it loads (it cannot be moved afterwards).
     if quantization and device.type == "cuda" and device.index is None:
@@ -141,7 +144,7 @@ def load_model(
             use_safetensors=True,
             **placement,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # safetensors' own error is neither
         message = str(exc)
         if "trust_remote_code" in message:
             raise TunelabError(
@@ -209,17 +212,17 @@ def load_for_inference(
     from peft import PeftConfig, PeftModel
 
     if adapter is None and is_adapter_dir(model_path):
+        check_adapter_dir(model_path, f"adapter {model_path}")
         adapter, model_path = model_path, PeftConfig.from_pretrained(model_path).base_model_name_or_path
+    if adapter is not None:  # before the base loads: a pickled or broken adapter fails at once
+        check_adapter_dir(adapter, f"adapter {adapter}")
     device = device or resolve_device("auto")
     model = load_model(ModelConfig(path=model_path, trust_remote_code=trust_remote_code), dtype, device)
     tokenizer_dir = model_path
     if adapter is not None:
         adapter_dir = Path(adapter)
-        if not is_adapter_dir(adapter_dir):
-            raise TunelabError(f"adapter {adapter}: not a PEFT adapter directory (no adapter_config.json)")
-        if not (adapter_dir / "adapter_model.safetensors").is_file():
-            raise TunelabError(f"adapter {adapter}: no adapter_model.safetensors; tunelab never loads pickled weights")
-        model = PeftModel.from_pretrained(model, adapter_dir).to(device)
+        with adapter_fit(adapter_dir, model_path, f"adapter {adapter}"):
+            model = PeftModel.from_pretrained(model, adapter_dir).to(device)
         if (adapter_dir / "tokenizer_config.json").is_file():
             tokenizer_dir = str(adapter_dir)
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
@@ -252,14 +255,15 @@ def load_with_adapters(
     """
     from peft import PeftModel
 
+    for name, directory in adapters.items():  # before the base loads: a pickled or broken adapter fails at once
+        check_adapter_dir(directory, f"--adapter {name}={directory}")
     model, tokenizer = load_for_inference(model_path, None, device, dtype, trust_remote_code)
     for index, (name, directory) in enumerate(adapters.items()):
-        if not is_adapter_dir(directory) or not (Path(directory) / "adapter_model.safetensors").is_file():
-            raise TunelabError(f"--adapter {name}={directory}: not a PEFT adapter directory with safetensors weights")
-        if index == 0:
-            model = PeftModel.from_pretrained(model, directory, adapter_name=name)
-        else:
-            model.load_adapter(directory, adapter_name=name)
+        with adapter_fit(directory, model_path, f"--adapter {name}={directory}"):
+            if index == 0:
+                model = PeftModel.from_pretrained(model, directory, adapter_name=name)
+            else:
+                model.load_adapter(directory, adapter_name=name)
         add_adapter_stop_ids(model, directory, tokenizer)  # one stop set for all: the union of the adapters'
         if not tokenizer.chat_template and (Path(directory) / "tokenizer_config.json").is_file():
             tokenizer = load_tokenizer(directory, trust_remote_code)

@@ -14,6 +14,7 @@ from tunelab.deploy.gguf.hf_checkpoint import _read_config, _Weights, llama3_rop
 from tunelab.deploy.gguf.tensors import OUTTYPES, _plan_tensors, _prepared
 from tunelab.deploy.gguf.tokenizer import _SPECIAL_ID_KEYS, _read_tokenizer, _Tokenizer
 from tunelab.errors import TunelabError
+from tunelab.outputs import claim_output, fsync_path, write_errors
 
 F16_MAX = 65504.0
 
@@ -33,15 +34,17 @@ def _convert(data: np.ndarray, qtype: str, name: str) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
 
 
-def export_gguf(model_dir: str | Path, out_file: str | Path, outtype: str = "f16") -> Path:
+def export_gguf(model_dir: str | Path, out_file: str | Path, outtype: str = "f16", overwrite: bool = False) -> Path:
     """Write an HF model directory (safetensors) as one GGUF file for llama.cpp.
 
     Args:
         model_dir: a Hugging Face model directory (``config.json`` whose ``model_type`` is one of
             :data:`~tunelab.deploy.gguf.archs.SUPPORTED_MODEL_TYPES`: llama, mistral, qwen2, qwen3,
             gemma3_text; safetensors weights, a tokenizer). Merge LoRA adapters first (``tunelab merge``).
-        out_file: the .gguf file to write (replaced atomically; parent directories are created).
+        out_file: the .gguf file to write (written beside, flushed and renamed into place; parent
+            directories are created). An existing file is an error unless ``overwrite``.
         outtype: ``f32``, ``f16`` or ``q8_0`` for the matrices; norms and biases stay f32.
+        overwrite: replace an existing ``out_file``.
 
     Returns:
         The path of the written file.
@@ -56,6 +59,9 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, outtype: str = "f16
         raise TunelabError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     gguf = _gguf()
     model_dir, out = Path(model_dir), Path(out_file)
+    if out.is_dir():
+        raise TunelabError(f"--out {out_file} is a directory; name the .gguf file to write")
+    claim_output(out, overwrite, "--out", [("model directory", model_dir)])
     config = _read_config(model_dir)
     arch = arch_of(config)
     hparams = gguf_hparams(config)
@@ -64,7 +70,8 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, outtype: str = "f16
     tmp = out.with_name(f".{out.name}.tmp")
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
-    with _Weights(model_dir) as weights:
+    with _Weights(model_dir) as weights, write_errors(
+            out, "GGUF file", kept=f"{out} is unchanged" if out.exists() else "nothing was written"):
         plan = _plan_tensors(config, weights, outtype)
         writer = gguf.GGUFWriter(path=None, arch=arch.name)
         try:
@@ -85,7 +92,9 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, outtype: str = "f16
             for p in plan:
                 writer.write_tensor_data(_convert(_prepared(p, weights, factors), p.qtype, p.hf_name or p.name))
             writer.close()
+            fsync_path(tmp)
             os.replace(tmp, out)
+            fsync_path(out.parent)
         except BaseException:
             writer.close()
             tmp.unlink(missing_ok=True)
