@@ -108,6 +108,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.launch import check_engine_installed, check_launch, relaunch
 
     config = load_config(args.config, args.overrides)
+    from tunelab.models.source import check_start_model
+
+    check_start_model(config.model.path, config.model.tiny is not None, args.config)
     if args.nproc is not None:  # re-run this command under torchrun; does not return
         relaunch(args.nproc, config.distributed,
                  [args.config, *args.overrides, *(["--resume"] if args.resume else []),
@@ -135,6 +138,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.eval.report import markdown_table
     from tunelab.eval.suite import EvalOptions, check_thresholds, device_dtype, run_eval
     from tunelab.models.load import generation_stop_ids, load_for_inference, resolve_device
+    from tunelab.progress import progress_bar
 
     defaults: dict = {}
     model_path, files = args.model, args.data or []
@@ -161,10 +165,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         options.judge = Judge(parse_judge_spec(args.judge, judge_model=args.judge_model),
                               cache_path=str(Path(args.out) / "judge_cache.jsonl"))
     device = resolve_device(args.device)
-    model, tokenizer = load_for_inference(model_path, args.adapter, device, device_dtype(device))
+    with progress_bar(f"loading {model_path}" + (f" + {args.adapter}" if args.adapter else "")):
+        model, tokenizer = load_for_inference(model_path, args.adapter, device, device_dtype(device))
     description = {"model": model_path, "adapter": args.adapter, "device": str(device)}
     stop_ids = generation_stop_ids(model.generation_config, tokenizer)
     results = run_eval(model, tokenizer, files, args.out, options, stop_ids, description)
+    _explain_judge_failures([s["accounting"] for s in results["sets"]])
     rows = [[name, value] for name, value in results["metrics"].items()]
     print(markdown_table(["metric", "value"], rows))
     print(f"wrote {args.out}/results.json, predictions.jsonl, report.md, report.html")
@@ -172,6 +178,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for failure in failures:
         print(f"FAIL: {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _explain_judge_failures(accountings: list[dict]) -> None:
+    """Print how many judge calls failed and the first reason of each kind (stderr)."""
+    from tunelab.failures import reason_lines
+
+    for accounting in accountings:
+        reasons = accounting.get("judge_failure_reasons") or {}
+        if reasons:
+            count = sum(entry["count"] for entry in reasons.values())
+            print(f"warning: {count} judge call(s) failed (counted as no verdict); first reason of each kind:",
+                  file=sys.stderr)
+            print("\n".join(reason_lines(reasons)), file=sys.stderr)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -183,6 +202,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                           labels_path=args.labels, resamples=args.resamples, seed=args.seed,
                           answer_pattern=args.answer_pattern)
     write_compare_report(args.out, results)
+    _explain_judge_failures([results["accounting"]])
+    if results["matched_by"] == "prompt":
+        print("note: not every prediction has an id: examples matched by prompt text", file=sys.stderr)
     rows = [[p["model_a"], p["model_b"], p["wins"], p["ties"], p["losses"], p["no_verdict"], p["win_rate"],
              p["ci_low"], p["ci_high"], p["p_value"]] for p in results["pairs"]]
     print(markdown_table(["A", "B", "wins", "ties", "losses", "no verdict", "win rate", "ci_low", "ci_high", "p"], rows))
@@ -213,18 +235,19 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from tunelab.deploy.merge import merge_adapter
+    from tunelab.progress import progress_bar
 
-    out = merge_adapter(args.adapter, args.out, args.dtype, args.base)
+    with progress_bar(f"merging {args.adapter} into its base ({args.dtype})"):
+        out = merge_adapter(args.adapter, args.out, args.dtype, args.base)
     print(f"merged {args.adapter} into {out} ({args.dtype})")
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from tunelab.data.templates import resolve_template
     from tunelab.monitor.serving import start_serve_monitoring
     from tunelab.serve.app import ServeSettings, create_app
+    from tunelab.serve.ready import serve_until_stopped
     from tunelab.serve.request_log import RequestLog
 
     if args.engine == "vllm":
@@ -245,7 +268,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens, timeout=args.timeout, record_text=args.record_text,
     )
-    engine, tokenizer, stop_ids = _serving_engine(args, adapters)
+    from tunelab.progress import progress_bar
+
+    with progress_bar(f"loading {args.model}" + (f" and {len(adapters)} adapter(s)" if adapters else "")):
+        engine, tokenizer, stop_ids = _serving_engine(args, adapters)
     request_log = RequestLog(args.request_log) if args.request_log else None
     app = create_app(engine, resolve_template(tokenizer, "auto"), stop_ids, settings, request_log, monitoring.sinks)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
@@ -254,7 +280,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                                "adapters": adapters, "record_text": args.record_text,
                                                "engine": args.engine})
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        serve_until_stopped(app, args.host, args.port, [name, *adapters])
     finally:
         engine.close()
         if request_log is not None:
@@ -287,16 +313,19 @@ def _serving_engine(args: argparse.Namespace, adapters: dict[str, str]):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.progress import progress_bar
     from tunelab.track.record import record_export
 
     if args.format == "onnx":
         from tunelab.deploy.onnx import export_onnx, verify_onnx
 
-        out = export_onnx(args.model, args.out, with_past=not args.no_past, dtype=args.dtype or "float32")
+        with progress_bar(f"exporting {args.model} to ONNX"):
+            out = export_onnx(args.model, args.out, with_past=not args.no_past, dtype=args.dtype or "float32")
         print(f"wrote {out}")
         if not args.no_verify:
             atol = 1e-4 if (args.dtype or "float32") == "float32" else 1e-2
-            result = verify_onnx(args.model, out, atol=atol)
+            with progress_bar("verifying with onnxruntime (logits and greedy generations)"):
+                result = verify_onnx(args.model, out, atol=atol)
             print(f"verified with onnxruntime: max |logit difference| {result['max_abs_diff']:.2e}, "
                   f"greedy generations equal: {result['generations_equal']}")
         record_export(args.model, out, {"format": "onnx", "dtype": args.dtype or "float32", "past": not args.no_past},
@@ -304,10 +333,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 0
     from tunelab.deploy.gguf import export_gguf, verify_gguf
 
-    out = export_gguf(args.model, args.out, args.outtype)
+    with progress_bar(f"exporting {args.model} to GGUF ({args.outtype})"):
+        out = export_gguf(args.model, args.out, args.outtype)
     print(f"wrote {out}")
     if not args.no_verify:
-        summary = verify_gguf(args.model, out)
+        with progress_bar("verifying the GGUF file by reading it back"):
+            summary = verify_gguf(args.model, out)
         errors = ", ".join(f"{kind} {error:.2e}" for kind, error in summary["max_abs_error"].items())
         print(f"verified by reading it back: {summary['n_tensors']} tensors (max |error| {errors}); "
               "tokenizer and chat template match")
@@ -319,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tunelab`` command."""
     from tunelab import __version__
 
-    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune, align, evaluate and ship open LLMs.")
+    from tunelab.cli_help import TunelabParser, add_examples
+
+    parser = TunelabParser(prog="tunelab", description="Fine-tune, align, evaluate and ship open LLMs.")
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -374,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", action="append", help="eval file (repeat for several sets)")
     evaluate.add_argument("--out", help="output directory")
     evaluate.add_argument("--metrics", help="comma-separated metric names (default: all)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="longest answer in tokens (default: eval.max_new_tokens of --config, else 256)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: seeded sampling")
     evaluate.add_argument("--top-p", type=float, default=1.0)
@@ -477,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_monitor_commands(commands)
     add_runs_commands(commands)
+    add_examples(parser)
     return parser
 
 

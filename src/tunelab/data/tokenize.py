@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.config import DataConfig
 from tunelab.data.files import file_fingerprint
 from tunelab.data.pair_tokenize import PairTokenizer, feedback_rows, preference_rows
+from tunelab.data.kinds import check_data_kind
 from tunelab.data.preferences import load_feedback, load_preferences
 from tunelab.data.records import Conversation, LoadReport, Text, load_records
 from tunelab.data.templates import IGNORE_INDEX, render_conversation, resolve_template
@@ -245,6 +246,7 @@ def prepare_data(
     Raises:
         DataError: unreadable files, bad records (with ``on_error: fail``), or nothing usable.
     """
+    check_data_kind([*cfg.train, *(cfg.eval or [])], objective)
     template = resolve_template(tokenizer, cfg.template)
     fingerprint = data_fingerprint(cfg, objective, seed, tokenizer, template, stop_ids)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
