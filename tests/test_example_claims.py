@@ -54,3 +54,20 @@ def test_the_table_shows_claims_beside_each_seed_and_fails_a_claim_not_met(check
     measured.update({42: 0.5, 0: 0.5, 1: 0.5})
     assert check.main(["quickstart", "--json", str(tmp_path / "r.json")], run=fake) == 1
     assert "**NO**" in capsys.readouterr().out
+
+
+def test_sft_short_delivers_its_claim(check, tmp_path):
+    """The cheapest claimed run (200 steps): its held-out exact match is in the range check.py states."""
+    from conftest import ARITHMETIC_TEST, ARITHMETIC_TRAIN
+    from tunelab.config import load_config
+    from tunelab.eval.generation_eval import GenerationEvaluator
+    from tunelab.train.engine import train
+
+    config = load_config(REPO / "examples" / "sft-short.yaml", [
+        f"model.path={tmp_path / 'tiny-model'}", f"output_dir={tmp_path / 'out'}",
+        f"model.tiny.tokenizer_corpus={ARITHMETIC_TRAIN}", f"data.train={ARITHMETIC_TRAIN}",
+        f"data.eval={ARITHMETIC_TEST}", "train.eval_every=0", "train.eval_at_start=false"])
+    result = train(config, evaluators=[GenerationEvaluator(config.eval)])
+    (claim,) = check.EXAMPLES["sft-short"].claims
+    assert claim.metric == "final/eval_exact_match"
+    assert claim.low <= result.final_metrics["eval_exact_match"] <= claim.high

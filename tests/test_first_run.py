@@ -158,7 +158,7 @@ def test_every_subcommand_has_an_example_and_shows_its_defaults(capsys):
     assert "--max-prompt-tokens MAX_PROMPT_TOKENS (default: 4096)" in serve_help
     eval_help = " ".join(commands["eval"].format_help().split())
     assert "(default: eval.max_new_tokens of --config, else 256)" in eval_help
-    assert "--batch-size BATCH_SIZE (default: 16)" in eval_help
+    assert "--batch-size BATCH_SIZE (default: 16)" in eval_help and "--seed SEED (default: 0)" in eval_help
     assert "(default: False)" not in eval_help and "(default: None)" not in eval_help
 
 

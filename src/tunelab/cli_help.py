@@ -42,6 +42,11 @@ EXAMPLES: dict[str, str] = {
 }
 
 
+def _no_default(action: argparse.Action) -> bool:
+    """Nothing worth showing: no default, a flag's False, or suppressed (0 is a default worth showing)."""
+    return action.default is None or action.default is False or action.default is argparse.SUPPRESS
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows ``(default: X)`` after an option's help unless it has no default or already names one.
 
@@ -50,7 +55,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower() \
+        if _no_default(action) or "default" in text.lower() \
                 or not (action.option_strings or action.nargs in ("?", "*")) or action.nargs == 0:
             return action.help
         shown = ",".join(map(str, action.default)) if isinstance(action.default, list | tuple) else "%(default)s"
@@ -67,8 +72,7 @@ class TunelabParser(argparse.ArgumentParser):
     def add_argument(self, *args, **kwargs) -> argparse.Action:
         """As ArgumentParser's; an option without help text still shows its default."""
         action = super().add_argument(*args, **kwargs)
-        if not action.help and action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
-                and action.nargs != 0:
+        if not action.help and action.option_strings and not _no_default(action) and action.nargs != 0:
             action.help = "(default: %(default)s)"
         return action
 
