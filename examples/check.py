@@ -11,6 +11,10 @@ its own ``output_dir`` under ``runs/check/``; an example that starts from an ear
 documented command (seed 42, as shipped), so the seeds vary the example itself. Held-out exact
 match of a policy is measured with ``tunelab eval`` on the 200 test problems. A claim is a range:
 it holds when the mean over the seeds falls in it; the table shows every seed and the spread.
+A finished run is reused: delete ``runs/check/NAME`` after changing an example.
+
+On a busy machine, ``OMP_NUM_THREADS=1`` runs several times faster than two threads fighting for
+two cores, with the same per-step losses (checked on sft-short's first 40 steps, to 4 digits).
 """
 
 from __future__ import annotations
@@ -130,6 +134,9 @@ def read_metrics(run_dir: Path) -> dict[str, float]:
     found: dict[str, float] = {}
     for prefix, row in (("start", evals[0] if evals else {}), ("final", evals[-1] if evals else {})):
         found.update({f"{prefix}/{k}": v for k, v in row.items() if k.startswith("eval_")})
+    if len(evals) > 1:
+        found.update({f"change/{k}": evals[-1][k] - v for k, v in evals[0].items() if k in evals[-1] and
+                      k.startswith("eval_")})
     info = json.loads((run_dir / "run.json").read_text())
     found["steps"] = info["steps"]
     found["train_seconds"] = info["train_seconds"]
@@ -154,6 +161,7 @@ def measure(name: str, seed: int) -> dict[str, float]:
         if example.needs:
             base = REPO / EXAMPLES[example.needs].shipped_output
             found["exact_match_test/before"] = eval_exact_match(base / "final", base / "eval-test", log)
+            found["exact_match_test/change"] = found["exact_match_test/after"] - found["exact_match_test/before"]
     return found
 
 
@@ -195,7 +203,7 @@ def table(results: dict[str, dict[int, dict[str, float]]], seeds: list[int]) -> 
 def _worth_showing(metric: str) -> bool:
     keep = ("eval_exact_match", "eval_reward", "eval_rewards/accuracy", "eval_loss", "exact_match_test", "steps",
             "train_seconds")
-    return any(part in metric for part in keep) and not metric.startswith("start/eval_reward/")
+    return any(part in metric for part in keep) and "eval_reward/" not in metric
 
 
 def main(argv: list[str] | None = None, run: Callable[[str, int], dict[str, float]] = measure) -> int:
