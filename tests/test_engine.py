@@ -154,6 +154,18 @@ def test_outputs_of_a_run(tmp_path, tiny_model):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1]
 
 
+def test_a_run_stopped_before_its_first_checkpoint_is_not_appended_to(tmp_path):
+    from tunelab.train.engine import prepare_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 1.0}\n')  # killed during its first steps
+    with pytest.raises(TunelabError, match="already holds a run"):
+        prepare_output_dir(out, resume=False, overwrite=False)
+    prepare_output_dir(out, resume=False, overwrite=True)
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, tiny_model):
     config = make_config(tmp_path, tiny_model, ALPACA_DEMO, method={"type": "full"},
                          train={"max_steps": 6, "lr": 1e30, "save_every": 1, "max_grad_norm": None,

@@ -98,13 +98,45 @@ def test_sampling_params_follow_the_request(served):
     params = call.params
     assert (params.n, params.temperature, params.top_p, params.max_tokens, params.seed) == (1, 0.7, 0.9, 12, 5)
     assert params.stop_token_ids == sorted(stop_ids) and params.ignore_eos  # only tunelab's stop ids
-    assert params.logprobs == 0 and not params.detokenize
+    assert params.logprobs == 0 and params.prompt_logprobs is None and not params.detokenize
     rendered = render_prompt(tokenizer, served["template"], QUESTION)
     assert call.prompt == {"prompt_token_ids": tokenizer(rendered, add_special_tokens=False)["input_ids"]}
     assert call.lora_request is None
     sampled = [client.chat.completions.create(model="tiny", messages=QUESTION, temperature=1.0, seed=s,
                                               max_tokens=12).choices[0].message.content for s in (7, 7, 8)]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+
+
+def test_new_fields_map_onto_sampling_params(served):
+    client, fake, tokenizer = served["client"], served["fake"], served["tokenizer"]
+    reply = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4, temperature=0,
+                                           logprobs=True, top_logprobs=2, presence_penalty=0.5,
+                                           frequency_penalty=0.25, logit_bias={"7": 3.0})
+    params = fake.calls[-1].params
+    assert (params.logprobs, params.presence_penalty, params.frequency_penalty) == (2, 0.5, 0.25)
+    assert params.logit_bias == {7: 3.0} and params.structured_outputs is None
+    content = reply.choices[0].logprobs.content
+    assert len(content) == len(fake.calls[-1].tokens) and all(len(e.top_logprobs) == 2 for e in content)
+    assert [e.logprob for e in content] == pytest.approx(fake.calls[-1].logprobs)
+    ids = tokenizer("The cat sat")["input_ids"]
+    echoed = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    assert fake.calls[-1].params.prompt_logprobs == 1 and fake.calls[-1].params.max_tokens == 1  # one token, dropped
+    logprobs = echoed.choices[0].logprobs
+    assert echoed.usage.completion_tokens == 0 and len(logprobs.tokens) == len(ids)
+    assert logprobs.token_logprobs[0] is None and all(lp < 0 for lp in logprobs.token_logprobs[1:])
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4, response_format={
+        "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert fake.calls[-1].params.structured_outputs.json == schema  # vLLM enforces the schema itself
+    without = served["engine"].vllm.sampling_params
+    try:
+        del without.StructuredOutputsParams  # a vLLM with neither structured outputs nor guided decoding
+        refused = httpx.post(f"{served['live'].url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                             timeout=30, json={"model": "tiny", "messages": QUESTION, "response_format": {
+                                 "type": "json_object"}})
+    finally:
+        without.StructuredOutputsParams = fake_vllm.StructuredOutputsParams
+    assert refused.status_code == 400 and error_of(refused)["param"] == "response_format"
 
 
 def test_adapters_are_lora_requests_chosen_by_model_name(served):
@@ -184,19 +216,20 @@ def test_missing_vllm_is_a_clear_error(monkeypatch, capsys, tiny_model):
 
 
 def test_the_cli_serves_with_the_vllm_engine(tiny_model, tmp_path, monkeypatch):
-    import uvicorn
     from fastapi.testclient import TestClient
+
+    from tunelab.serve.server import GracefulServer
 
     fake_vllm.install(monkeypatch)
     adapter = make_adapter(tiny_model, tmp_path / "alpha", seed=1)
     answers = []
 
-    def run(app, **_) -> None:
-        with TestClient(app) as client:
+    def run(server, sockets=None) -> None:
+        with TestClient(server.config.app) as client:
             answers.append(client.post("/v1/chat/completions", json={"model": "alpha", "messages": QUESTION,
                                                                      "max_tokens": 4, "temperature": 0}))
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(GracefulServer, "run", run)
     assert main(["serve", "--engine", "vllm", "--model", str(tiny_model), "--adapter", f"alpha={adapter}",
                  "--no-monitor", "--max-batch-size", "4", "--max-prompt-tokens", "3000"]) == 0
     fake = fake_vllm.AsyncLLMEngine.built[-1]

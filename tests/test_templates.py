@@ -104,9 +104,12 @@ def test_template_choice(tokenizer):
     assert resolve_template(tokenizer, "auto") == tokenizer.chat_template
     bare = copy.deepcopy(tokenizer)
     bare.chat_template = None
-    assert resolve_template(bare, "auto") == BUILTIN_TEMPLATES["chatml"]
-    with pytest.raises(DataError, match="no chat template"):
-        resolve_template(bare, "tokenizer")
+    # No template: training names the choices (a built-in or pretraining); inference may fall back.
+    for name in ("auto", "tokenizer"):
+        with pytest.raises(DataError, match="no chat template .* data.template: chatml|gemma|.*train.objective: pretrain"):
+            resolve_template(bare, name)
+    assert resolve_template(bare, "auto", fallback="chatml") == BUILTIN_TEMPLATES["chatml"]
+    assert resolve_template(bare, "gemma") == BUILTIN_TEMPLATES["gemma"]
 
 
 def test_template_that_rewrites_earlier_turns_is_refused(tokenizer, tiny_model):

@@ -69,6 +69,7 @@ def _cmd_models_tiny(args: argparse.Namespace) -> int:
     out = create_tiny_model(
         args.out_dir, arch=args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
         kv_heads=args.kv_heads, vocab=args.vocab, tokenizer_corpus=args.tokenizer_corpus, seed=args.seed,
+        head_dim=args.head_dim, sliding_window=args.sliding_window,
     )
     print(f"wrote a tiny {args.arch} model to {out}")
     return 0
@@ -246,9 +247,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tunelab.data.templates import resolve_template
     from tunelab.monitor.serving import start_serve_monitoring
+    from tunelab.progress import progress_bar
     from tunelab.serve.app import ServeSettings, create_app
-    from tunelab.serve.ready import serve_until_stopped
+    from tunelab.serve.engine import model_context_length
     from tunelab.serve.request_log import RequestLog
+    from tunelab.serve.server import GracefulServer, raise_open_file_limit, server_config
 
     if args.engine == "vllm":
         from tunelab.serve.vllm_engine import require_vllm
@@ -267,20 +270,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model_name=name, adapters=tuple(adapters), api_key=args.api_key or os.environ.get("TUNELAB_API_KEY"),
         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens, timeout=args.timeout, record_text=args.record_text,
+        context_length=model_context_length(args.model), max_body_bytes=args.max_body_bytes,
     )
-    from tunelab.progress import progress_bar
-
     with progress_bar(f"loading {args.model}" + (f" and {len(adapters)} adapter(s)" if adapters else "")):
         engine, tokenizer, stop_ids = _serving_engine(args, adapters)
     request_log = RequestLog(args.request_log) if args.request_log else None
-    app = create_app(engine, resolve_template(tokenizer, "auto"), stop_ids, settings, request_log, monitoring.sinks)
+    app = create_app(engine, resolve_template(tokenizer, "auto", fallback="chatml"), stop_ids, settings, request_log,
+                     monitoring.sinks,
+                     monitoring.metrics)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"warning: serving on {args.host} without an API key", file=sys.stderr)
     monitoring.register(args.model, adapters, {"name": name, "host": args.host, "port": args.port,
                                                "adapters": adapters, "record_text": args.record_text,
                                                "engine": args.engine})
-    try:
-        serve_until_stopped(app, args.host, args.port, [name, *adapters])
+    raise_open_file_limit()
+    config = server_config(app, args.host, args.port, args.read_timeout, args.keep_alive, args.max_connections,
+                           graceful_timeout=args.timeout + 5)
+    try:  # returns after SIGTERM/SIGINT once the requests in flight are answered
+        GracefulServer(config, on_ready=lambda url: print(f"tunelab serve: {name} ready at {url}", flush=True)).run()
     finally:
         engine.close()
         if request_log is not None:
@@ -330,7 +337,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                   f"greedy generations equal: {result['generations_equal']}")
         record_export(args.model, out, {"format": "onnx", "dtype": args.dtype or "float32", "past": not args.no_past},
                       None if args.no_verify else result)
-        return 0
+        return _export_parity(args, out)
     from tunelab.deploy.gguf import export_gguf, verify_gguf
 
     with progress_bar(f"exporting {args.model} to GGUF ({args.outtype})"):
@@ -342,8 +349,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
         errors = ", ".join(f"{kind} {error:.2e}" for kind, error in summary["max_abs_error"].items())
         print(f"verified by reading it back: {summary['n_tensors']} tensors (max |error| {errors}); "
               "tokenizer and chat template match")
+        for note in summary["notes"]:
+            print(f"note: {note}")
     record_export(args.model, out, {"format": "gguf", "outtype": args.outtype}, None if args.no_verify else summary)
-    return 0
+    return _export_parity(args, out)
+
+
+def _export_parity(args: argparse.Namespace, out: Path) -> int:
+    """The parity gate step of ``tunelab export --prompts FILE`` (0 without --prompts)."""
+    if not args.prompts:
+        return 0
+    from tunelab.deploy.parity.cli import export_parity_step
+
+    return export_parity_step(args, Path(out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,15 +392,22 @@ def build_parser() -> argparse.ArgumentParser:
     models_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     tiny = models_commands.add_parser("tiny", help="write a tiny random model with a real tokenizer (offline)")
     tiny.add_argument("out_dir")
-    tiny.add_argument("--arch", default="llama")
+    tiny.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "gemma3"])
     tiny.add_argument("--hidden", type=int, default=64)
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--heads", type=int, default=4)
     tiny.add_argument("--kv-heads", type=int, default=None)
     tiny.add_argument("--vocab", type=int, default=1024)
+    tiny.add_argument("--head-dim", type=int, default=None,
+                      help="head size (default: the family's; qwen3 128, gemma3 256)")
+    tiny.add_argument("--sliding-window", type=int, default=None,
+                      help="mistral/gemma3 attention window (default: the family's, 4096 / 512)")
     tiny.add_argument("--tokenizer-corpus", default=None, help="text/JSON(L) file to train the tokenizer on")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_models_tiny)
+    from tunelab.models.cli import add_commands as add_model_import
+
+    add_model_import(models_commands)
 
     data = commands.add_parser("data", help="data tools")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -415,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--max-length", type=int, default=None, help="longest prompt + answer in tokens")
     evaluate.add_argument("--no-packing", action="store_true", help="padded batches for the perplexity pass")
-    evaluate.add_argument("--template", choices=["auto", "tokenizer", "chatml", "llama3", "alpaca", "plain"])
+    evaluate.add_argument("--template", choices=["auto", "tokenizer", "chatml", "gemma", "llama3", "alpaca", "plain"])
     evaluate.add_argument("--max-samples", type=int, default=None, help="first N examples of each set")
     evaluate.add_argument("--answer-pattern", default=None, help="regex whose group 1 is the final answer")
     evaluate.add_argument("--fail-below", action="append", metavar="METRIC=VALUE",
@@ -467,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-past", action="store_true", help="onnx: export without KV-cache inputs/outputs")
     export.add_argument("--no-verify", action="store_true", help="skip the readback / onnxruntime parity check")
     export.set_defaults(func=_cmd_export)
+    from tunelab.deploy.parity.cli import add_commands as add_verify_command
+    from tunelab.deploy.parity.cli import add_gate_options
+
+    add_gate_options(export, for_export=True)
+    add_verify_command(commands)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with batched generation")
     serve.add_argument("--model", required=True, help="HF model directory (e.g. a merged model)")
@@ -482,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prompt-tokens", type=int, default=4096)
     serve.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens allowed")
     serve.add_argument("--default-max-tokens", type=int, default=256)
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413")
+    serve.add_argument("--read-timeout", type=float, default=10.0,
+                       help="seconds a client has to send a whole request (headers and body)")
+    serve.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle connection stays open")
+    serve.add_argument("--max-connections", type=int, default=1000, help="connections at once (then 503)")
     serve.add_argument("--monitor-db", help="SQLite store of per-request records for tunelab monitor "
                                             "(default: $TUNELAB_HOME/monitor/NAME.db, TUNELAB_HOME=~/.tunelab)")
     serve.add_argument("--no-monitor", action="store_true", help="do not record requests in the monitoring store")

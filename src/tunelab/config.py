@@ -26,6 +26,7 @@ class _Section(BaseModel):
 class TinyModelConfig(_Section):
     """A tiny random model to build at model.path when nothing is there (tests, quickstart, CI)."""
 
+    arch: Literal["llama", "mistral", "qwen2", "qwen3", "gemma3"] = Field("llama", description="Model family.")
     hidden: int = Field(64, ge=8, description="Hidden size.")
     layers: int = Field(2, ge=1, description="Decoder layers.")
     heads: int = Field(4, ge=1, description="Attention heads.")
@@ -207,10 +208,10 @@ class DataConfig(_Section):
     train_on: Literal["assistant", "all", "last_assistant"] = Field(
         "assistant", description="Which tokens carry a loss: assistant turns, all tokens, or the last assistant turn."
     )
-    template: Literal["auto", "tokenizer", "chatml", "llama3", "alpaca", "plain"] = Field(
+    template: Literal["auto", "tokenizer", "chatml", "gemma", "llama3", "alpaca", "plain"] = Field(
         "auto",
-        description="Chat template: auto uses the tokenizer's own and chatml when it has none; "
-        "tokenizer requires the tokenizer's own.",
+        description="Chat template: auto and tokenizer use the tokenizer's own; a tokenizer without one (a base "
+        "model) needs a named built-in here, or train.objective: pretrain for plain text.",
     )
     system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
     num_proc: int = Field(1, ge=1, description="Processes for tokenization (datasets map).")

@@ -237,7 +237,7 @@ def add_commands(data_commands: argparse._SubParsersAction) -> None:
     _common(stats, "report directory (stats.json, report.md, token_lengths.png)")
     _reading_options(stats)
     stats.add_argument("--tokenizer", help="tokenizer or model directory (default: lengths in words)")
-    stats.add_argument("--template", choices=["auto", "tokenizer", "chatml", "llama3", "alpaca", "plain"],
+    stats.add_argument("--template", choices=["auto", "tokenizer", "chatml", "gemma", "llama3", "alpaca", "plain"],
                        default="auto", help="chat template used to render conversations")
     stats.add_argument("--bins", type=int, default=20, help="histogram bins")
     stats.add_argument("--max-length", type=int, help="also count records longer than this")

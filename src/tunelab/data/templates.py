@@ -19,7 +19,7 @@ from tunelab.errors import DataError
 
 IGNORE_INDEX = -100
 
-TemplateName = Literal["auto", "tokenizer", "chatml", "llama3", "alpaca", "plain"]
+TemplateName = Literal["auto", "tokenizer", "chatml", "gemma", "llama3", "alpaca", "plain"]
 TrainOn = Literal["assistant", "all", "last_assistant"]
 
 BUILTIN_TEMPLATES: dict[str, str] = {
@@ -28,6 +28,17 @@ BUILTIN_TEMPLATES: dict[str, str] = {
         "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+    ),
+    # Gemma's turn format (its instruct tokenizers' template, for string contents): a system message is
+    # folded into the first user turn, the assistant's role is "model", contents are trimmed.
+    "gemma": (
+        "{{- bos_token -}}"
+        "{%- set prefix = messages[0]['content'] + '\n\n' if messages and messages[0]['role'] == 'system' else '' -%}"
+        "{%- for message in messages if message['role'] != 'system' -%}"
+        "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+        "{{- (prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
     ),
     "llama3": (
         "{{- bos_token -}}"
@@ -56,22 +67,32 @@ BUILTIN_TEMPLATES: dict[str, str] = {
 }
 
 
-def resolve_template(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> str:
-    """The Jinja template to use: the tokenizer's own for auto/tokenizer, else a built-in.
+NO_TEMPLATE = (
+    "the tokenizer has no chat template (a base model?), so conversations cannot be rendered the way the model "
+    "expects. Choose one: data.template: {names} to fine-tune it on conversations in that format, or "
+    "train.objective: pretrain to train on plain text"
+)
+
+
+def resolve_template(tokenizer: PreTrainedTokenizerBase, name: TemplateName, fallback: str | None = None) -> str:
+    """The Jinja template to use: the tokenizer's own for auto/tokenizer, else the named built-in.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        name: ``auto`` or ``tokenizer`` (the tokenizer's own), or a built-in template's name.
+        fallback: the built-in that ``auto`` uses when the tokenizer has none (inference on a base
+            model); None (training, evaluation) makes that an error that names the choices.
 
     Raises:
-        DataError: ``tokenizer`` was asked for but the tokenizer has no chat template.
+        DataError: the tokenizer has no chat template and none was named (or ``tokenizer`` was asked for).
     """
     own = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if name in ("auto", "tokenizer"):
         if own:
             return own
-        if name == "tokenizer":
-            raise DataError(
-                "data.template: tokenizer, but the tokenizer has no chat template; "
-                "choose a built-in one (chatml, llama3, alpaca, plain)"
-            )
-        return BUILTIN_TEMPLATES["chatml"]
+        if name == "auto" and fallback is not None:
+            return BUILTIN_TEMPLATES[fallback]
+        raise DataError(f"data.template: {name}, but " + NO_TEMPLATE.format(names="|".join(BUILTIN_TEMPLATES)))
     return BUILTIN_TEMPLATES[name]
 
 

@@ -29,7 +29,7 @@ from tunelab.data.pair_tokenize import PairTokenizer, feedback_rows, preference_
 from tunelab.data.kinds import check_data_kind
 from tunelab.data.preferences import load_feedback, load_preferences
 from tunelab.data.records import Conversation, LoadReport, Text, load_records
-from tunelab.data.templates import IGNORE_INDEX, render_conversation, resolve_template
+from tunelab.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, NO_TEMPLATE, render_conversation, resolve_template
 from tunelab.errors import DataError
 
 CACHE_VERSION = 1  # bump when tokenization output changes for the same inputs
@@ -82,7 +82,7 @@ class TokenizedData:
     train_report: TokenizeReport
     eval_report: TokenizeReport | None
     eval_records: list[dict[str, Any]]
-    template: str
+    template: str | None  # None: continued pretraining of a model without a chat template (plain text only)
     fingerprint: str
 
 
@@ -122,6 +122,10 @@ class _Tokenizer:
         return [(c, [IGNORE_INDEX] + c[1:], flag) for c in chunks]
 
     def _conversation(self, messages: list[dict]) -> list[tuple[list[int], list[int], str]]:
+        if self.template is None:
+            raise DataError("a conversation record, but " + NO_TEMPLATE.format(names="|".join(BUILTIN_TEMPLATES))
+                            .replace("train.objective: pretrain to train on plain text",
+                                     "give plain-text records (format: text)"))
         rendered = render_conversation(self.tokenizer, self.template, messages, self.train_on, self.stop_ids)
         ids, labels, flag = rendered.input_ids, rendered.labels, ""
         if len(ids) > self.max_length:
@@ -209,7 +213,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab")) / "data"
 
 
-def data_fingerprint(cfg: DataConfig, objective: str, seed: int, tokenizer, template: str, stop_ids: set[int]) -> str:
+def data_fingerprint(cfg: DataConfig, objective: str, seed: int, tokenizer, template: str | None,
+                     stop_ids: set[int]) -> str:
     """Fingerprint of everything that decides the tokenized data."""
     parts = {
         "version": CACHE_VERSION,
@@ -247,7 +252,12 @@ def prepare_data(
         DataError: unreadable files, bad records (with ``on_error: fail``), or nothing usable.
     """
     check_data_kind([*cfg.train, *(cfg.eval or [])], objective)
-    template = resolve_template(tokenizer, cfg.template)
+    try:
+        template: str | None = resolve_template(tokenizer, cfg.template)
+    except DataError:
+        if objective != "pretrain" or cfg.template != "auto":
+            raise
+        template = None  # plain text needs no template; a conversation record is refused when it is met
     fingerprint = data_fingerprint(cfg, objective, seed, tokenizer, template, stop_ids)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     target = cache / fingerprint

@@ -529,7 +529,7 @@ def verify_onnx(
     dtype = generator.metadata["dtype"]
     model = _load(model_dir, EXPORT_DTYPES[dtype][0])
     tokenizer = load_tokenizer(str(onnx_dir))
-    template = resolve_template(tokenizer, "auto")
+    template = resolve_template(tokenizer, "auto", fallback="chatml")
     prompts = list(prompts or DEFAULT_PROMPTS)
     rendered = [render_prompt(tokenizer, template, [{"role": "user", "content": prompt}]) for prompt in prompts]
     encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in rendered]

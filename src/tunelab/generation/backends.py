@@ -297,7 +297,7 @@ class HFBackend:
         bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if bf16 else torch.float32
         self.model, self.tokenizer = load_for_inference(path, device=self.device, dtype=dtype)
-        self.template = resolve_template(self.tokenizer, "auto")
+        self.template = resolve_template(self.tokenizer, "auto", fallback="chatml")
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         local = Path(path).expanduser()

@@ -230,7 +230,22 @@ def load_for_inference(
         if (adapter_dir / "tokenizer_config.json").is_file():
             tokenizer_dir = str(adapter_dir)
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    if adapter is not None:
+        add_adapter_stop_ids(model, adapter, tokenizer)
     return model.eval(), tokenizer
+
+
+def add_adapter_stop_ids(model: PreTrainedModel, adapter_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Stop generation also where training stopped: the stop ids tunelab saved with the adapter.
+
+    Training saves its stop ids (e.g. the chat template's end-of-turn token, which a base model's
+    own generation config may lack) in the adapter's ``generation_config.json``; ``tunelab merge``
+    adds them to the merged model, so the adapter must stop at them too.
+    """
+    path = Path(adapter_dir) / "generation_config.json"
+    if path.is_file() and model.can_generate():
+        add_stop_ids(model.generation_config, generation_stop_ids(GenerationConfig.from_pretrained(adapter_dir),
+                                                                  tokenizer))
 
 
 def load_with_adapters(
@@ -252,6 +267,7 @@ def load_with_adapters(
             model = PeftModel.from_pretrained(model, directory, adapter_name=name)
         else:
             model.load_adapter(directory, adapter_name=name)
+        add_adapter_stop_ids(model, directory, tokenizer)  # one stop set for all: the union of the adapters'
         if not tokenizer.chat_template and (Path(directory) / "tokenizer_config.json").is_file():
             tokenizer = load_tokenizer(directory, trust_remote_code)
     return model.to(device).eval(), tokenizer

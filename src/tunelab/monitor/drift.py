@@ -280,7 +280,7 @@ def sample_from_data(files: list[str], tokenizer_dir: str | None, label: str) ->
     if not tokenizer_dir:
         raise MonitorError(f"{label}: no tokenizer to count tokens with; pass --tokenizer MODEL_DIR")
     tokenizer = load_tokenizer(tokenizer_dir)
-    template = resolve_template(tokenizer, "auto")
+    template = resolve_template(tokenizer, "auto", fallback="chatml")
     try:
         prompts, _ = load_prompts(files, on_error="skip")
     except DataError:

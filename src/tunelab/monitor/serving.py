@@ -42,6 +42,14 @@ class ServeMonitoring:
             self.store.set_meta("serve_run_id", self.run_id)
         return self.run_id
 
+    def metrics(self) -> dict[str, float]:
+        """The store's health for /metrics: rows written and dropped, writer restarts."""
+        if self.store is None:
+            return {}
+        stats = self.store.stats
+        return {"tunelab_monitor_rows_written_total": stats.written, "tunelab_monitor_rows_dropped_total": stats.dropped,
+                "tunelab_monitor_writer_restarts_total": stats.restarts}
+
     def close(self) -> None:
         """Stop the alert thread, write what is queued, mark the serve run stopped."""
         from tunelab.track.record import mark_finished

@@ -145,6 +145,7 @@ class StoreStats:
     batches: int = 0  # transactions that wrote rows
     dropped: int = 0  # rows lost because the file stayed unwritable and max_pending was reached
     pruned: int = 0  # rows removed by retention
+    restarts: int = 0  # times the writer thread died on an unexpected error and was started again
     recovered: list[str] = field(default_factory=list)  # corrupt files moved aside
 
 
@@ -198,14 +199,43 @@ class RequestStore:
             raise MonitorError(f"--monitor-db {self.path}: cannot create its folder ({exc.strerror})") from None
         self._conn = self._open(at_start=True)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="tunelab-monitor-store", daemon=True)
-        self._thread.start()
+        self._pending: list[Any] = []  # taken from the queue, not written yet (kept across a writer restart)
+        self._barriers: list[_Barrier] = []
+        self._closing = False
+        self._thread_lock = threading.Lock()
+        self._start_writer()
 
     # -- the request path ------------------------------------------------------------------
 
     def record(self, row: RequestRecord) -> None:
         """Queue a request's record; never blocks and never raises."""
         self._queue.put(row)
+        if not self._thread.is_alive() and not self._closing:
+            self._restart("the writer thread was found dead")
+
+    def _start_writer(self) -> None:
+        self._thread = threading.Thread(target=self._supervise, name="tunelab-monitor-store", daemon=True)
+        self._thread.start()
+
+    def _restart(self, why: str) -> None:
+        with self._thread_lock:
+            if self._thread.is_alive() or self._closing:
+                return
+            self.stats.restarts += 1
+            logger.error("monitoring store %s: %s; restarted it (restart %d)", self.path, why, self.stats.restarts)
+            self._start_writer()
+
+    def _supervise(self) -> None:
+        """Run the writer; an unexpected error is logged and counted, and the writer starts again."""
+        while True:
+            try:
+                self._run()
+                return
+            except Exception:
+                self.stats.restarts += 1
+                logger.exception("monitoring store %s: the writer failed; restarting it (restart %d)", self.path,
+                                 self.stats.restarts)
+                time.sleep(0.05)
 
     def record_alert(self, when: float, rule: str, metric: str, value: float | None, baseline: float | None,
                      z: float | None, message: str) -> None:
@@ -226,6 +256,9 @@ class RequestStore:
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued (retrying a locked file until ``timeout``) and stop the writer."""
         self._close_deadline = time.monotonic() + timeout
+        if not self._thread.is_alive():
+            self._restart("the writer thread was found dead at close")
+        self._closing = True
         self._queue.put(_STOP)
         self._thread.join(timeout + 5)
 
@@ -271,13 +304,13 @@ class RequestStore:
                            "and retrying", self.path, exc, self.max_pending)
 
     def _run(self) -> None:
-        pending: list[Any] = []
-        first_at = 0.0
+        pending = self._pending
+        first_at = time.monotonic()
         last_retention = -float("inf")
         stopping = False
         while True:
             wait = self.flush_seconds if not pending else max(0.0, first_at + self.flush_seconds - time.monotonic())
-            barriers: list[_Barrier] = []
+            barriers = self._barriers  # kept across a writer restart, like the rows
             try:
                 item = self._queue.get(timeout=wait)
             except queue.Empty:
@@ -300,7 +333,7 @@ class RequestStore:
             due = stopping or barriers or len(pending) >= self.flush_every or (
                 pending and time.monotonic() - first_at >= self.flush_seconds)
             if pending and due:
-                pending = self._write(pending)
+                pending[:] = self._write(pending)
                 if pending:
                     first_at = time.monotonic()
             now = time.monotonic()
@@ -309,6 +342,7 @@ class RequestStore:
                     last_retention = now
             for barrier in barriers:
                 barrier.done.set()
+            barriers.clear()
             if stopping:
                 if pending and time.monotonic() < self._close_deadline:
                     time.sleep(min(0.2, self.busy_timeout_s))  # a locked file: retry until the deadline
@@ -341,11 +375,13 @@ class RequestStore:
             records = [r for r in pending if isinstance(r, RequestRecord)]
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.executemany(_INSERT_REQUEST, [tuple(getattr(r, c) for c in REQUEST_COLUMNS)
-                                                         for r in records])
+                self._conn.executemany(_INSERT_REQUEST, [_row_values(r) for r in records])
                 for statement in (s for s in pending if isinstance(s, _Statement)):
-                    self._conn.execute(statement.sql, statement.params)
+                    self._conn.execute(statement.sql, tuple(_sqlite_value(v) for v in statement.params))
                 self._conn.execute("COMMIT")
+            except (ValueError, TypeError, OverflowError) as exc:  # a value SQLite cannot take: write row by row
+                self._rollback()
+                return self._write_one_by_one(pending, exc)
             except sqlite3.Error as exc:
                 self._rollback()
                 if _is_corrupt(exc) and attempt == 0:
@@ -363,6 +399,26 @@ class RequestStore:
                 self._warned_unwritable = False
             return []
         return self._keep(pending)
+
+    def _write_one_by_one(self, pending: list[Any], first_error: Exception) -> list[Any]:
+        """Write each row in its own statement, dropping (and counting) those that cannot be written at all."""
+        logger.warning("monitoring store %s: a batch failed (%s: %s); writing its rows one by one", self.path,
+                       type(first_error).__name__, first_error)
+        written = 0
+        for item in pending:
+            try:
+                if isinstance(item, RequestRecord):
+                    self._conn.execute(_INSERT_REQUEST, _row_values(item))
+                    written += 1
+                elif isinstance(item, _Statement):
+                    self._conn.execute(item.sql, tuple(_sqlite_value(v) for v in item.params))
+            except sqlite3.Error:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this one row is unusable; the others are kept
+                self._drop(1, f"a record could not be written ({type(exc).__name__}: {exc})")
+        self.stats.written += written
+        self.stats.batches += 1
+        return []
 
     def _rollback(self) -> None:
         try:
@@ -407,6 +463,19 @@ class RequestStore:
                 self._warn_unwritable(exc)
             return False
         return True
+
+
+def _sqlite_value(value: Any) -> Any:
+    """A value SQLite can store: text with lone surrogates (from a client's JSON) made valid UTF-8, ints clamped."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        return max(-(2**63), min(value, 2**63 - 1))  # SQLite integers are 64-bit
+    return value
+
+
+def _row_values(record: RequestRecord) -> tuple[Any, ...]:
+    return tuple(_sqlite_value(getattr(record, c)) for c in REQUEST_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Tokens are handed to the request as they come (streaming), with their log-probab
 from __future__ import annotations
 
 import inspect
+import json
 import queue
 import threading
 import time
@@ -21,20 +22,42 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from peft import PeftModel
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from tunelab.serve.grammar import TokenConstraint
+from tunelab.serve.sampling import TokenChooser
+
+
+def model_context_length(model_dir: str | Path) -> int | None:
+    """The model's context in tokens (``max_position_embeddings`` of its config.json), None when unknown."""
+    config_file = Path(model_dir) / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    limit = config.get("max_position_embeddings")
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
 
 class QueueFull(Exception):
     """The request queue is at its limit."""
 
 
+TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), most likely first
+
+
 @dataclass
 class GenerationRequest:
-    """One request's inputs and, as it runs, its outputs."""
+    """One request's inputs and, as it runs, its outputs.
+
+    Log-probabilities are those of the model's own distribution (before penalties, bias, grammar
+    and temperature). ``top_logprobs`` asks for that many alternatives per generated token;
+    ``prompt_logprobs`` (None: not wanted) for each prompt token's log-probability and that many
+    alternatives (the first prompt token has none: nothing predicts it). ``max_tokens`` 0 scores
+    the prompt without generating.
+    """
 
     prompt_ids: list[int]
     max_tokens: int
@@ -44,12 +67,22 @@ class GenerationRequest:
     seed: int | None = None
     adapter: str | None = None
     timeout: float = 60.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    constraint: TokenConstraint | None = None
+    json_schema: dict | None = None  # the schema ``constraint`` enforces (for engines that constrain themselves)
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
     on_token: Callable[[int], None] | None = None  # called from the worker thread
     on_done: Callable[[], None] | None = None
     # Filled in by the engine:
     submitted: float = field(default_factory=time.monotonic)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[TopLogprobs] = field(default_factory=list)  # per generated token, when top_logprobs > 0
+    prompt_token_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top: list[TopLogprobs | None] = field(default_factory=list)
     first_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: str | None = None  # stop | length | timeout | cancelled | error
@@ -62,18 +95,22 @@ class GenerationRequest:
         """Stop generating for this request (client disconnected)."""
         self.cancelled = True
 
-    def add_token(self, token: int, logprob: float | None) -> None:
-        """Record one generated token and its log-probability (None: unknown), and pass it on (engine side)."""
+    def add_token(self, token: int, logprob: float | None, top: TopLogprobs | None = None) -> None:
+        """Record one generated token, its log-probability (None: unknown) and alternatives, and pass it on."""
         self.tokens.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
+        if top is not None:
+            self.top.append(top)
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if self.on_token is not None:
             self.on_token(token)
 
     def finish(self, reason: str, error: str | None = None) -> None:
-        """Record how generation ended and wake whoever waits for it (engine side; called once)."""
+        """Record how generation ended and wake whoever waits for it (engine side; only the first call counts)."""
+        if self.finish_reason is not None:
+            return
         self.finish_reason, self.error = reason, error
         self.finished_at = time.monotonic()
         self.done.set()
@@ -102,6 +139,7 @@ class ServingEngine(Protocol):
 
     tokenizer: PreTrainedTokenizerBase
     stats: EngineStats
+    vocab_size: int  # width of the model's logits: token ids below it are valid
 
     @property
     def queued(self) -> int:
@@ -110,6 +148,10 @@ class ServingEngine(Protocol):
 
     def submit(self, request: GenerationRequest) -> GenerationRequest:
         """Accept a request (returns at once); raises :class:`QueueFull` when the queue is at its limit."""
+        ...
+
+    def unsupported(self, request: GenerationRequest) -> str | None:
+        """The API field (e.g. ``response_format``) of ``request`` this engine cannot honour, or None."""
         ...
 
     def close(self) -> None:
@@ -131,7 +173,10 @@ class GenerationEngine:
         self.stats = EngineStats()
         forward = (model.get_base_model() if isinstance(model, PeftModel) else model).forward
         # transformers renamed past_key_values to cache in 5.x; accept both.
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        parameters = inspect.signature(forward).parameters
+        self.cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self.keeps_last_logits = "logits_to_keep" in parameters  # prefill computes only the last position's logits
+        self.vocab_size = int(model.config.vocab_size)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tunelab-generation", daemon=True)
         self._thread.start()
@@ -152,6 +197,10 @@ class GenerationEngine:
         except queue.Full:
             raise QueueFull from None
         return request
+
+    def unsupported(self, request: GenerationRequest) -> str | None:
+        """None: this engine implements every field the app passes on."""
+        return None
 
     def close(self) -> None:
         """Stop the worker thread."""
@@ -210,52 +259,104 @@ class GenerationEngine:
         self.model.set_adapter(name)
         return nullcontext()
 
-    def _pick(self, logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None) -> int:
-        if request.temperature <= 0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits / request.temperature, dim=-1)
-        if request.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < request.top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-        return int(torch.multinomial(probs, 1, generator=generator))
-
     @torch.no_grad()
     def _generate(self, batch: list[GenerationRequest]) -> None:
         with self._adapter(batch[0].adapter):
             self._decode(batch)
 
-    def _decode(self, batch: list[GenerationRequest]) -> None:
-        self.stats.batches += 1
-        self.stats.requests += len(batch)
-        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
+    def _choosers(self, batch: list[GenerationRequest]) -> list[tuple[GenerationRequest, TokenChooser]]:
+        """Each request with its sampling state; a request whose state cannot be built fails alone."""
+        rows = []
+        for request in batch:
+            try:
+                chooser = TokenChooser(self.vocab_size, request.temperature, request.top_p, request.seed,
+                                       request.presence_penalty, request.frequency_penalty, request.logit_bias,
+                                       request.constraint, request.stop_ids)
+            except Exception as exc:  # e.g. a seed torch refuses: this request fails, not its batch
+                request.finish("error", error=f"{type(exc).__name__}: {exc}")
+                continue
+            rows.append((request, chooser))
+        return rows
+
+    def _prefill(self, batch: list[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
+        """One left-padded forward pass over the prompts; returns last-position logits, mask, positions, cache.
+
+        Requests that asked for prompt log-probabilities get them here.
+        """
         width = max(len(r.prompt_ids) for r in batch)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=self.device)
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch],
                             device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None and r.temperature > 0 else None
-                      for r in batch]
-        model = self.model
         cache = DynamicCache()
+        scoring = any(r.prompt_logprobs is not None for r in batch)
+        extra = {} if scoring or not self.keeps_last_logits else {"logits_to_keep": 1}
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            **{self.cache_kwarg: cache}, **extra).logits
+        if scoring:
+            for row, request in enumerate(batch):
+                if request.prompt_logprobs is not None:
+                    self._score_prompt(request, logits[row, width - len(request.prompt_ids):])
+        return logits[:, -1, :], mask, positions, cache
+
+    @staticmethod
+    def _score_prompt(request: GenerationRequest, logits: torch.Tensor) -> None:
+        """Fill ``request.prompt_token_logprobs`` (and alternatives) from the logits over its prompt."""
+        log_probs = torch.log_softmax(logits[:-1].float(), dim=-1)
+        targets = torch.tensor(request.prompt_ids[1:], device=log_probs.device)
+        chosen = log_probs.gather(1, targets[:, None])[:, 0].cpu().tolist()
+        request.prompt_token_logprobs = [None, *chosen]
+        request.prompt_top = [None] * len(request.prompt_ids)
+        if request.prompt_logprobs:
+            values, indices = torch.topk(log_probs, min(request.prompt_logprobs, log_probs.shape[-1]), dim=-1)
+            request.prompt_top = [None, *[list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]]
+
+    def _decode(self, batch: list[GenerationRequest]) -> None:
+        rows = self._choosers(batch)
+        if not rows:
+            return
+        batch = [request for request, _ in rows]
+        try:
+            logits, mask, positions, cache = self._prefill(batch)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            for request in batch:  # one request may be at fault: give each its own try
+                try:
+                    self._decode([request])
+                except Exception as exc:
+                    request.finish("error", error=f"{type(exc).__name__}: {exc}")
+            return
+        self.stats.batches += 1
+        self.stats.requests += len(batch)
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
         for request in batch:
             request.batch_size = len(batch)
-        active = list(range(len(batch)))
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                       **{self.cache_kwarg: cache}).logits[:, -1, :]
+        active = [row for row, request in enumerate(batch) if not self._scored_only(request)]
+        pad = self.tokenizer.pad_token_id or 0
         while active:
             step_logits = logits.float().cpu()
             log_probs = torch.log_softmax(step_logits, dim=-1)
             next_ids = [pad] * len(batch)
             for row in list(active):
-                request = batch[row]
-                token = self._pick(step_logits[row], request, generators[row])
-                request.add_token(token, float(log_probs[row, token]))
+                request, chooser = rows[row]
+                try:
+                    token = chooser.choose(step_logits[row])
+                    chooser.taken(token)
+                except Exception as exc:  # this request fails; the others in the batch go on
+                    active.remove(row)
+                    request.finish("error", error=f"{type(exc).__name__}: {exc}")
+                    continue
+                top = None
+                if request.top_logprobs:
+                    values, indices = torch.topk(log_probs[row], request.top_logprobs)
+                    top = list(zip(indices.tolist(), values.tolist()))
+                request.add_token(token, float(log_probs[row, token]), top)
                 self.stats.generated_tokens += 1
                 next_ids[row] = token
                 reason = (
-                    "stop" if token in request.stop_ids
+                    "stop" if token in request.stop_ids or chooser.complete
                     else "length" if len(request.tokens) >= request.max_tokens
                     else "cancelled" if request.cancelled
                     else "timeout" if time.monotonic() - request.submitted > request.timeout
@@ -268,5 +369,13 @@ class GenerationEngine:
                 break
             mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=self.device)], dim=1)
             positions = positions[:, -1:] + 1
-            logits = model(input_ids=torch.tensor([next_ids], device=self.device).T, attention_mask=mask,
-                           position_ids=positions, use_cache=True, **{self.cache_kwarg: cache}).logits[:, -1, :]
+            logits = self.model(input_ids=torch.tensor([next_ids], device=self.device).T, attention_mask=mask,
+                                position_ids=positions, use_cache=True, **{self.cache_kwarg: cache}).logits[:, -1, :]
+
+    @staticmethod
+    def _scored_only(request: GenerationRequest) -> bool:
+        """Finish a request that only wanted its prompt scored (max_tokens 0)."""
+        if request.max_tokens > 0:
+            return False
+        request.finish("length")
+        return True

@@ -9,11 +9,14 @@ put) and a background thread writes them in batches as JSON lines. The monitorin
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
+
+logger = logging.getLogger("tunelab.serve")
 
 
 @dataclass
@@ -50,6 +53,7 @@ class RequestLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
+        self.dropped = 0  # records that could not be written
         self._queue: queue.Queue[RequestRecord | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="tunelab-request-log", daemon=True)
         self._thread.start()
@@ -76,6 +80,21 @@ class RequestLog:
             except queue.Empty:
                 pass
             if pending and (stopping or len(pending) >= self.flush_every or self._queue.empty()):
-                with self.path.open("a") as handle:
-                    handle.writelines(json.dumps(asdict(r)) + "\n" for r in pending)
+                self._append(pending)
                 pending.clear()
+
+    def _append(self, rows: list[RequestRecord]) -> None:
+        """Append rows as JSON lines; a row or a write that fails is logged and counted, never fatal."""
+        lines = []
+        for row in rows:
+            try:
+                lines.append(json.dumps(asdict(row)) + "\n")  # ASCII-escaped: any text is writable
+            except (TypeError, ValueError) as exc:
+                self.dropped += 1
+                logger.warning("request log %s: a record could not be written (%s)", self.path, exc)
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.writelines(lines)
+        except OSError as exc:
+            self.dropped += len(lines)
+            logger.warning("request log %s: %d records could not be written (%s)", self.path, len(lines), exc)

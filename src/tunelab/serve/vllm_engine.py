@@ -30,7 +30,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.errors import TunelabError
-from tunelab.serve.engine import EngineStats, GenerationRequest, QueueFull
+from tunelab.serve.engine import EngineStats, GenerationRequest, QueueFull, model_context_length
 
 # LoRAConfig.max_lora_rank accepts only these values (vllm/config/lora.py, MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -112,24 +112,44 @@ def load_serving_tokenizer(model_path: str, adapters: dict[str, str],
 
 def model_max_len(model_dir: str | Path, wanted: int) -> int:
     """``wanted`` tokens (prompt + answer), capped by the model's ``max_position_embeddings`` when it has one."""
-    config_file = Path(model_dir) / "config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    limit = config.get("max_position_embeddings")
-    return min(wanted, int(limit)) if isinstance(limit, int) and limit > 0 else wanted
+    limit = model_context_length(model_dir)
+    return wanted if limit is None else min(wanted, limit)
+
+
+def structured_outputs(vllm: ModuleType, schema: dict | None) -> dict[str, Any] | None:
+    """The ``SamplingParams`` argument that makes vLLM follow JSON ``schema`` (None: this vLLM cannot).
+
+    vLLM >= 0.11 takes ``structured_outputs=StructuredOutputsParams(json=...)``; older releases
+    ``guided_decoding=GuidedDecodingParams(json=...)``.
+    """
+    if schema is None:
+        return {}
+    module = vllm.sampling_params
+    if hasattr(module, "StructuredOutputsParams"):
+        return {"structured_outputs": module.StructuredOutputsParams(json=schema)}
+    if hasattr(module, "GuidedDecodingParams"):
+        return {"guided_decoding": module.GuidedDecodingParams(json=schema)}
+    return None
 
 
 def sampling_params(vllm: ModuleType, request: GenerationRequest) -> Any:
     """vLLM ``SamplingParams`` that decode ``request`` as the built-in engine does.
 
-    Greedy at temperature 0, else temperature/top-p sampling seeded by ``request.seed``; stops at
+    Greedy at temperature 0, else temperature/top-p sampling seeded by ``request.seed``; OpenAI's
+    presence/frequency penalties and logit bias (vLLM has the same semantics); stops at
     ``request.stop_ids`` only (``ignore_eos`` keeps vLLM from adding EOS ids of its own); the
-    sampled token's log-probability with each token (``logprobs=0``); no detokenizing (tunelab
-    decodes, with the same tokenizer and stop strings as the built-in engine).
+    sampled token's log-probability with each token plus ``top_logprobs`` alternatives
+    (``logprobs=k``), the prompt's with ``prompt_logprobs``; JSON schemas by vLLM's structured
+    outputs; no detokenizing (tunelab decodes, with the same tokenizer and stop strings as the
+    built-in engine). ``max_tokens`` 0 (score the prompt only) generates one token, which is dropped.
     """
     return vllm.SamplingParams(
         n=1, temperature=request.temperature, top_p=request.top_p, seed=request.seed,
-        max_tokens=request.max_tokens, stop_token_ids=sorted(request.stop_ids), ignore_eos=True,
-        logprobs=0, detokenize=False,
+        presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+        logit_bias=dict(request.logit_bias) or None, max_tokens=max(1, request.max_tokens),
+        stop_token_ids=sorted(request.stop_ids), ignore_eos=True, logprobs=request.top_logprobs,
+        prompt_logprobs=request.prompt_logprobs, detokenize=False,
+        **(structured_outputs(vllm, request.json_schema) or {}),
     )
 
 
@@ -167,6 +187,9 @@ class VLLMEngine:
         self.vllm, lora_request = require_vllm()
         adapters = adapters or {}
         self.tokenizer = tokenizer
+        config_file = Path(model_path) / "config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        self.vocab_size = int(config.get("vocab_size") or len(tokenizer))
         self.max_queue, self.poll_s = max_queue, poll_s
         self.stats = EngineStats()
         self.loras = {name: lora_request(lora_name=name, lora_int_id=index, lora_path=str(Path(directory).resolve()))
@@ -209,6 +232,12 @@ class VLLMEngine:
         asyncio.run_coroutine_threadsafe(self._start(request, uuid.uuid4().hex), self._loop)
         return request
 
+    def unsupported(self, request: GenerationRequest) -> str | None:
+        """``response_format`` (or ``tools``) when this vLLM has no structured outputs; else None."""
+        if structured_outputs(self.vllm, request.json_schema) is None:
+            return "response_format"
+        return None
+
     def close(self) -> None:
         """Abort what is running, stop the loop thread and shut vLLM down."""
         with self._lock:
@@ -237,6 +266,7 @@ class VLLMEngine:
                                         lora_request=self.loras[request.adapter] if request.adapter else None)
             async for output in outputs:
                 completion = output.outputs[0]
+                self._take_prompt(request, output)
                 self._take(request_id, request, completion)
                 if output.finished:
                     reason, error = _FINISH_REASONS.get(completion.finish_reason), None
@@ -263,10 +293,27 @@ class VLLMEngine:
             return "timeout", None
         return "error", otherwise
 
+    @staticmethod
+    def _ranked(entries: dict[int, Any], count: int) -> list[tuple[int, float]]:
+        """The ``count`` most likely (token id, log-prob) pairs of a vLLM logprobs dict."""
+        ordered = sorted(entries.items(), key=lambda item: -item[1].logprob)
+        return [(token, entry.logprob) for token, entry in ordered[:count]]
+
+    def _take_prompt(self, request: GenerationRequest, output: Any) -> None:
+        """Prompt log-probs from the first ``RequestOutput`` (vLLM sends them once, the first entry None)."""
+        if request.prompt_logprobs is None or request.prompt_token_logprobs or output.prompt_logprobs is None:
+            return
+        chosen: list[float | None] = [None]
+        tops: list[list[tuple[int, float]] | None] = [None]
+        for token, entries in zip(request.prompt_ids[1:], output.prompt_logprobs[1:]):
+            chosen.append(entries[token].logprob if entries and token in entries else None)
+            tops.append(self._ranked(entries or {}, request.prompt_logprobs))
+        request.prompt_top, request.prompt_token_logprobs = tops, chosen
+
     def _take(self, request_id: str, request: GenerationRequest, completion: Any) -> None:
         """Hand the tokens of a cumulative ``CompletionOutput`` that ``request`` has not seen yet."""
         start = len(request.tokens)
-        new = list(completion.token_ids[start:])
+        new = list(completion.token_ids[start:]) if request.max_tokens > 0 else []
         if not new:
             return
         live = self._live.get(request_id)
@@ -280,8 +327,10 @@ class VLLMEngine:
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, running)
         logprobs = completion.logprobs
         for position, token in enumerate(new, start=start):
-            entry = logprobs[position].get(token) if logprobs is not None and position < len(logprobs) else None
-            request.add_token(token, entry.logprob if entry is not None else None)
+            entries = logprobs[position] if logprobs is not None and position < len(logprobs) else {}
+            entry = entries.get(token)
+            top = self._ranked(entries, request.top_logprobs) if request.top_logprobs else None
+            request.add_token(token, entry.logprob if entry is not None else None, top)
             self.stats.generated_tokens += 1
 
     async def _watch(self) -> None:

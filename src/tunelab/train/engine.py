@@ -92,13 +92,14 @@ def ensure_tiny_model(cfg: TunelabConfig) -> None:
     tiny = cfg.model.tiny
     if tiny is not None and not Path(cfg.model.path).exists():
         console.print(f"building a tiny model at {cfg.model.path}")
-        create_tiny_model(cfg.model.path, hidden=tiny.hidden, layers=tiny.layers, heads=tiny.heads,
+        create_tiny_model(cfg.model.path, arch=tiny.arch, hidden=tiny.hidden, layers=tiny.layers, heads=tiny.heads,
                           vocab=tiny.vocab, tokenizer_corpus=tiny.tokenizer_corpus, seed=tiny.seed)
 
 
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Create ``output_dir``; refuse to overwrite an earlier run unless resuming or told to."""
-    has_run = (out / "checkpoints").exists() or (out / "final").exists()
+    # metrics.jsonl alone: a run stopped before its first checkpoint (a new run must not append to its metrics).
+    has_run = any((out / name).exists() for name in ("checkpoints", "final", "metrics.jsonl"))
     if has_run and not resume:
         if not overwrite:
             raise TunelabError(

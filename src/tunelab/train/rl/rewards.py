@@ -374,7 +374,7 @@ class RewardModelScorer:
             self.model, base_path = self._load_full(dtype), self.path
         has_tokenizer = (self.path / "tokenizer_config.json").is_file() or (self.path / "tokenizer.json").is_file()
         self.tokenizer = load_tokenizer(str(self.path if has_tokenizer else base_path))
-        self.template = template or resolve_template(self.tokenizer, "auto")
+        self.template = template or resolve_template(self.tokenizer, "auto", fallback="chatml")
         if stop_ids is None:
             stop_ids = stop_token_ids(str(base_path), self.tokenizer) | end_of_turn_ids(self.tokenizer, self.template)
         self.stop_ids = set(stop_ids)
