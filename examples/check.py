@@ -177,7 +177,7 @@ def made_by(run_dir: Path, example: Example, *extra: str) -> bool:
     must have its default in the example)."""
     import yaml
 
-    from tunelab.config import TunelabConfig, load_config
+    from tunelab.config import load_config
 
     if not (run_dir / "run.json").is_file() or not (run_dir / "config.yaml").is_file():
         return False
@@ -186,11 +186,7 @@ def made_by(run_dir: Path, example: Example, *extra: str) -> bool:
     for key in set(saved) | set(wanted):
         if key == "output_dir" or saved.get(key, _MISSING) == wanted.get(key, _MISSING):
             continue
-        if key in saved or key not in wanted:
-            return False
-        section, _, name = key.partition(".")
-        field = TunelabConfig.model_fields[section].annotation.model_fields.get(name)
-        if field is None or field.get_default(call_default_factory=True) != wanted[key]:
+        if key in saved or key not in wanted or schema_default(key) != wanted[key]:
             return False
     return True
 
@@ -199,14 +195,32 @@ _MISSING = object()
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
-    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (sections only; values that are dicts stay whole below them)."""
+    """``{"model": {"tiny": {"hidden": 64}}}`` -> ``{"model.tiny.hidden": 64}``."""
     flat: dict[str, object] = {}
     for key, value in config.items():
-        if isinstance(value, dict) and not prefix:
-            flat.update(flatten(value, f"{key}."))
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def schema_default(key: str) -> object:
+    """The default of a dotted config setting in today's schema (``_MISSING`` when there is none)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from tunelab.config import TunelabConfig
+
+    model: type[BaseModel] | None = TunelabConfig
+    *sections, name = key.split(".")
+    for part in sections:
+        field = model.model_fields.get(part) if model else None
+        kinds = typing.get_args(field.annotation) or (field.annotation,) if field else ()
+        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+    field = model.model_fields.get(name) if model else None
+    return _MISSING if field is None else field.get_default(call_default_factory=True)
 
 
 def ensure_shipped(name: str) -> Path:

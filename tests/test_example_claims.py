@@ -145,3 +145,19 @@ def test_a_run_made_by_an_older_recipe_is_not_reused(check, tmp_path):
 
     (run / "run.json").unlink()  # unfinished
     assert not check.made_by(run, check.EXAMPLES["dpo-plain"], "train.seed=0")
+
+
+def test_a_nested_setting_added_since_keeps_a_run_current_at_its_default(check, tmp_path):
+    import yaml
+
+    from tunelab.config import dump_config, load_config
+
+    quickstart = check.EXAMPLES["quickstart"]
+    run = tmp_path / "seed-0"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    saved = yaml.safe_load(dump_config(load_config(REPO / quickstart.config, ["train.seed=0"])))
+    del saved["model"]["tiny"]["arch"]  # model.tiny.arch came later; llama is its default
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert check.made_by(run, quickstart, "train.seed=0")
+    assert not check.made_by(run, quickstart, "train.seed=0", "model.tiny.arch=qwen3")
