@@ -27,6 +27,7 @@ from tunelab.config import DataConfig
 from tunelab.data.files import file_fingerprint
 from tunelab.data.oversize import cut_messages, message_bytes, raw_byte_limit
 from tunelab.data.pair_tokenize import PairTokenizer, feedback_rows, preference_rows
+from tunelab.data.kinds import check_data_kind
 from tunelab.data.preferences import load_feedback, load_preferences
 from tunelab.data.records import Conversation, LoadReport, Text, load_records
 from tunelab.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, NO_TEMPLATE, render_conversation, resolve_template
@@ -260,6 +261,7 @@ def prepare_data(
     Raises:
         DataError: unreadable files, bad records (with ``on_error: fail``), or nothing usable.
     """
+    check_data_kind([*cfg.train, *(cfg.eval or [])], objective)
     try:
         template: str | None = resolve_template(tokenizer, cfg.template)
     except DataError:

@@ -47,7 +47,7 @@ from tunelab.models.load import (
     stop_token_ids,
 )
 from tunelab.models.attention import VARLEN_NAME
-from tunelab.models.quant import is_quantized, weight_memory
+from tunelab.models.quant import is_quantized, route_unfit_cpu_4bit_layers, weight_memory
 from tunelab.models.tiny import create_tiny_model
 from tunelab.outputs import remove, replace_with, temporary_sibling, write_errors
 from tunelab.train.batches import MicroBatches, eval_batches
@@ -194,6 +194,9 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
     model = load_model(model_cfg, load_dtype, device, attention, reward_head)
     if is_quantized(model):
         console.print(f"model: {cfg.model.quantization} base, {weight_memory(model)}")
+        if unfit := route_unfit_cpu_4bit_layers(model):
+            console.print(f"model: {len(unfit)} 4-bit layers have sizes bitsandbytes' fused CPU kernel cannot take "
+                          f"(e.g. {unfit[0]}): they run on its generic path outside training too")
     if reward_head:
         model.config.pad_token_id = tokenizer.pad_token_id  # transformers' pooling finds the last token by it
     if packing and not packing_supported(model, device):

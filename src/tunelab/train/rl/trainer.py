@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.config import TunelabConfig, TrainConfig
 from tunelab.data.files import file_fingerprint
+from tunelab.data.kinds import check_data_kind
 from tunelab.data.records import Prompt, load_prompts
 from tunelab.data.templates import render_prompt, resolve_template
 from tunelab.data.tokenize import split_records
@@ -308,6 +309,7 @@ class OnlineRL:
 def _load_prompt_sets(cfg: TunelabConfig, tokenizer: PreTrainedTokenizerBase, template: str
                       ) -> tuple[PromptSet, PromptSet | None]:
     data = cfg.data
+    check_data_kind([*data.train, *(data.eval or [])], cfg.train.objective)
     records, report = load_prompts(data.train, data.format, data.on_error, data.system_prompt, data.max_samples)
     for line in report.summary().splitlines():
         console.print(f"[dim]train prompts:[/dim] {line}", highlight=False)
