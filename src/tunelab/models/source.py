@@ -45,8 +45,11 @@ def check_start_model(model_path: str, builds_tiny: bool, config_file: str | Pat
     Raises:
         TunelabError: the path is missing; names the config beside ``config_file`` that writes it, if any.
     """
-    if builds_tiny or Path(model_path).expanduser().exists() or looks_like_hub_id(model_path):
-        return
+    try:
+        if builds_tiny or Path(model_path).expanduser().exists() or looks_like_hub_id(model_path):
+            return
+    except PermissionError:
+        return  # there, but not ours to read: loading names the problem
     maker = config_that_makes(model_path, config_file)
     if maker is not None:
         raise TunelabError(f"model.path {model_path}: no such model directory; {config_file} starts from the model "
