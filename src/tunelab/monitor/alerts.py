@@ -46,7 +46,8 @@ from tunelab.monitor.store import Requests, RequestStore, read_requests
 
 logger = logging.getLogger("tunelab.monitor")
 
-Metric = Literal["latency_p50", "latency_p95", "ttft_p50", "error_rate", "requests_per_min", "perplexity_median"]
+Metric = Literal["latency_p50", "latency_p95", "latency_p99", "ttft_p50", "error_rate", "requests_per_min",
+                 "perplexity_median"]
 METRICS: tuple[str, ...] = typing.get_args(Metric)
 
 
@@ -152,12 +153,13 @@ def bucket_value(requests: Requests, metric: str, bucket_s: float) -> tuple[floa
     if metric == "error_rate":
         return (float(requests.failed.mean()) if len(requests) else float("nan")), len(requests)
     ok = requests.select(requests.succeeded)
-    column = {"latency_p50": ok.latency_s, "latency_p95": ok.latency_s, "ttft_p50": ok.time_to_first_token_s,
+    column = {"latency_p50": ok.latency_s, "latency_p95": ok.latency_s, "latency_p99": ok.latency_s,
+              "ttft_p50": ok.time_to_first_token_s,
               "perplexity_median": ok.perplexity}[metric]
     column = column[np.isfinite(column)]
     if not len(column):
         return float("nan"), 0
-    return float(np.quantile(column, 0.95 if metric == "latency_p95" else 0.5)), len(column)
+    return float(np.quantile(column, {"latency_p95": 0.95, "latency_p99": 0.99}.get(metric, 0.5))), len(column)
 
 
 def bucket_series(requests: Requests, metric: str, start: float, bucket_s: float, count: int) -> tuple[np.ndarray, np.ndarray]:
