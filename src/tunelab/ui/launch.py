@@ -100,14 +100,27 @@ def form_to_dict(values: dict[str, Any]) -> dict[str, Any]:
     for key, raw in values.items():
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             continue
-        value = raw
-        if isinstance(raw, str) and kinds.get(key) != "text":
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                value = raw
-        _set(data, key, value)
+        _set(data, key, _typed(raw, kinds.get(key)))
     return data
+
+
+def _typed(raw: Any, kind: str | None) -> Any:
+    """A form value as the schema's type where it reads as one (the schema reports the rest by name)."""
+    if not isinstance(raw, str) or kind == "text":
+        return raw
+    text = raw.strip()
+    if kind in ("int", "float"):
+        for convert in ((int, float) if kind == "int" else (float,)):
+            try:
+                return convert(text)
+            except ValueError:
+                pass
+    if text == "null":
+        return None
+    try:
+        return yaml.safe_load(text)  # lists, mappings, booleans, numbers in YAML
+    except yaml.YAMLError:
+        return text
 
 
 def _split_errors(message: str) -> list[dict[str, Any]]:
