@@ -104,3 +104,29 @@ def test_tunelab_ui_command_off_loopback_prints_a_token_url_and_stops_on_sigterm
 def test_loopback_host_names_are_accepted(tmp_path, host):
     with client(tmp_path, host=f"{host}:7860") as ui:
         assert ui.get("/api/health").status_code == 200
+
+
+def test_live_metrics_are_read_by_whole_lines_from_an_offset(tmp_path):
+    from tunelab.ui.runs import read_metrics_from
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # the trainer is writing row 2
+    rows, offset = read_metrics_from(path)
+    assert rows == [{"step": 1, "loss": 2.0}] and offset == len('{"step": 1, "loss": 2.0}\n')
+    with path.open("a") as handle:
+        handle.write('ss": 1.5}\n')
+    rows, offset = read_metrics_from(path, offset)
+    assert rows == [{"step": 2, "loss": 1.5}] and offset == path.stat().st_size
+    path.write_text('{"step": 1, "loss": 2.0}\n')  # a resumed run rewrote the file shorter
+    rows, _ = read_metrics_from(path, offset)
+    assert rows == [{"step": 1, "loss": 2.0}]
+
+
+def test_length_histogram_bins_whole_tokens():
+    import numpy as np
+
+    from tunelab.ui.data import length_histogram
+
+    histogram = length_histogram(np.array([94, 95, 100, 116, 116]))
+    assert histogram["edges"][0] == 94 and all(b - a == 2 for a, b in zip(histogram["edges"], histogram["edges"][1:]))
+    assert sum(histogram["counts"]) == 5 and histogram["counts"][-1] == 2

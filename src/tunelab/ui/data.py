@@ -8,16 +8,16 @@ histogram of sequence lengths and the data report's counts.
 
 from __future__ import annotations
 
+import math
 from itertools import groupby
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel, Field
+from fastapi import APIRouter
+from pydantic import Field
 
 from tunelab.errors import ConfigError
 from tunelab.ui.launch import LaunchBody, _validated
-from tunelab.ui.state import UIState, ui_state
 
 router = APIRouter(prefix="/api/data")
 
@@ -35,11 +35,13 @@ def trained_segments(tokenizer: Any, input_ids: list[int], labels: list[int]) ->
 
 
 def length_histogram(lengths: np.ndarray, bins: int = 20) -> dict[str, Any]:
-    """Counts of sequence lengths in ``bins`` equal bins (edges in tokens)."""
+    """Counts of sequence lengths in at most ``bins`` bins of a whole number of tokens each (edges in tokens)."""
     if not len(lengths):
         return {"edges": [], "counts": []}
     low, high = int(lengths.min()), int(lengths.max())
-    counts, edges = np.histogram(lengths, bins=min(bins, max(1, high - low + 1)), range=(low, max(high, low + 1)))
+    width = max(1, math.ceil((high - low + 1) / bins))
+    edges = low + width * np.arange(math.ceil((high - low + 1) / width) + 1)
+    counts, _ = np.histogram(lengths, bins=edges)
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
 
 
@@ -63,7 +65,7 @@ def _example(tokenizer: Any, row: dict[str, Any], index: int) -> dict[str, Any]:
 
 
 @router.post("/preview")
-def preview(body: PreviewBody, state: UIState = Depends(ui_state)) -> dict[str, Any]:
+def preview(body: PreviewBody) -> dict[str, Any]:
     """Examples with trained tokens marked, token counts, the length histogram and the data report."""
     import pyarrow.compute as pc
 

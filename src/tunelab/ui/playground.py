@@ -70,7 +70,7 @@ def load_served_model(path: str, name: str) -> LoadedModel:
     from tunelab.serve.app import ServeSettings, create_app
     from tunelab.serve.engine import GenerationEngine, model_context_length
 
-    directory = Path(path).expanduser()
+    directory = Path(path).expanduser().resolve()
     if not directory.is_dir():
         raise TunelabError(f"{path}: no such model directory")
     started = time.perf_counter()

@@ -55,7 +55,7 @@ export function lineChart(options) {
                           "aria-label": `${title}; ${yLabel} against ${xLabel}`, "data-points": String(all.length) });
   figure.append(svg);
   if (!all.length) {
-    svg.append(el("text", { x: width / 2, y: height / 2, "text-anchor": "middle", class: "empty" }, "no data yet"));
+    svg.append(el("text", { x: width / 2, y: height / 2, "text-anchor": "middle", class: "empty" }, options.empty || "no data"));
     return figure;
   }
   let xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
