@@ -46,8 +46,7 @@ from tunelab.monitor.store import Requests, RequestStore, read_requests
 
 logger = logging.getLogger("tunelab.monitor")
 
-Metric = Literal["latency_p50", "latency_p95", "latency_p99", "ttft_p50", "error_rate", "requests_per_min",
-                 "perplexity_median"]
+Metric = Literal["latency_p50", "latency_p95", "ttft_p50", "error_rate", "requests_per_min", "perplexity_median"]
 METRICS: tuple[str, ...] = typing.get_args(Metric)
 
 
