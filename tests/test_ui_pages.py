@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import ARITHMETIC_TEST, ARITHMETIC_TRAIN, make_config, read_jsonl, write_config
 from tunelab.cli import main
 from tunelab.ui.state import UISettings
-from ui_support import assert_fits_width, chromium, goto, open_page, shown_number, ui_server, wait_until
+from ui_support import assert_fits_width, chromium, goto, shown_number, ui_server, wait_until
 
 
 def _last_loss(out: Path) -> float:

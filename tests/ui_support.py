@@ -59,16 +59,6 @@ def chromium() -> Iterator[Any]:
             browser.close()
 
 
-def open_page(browser: Any, url: str, width: int = 1366, height: int = 800) -> Any:
-    """A page at ``url`` (a laptop-sized window) once the app has rendered it; JS errors fail the test."""
-    page = browser.new_page(viewport={"width": width, "height": height})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.js_errors = errors
-    goto(page, url)
-    return page
-
-
 def goto(page: Any, url: str) -> None:
     """Navigate and wait until the page's module has rendered (main[data-ready])."""
     page.goto(url)

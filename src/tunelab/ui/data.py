@@ -17,7 +17,7 @@ from fastapi import APIRouter
 from pydantic import Field
 
 from tunelab.errors import ConfigError
-from tunelab.ui.launch import LaunchBody, _validated
+from tunelab.ui.launch import LaunchBody, validated_config
 
 router = APIRouter(prefix="/api/data")
 
@@ -72,7 +72,7 @@ def preview(body: PreviewBody) -> dict[str, Any]:
     from tunelab.data.tokenize import prepare_data
     from tunelab.models.load import load_tokenizer, stop_token_ids
 
-    config, _, errors = _validated(body)
+    config, _, errors = validated_config(body)
     if errors or config is None:
         raise ConfigError("\n".join(e["message"] for e in errors))
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code, config.model.revision)

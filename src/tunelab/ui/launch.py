@@ -141,7 +141,7 @@ class LaunchBody(BaseModel):
     overwrite: bool = False
 
 
-def _validated(body: LaunchBody) -> tuple[TunelabConfig | None, dict[str, Any] | None, list[dict[str, Any]]]:
+def validated_config(body: LaunchBody) -> tuple[TunelabConfig | None, dict[str, Any] | None, list[dict[str, Any]]]:
     """(config, the form's config dict, errors): errors empty when the config is valid."""
     overrides = [o.strip() for o in body.overrides if o.strip()]
     try:
@@ -163,7 +163,7 @@ def _validated(body: LaunchBody) -> tuple[TunelabConfig | None, dict[str, Any] |
 @router.post("/validate")
 def validate(body: LaunchBody) -> dict[str, Any]:
     """Check a config as ``tunelab train`` would: {valid, errors: [{key, message}], yaml}."""
-    config, data, errors = _validated(body)
+    config, data, errors = validated_config(body)
     shown = yaml.safe_dump(data, sort_keys=False) if data is not None else ""
     return {"valid": not errors, "errors": errors, "yaml": shown,
             "output_dir": config.output_dir if config else None}
@@ -177,7 +177,7 @@ def _existing_run(output_dir: str) -> bool:
 @router.post("/launch")
 def launch(body: LaunchBody, state: UIState = Depends(ui_state)) -> dict[str, Any]:
     """Validate, then start ``tunelab train`` in the background; errors come back without starting anything."""
-    config, data, errors = _validated(body)
+    config, data, errors = validated_config(body)
     if errors or config is None:
         return {"started": False, "errors": errors}
     out = config.output_dir
