@@ -141,3 +141,11 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     return subprocess.run(
         [sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout
     )
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the totals of the bad-input suite and of the kill -9 fuzz when they ran."""
+    for module in ("test_bad_input", "test_kill_fuzz"):
+        line = getattr(sys.modules.get(module), "summary_line", lambda: None)()
+        if line:
+            terminalreporter.write_line(line)

@@ -1,4 +1,9 @@
-"""Bad data: every failure is a DataError naming the file (and line), through the API and the CLI.
+"""Bad input: every case of tests/bad_inputs.py through the CLI, and bad data files through the API.
+
+The CLI suite runs each case in this process (``tunelab.cli.main``) and checks the exit code, the
+message, that no traceback escaped, and that nothing was lost: every file the workspace held is
+still there byte for byte (unless the case says what may change) and a failed command left no new
+file, no temporary and no lock behind. Its totals are printed at the end of the test run.
 
 With ``on_error: skip`` bad records are dropped, counted by reason with the first place each
 happened, and training runs on the rest.
@@ -6,22 +11,26 @@ happened, and training runs on the rest.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import re
+import shutil
+import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import make_config, run_cli, write_config
+from bad_inputs import CASES as CLI_CASES
+from bad_inputs import GOOD_ROWS, Fixtures, Workspace, jsonl
+from conftest import make_config
 from tunelab.data.records import load_records
 from tunelab.errors import DataError
 
 SKIP_HINT = "(set data.on_error: skip"
-
-
-def jsonl(*rows: object) -> str:
-    return "".join(json.dumps(row) + "\n" for row in rows)
 
 
 GOOD = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
@@ -243,57 +252,128 @@ def test_skip_does_not_hide_a_broken_json_array(tmp_path: Path) -> None:
         load_records([str(path)], on_error="skip")
 
 
-# --- through the CLI ----------------------------------------------------------------------------
+# --- the CLI suite ------------------------------------------------------------------------------
+
+OUTCOMES: dict[str, dict[str, bool]] = {}  # per case: traceback, lost, wrong (read by summary_line)
 
 
-def assert_clean_cli_error(result, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    assert "error: " in result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
+def summary_line() -> str | None:
+    """The suite's totals for the end of the test run (conftest prints it), or None when it did not run."""
+    if not OUTCOMES:
+        return None
+    count = lambda key: sum(outcome[key] for outcome in OUTCOMES.values())  # noqa: E731
+    return (f"bad-input suite: {len(OUTCOMES)} cases through the CLI, {count('traceback')} tracebacks, "
+            f"{count('wrong')} wrong or silent results, {count('lost')} losses of user data")
 
 
-# Each CLI call costs 6-10 s (mostly imports), so one case per path to the CLI: a file that cannot
-# be parsed (raised by the file reader) and a bad record (raised by the record reader, with the
-# skip hint). Every case of CASES is checked through load_records above.
-@pytest.mark.parametrize("case_id", ["jsonl_malformed_line", "alpaca_missing_output"])
-def test_cli_train_reports_bad_data_without_traceback(tmp_path: Path, tiny_model: Path, case_id: str) -> None:
-    case = CASES[case_id]
-    path = write_case(tmp_path, case)
-    config = write_config(tmp_path, make_config(tmp_path, tiny_model, path))
-    result = run_cli("train", str(config))
-    assert_clean_cli_error(result, f"error: {expected_prefix(path, case)}{case.message}")
-    assert not (tmp_path / "out" / "final").exists()
+@pytest.fixture(scope="module")
+def fixtures(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Fixtures:
+    """The tiny model, one of another size, and a finished LoRA run (checkpoints step-2, step-4, final/)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab.config import config_from_dict
+    from tunelab.train.engine import train
+
+    root = tmp_path_factory.mktemp("bad-input-fixtures")
+    other = root / "other-model"
+    shutil.copytree(tiny_model, other)
+    config = AutoConfig.from_pretrained(other)
+    config.hidden_size, config.intermediate_size = 32, 64
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    data = root / "data.jsonl"
+    data.write_text(jsonl(*GOOD_ROWS))
+    run = make_config(root, tiny_model, data, data={"max_length": 64},
+                      train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 2, "lr": 1e-3, "batch_tokens": 256,
+                             "log_every": 1, "seed": 0, "precision": "fp32"}, output_dir=str(root / "run"))
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        train(config_from_dict(run))
+    return Fixtures(tiny_model, other, root / "run")
 
 
-def test_cli_train_skips_bad_records_and_says_so(tmp_path: Path, tiny_model: Path) -> None:
-    path = tmp_path / "mixed.jsonl"
-    path.write_text(jsonl(*MIXED_ROWS))
-    config = write_config(
-        tmp_path, make_config(tmp_path, tiny_model, path, data={"on_error": "skip"}, train={"max_steps": 2})
-    )
-    result = run_cli("train", str(config))
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    assert "Traceback" not in output
-    assert "3 sequences from 7 records" in output
-    assert f"2 skipped: record has no 'output' field (first at {path}:2)" in output
-    assert f"1 skipped: assistant message is empty (first at {path}:3)" in output
-    assert "done: 2 steps" in result.stdout
-    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in metrics if "loss" in row] == [1, 2]
-    assert (tmp_path / "out" / "final").is_dir()
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not spin against other work on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def test_cli_train_when_every_record_is_bad(tmp_path: Path, tiny_model: Path) -> None:
-    path = tmp_path / "allbad.jsonl"
-    path.write_text(jsonl({"instruction": "a"}, {"conversations": []}, {"instruction": "c", "output": ""}))
-    config = write_config(tmp_path, make_config(tmp_path, tiny_model, path, data={"on_error": "skip"}))
-    result = run_cli("train", str(config))
-    assert_clean_cli_error(
-        result,
-        f"error: {path}: no usable records",
-        f"2 skipped: record has no 'output' field (first at {path}:1)",
-        f"1 skipped: assistant message is empty (first at {path}:3)",
-    )
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file below ``root`` (relative path -> SHA-256)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_main(argv: list[str]) -> tuple[int | None, str, str | None]:
+    """``tunelab ARGV`` in this process: exit code, stdout + stderr, and the traceback if one escaped."""
+    from tunelab.cli import main
+
+    captured = io.StringIO()
+    trace = None
+    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - what the suite exists to catch
+            code, trace = None, traceback.format_exc()
+    return code, captured.getvalue(), trace
+
+
+def _allowed(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == prefix.rstrip("/") or path.startswith(prefix) for prefix in prefixes)
+
+
+@pytest.mark.parametrize("name", list(CLI_CASES))
+def test_cli_bad_input(name: str, fixtures: Fixtures, tmp_path: Path) -> None:
+    case = CLI_CASES[name]
+    if case.cpu_only:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("expects a machine without a GPU")
+    root = Path(tempfile.mkdtemp(prefix=f"tunelab-{name}-")) if case.world_readable else tmp_path / "w"
+    root.mkdir(exist_ok=True)
+    w = Workspace(root, fixtures)
+    try:
+        if case.setup is not None:
+            case.setup(w)
+        argv = case.argv(w)
+        before = snapshot(root)
+        with case.context(w) if case.context else contextlib.nullcontext():
+            code, output, trace = run_main(argv)
+        after = snapshot(root)
+        lost = [p for p, digest in before.items() if after.get(p) != digest and not _allowed(p, case.may_change)]
+        left = [p for p in after if p not in before and not _allowed(p, case.may_change) and code != 0]
+        litter = [p for p in after if ".tmp-" in p or p.endswith(".tunelab.lock") and p not in before]
+        expected = [text.format(w=w) for text in case.says]
+        missing = [text for text in expected if text not in output]
+        OUTCOMES[name] = {"traceback": trace is not None or "Traceback (most recent call last)" in output,
+                          "lost": bool(lost), "wrong": code != case.code or bool(missing) or bool(left or litter)}
+        assert trace is None, trace
+        assert "Traceback (most recent call last)" not in output, output
+        assert code == case.code, f"exit {code}, expected {case.code}:\n{output[-3000:]}"
+        assert not missing, f"missing {missing} in:\n{output[-3000:]}"
+        assert not lost, f"changed or deleted: {lost}"
+        assert not left, f"a failed command left files behind: {left}"
+        assert not litter, f"temporaries or a lock left behind: {litter}"
+        if case.check is not None:
+            try:
+                case.check(w, output)
+            except AssertionError:
+                OUTCOMES[name]["wrong"] = True
+                raise
+    finally:
+        for cleanup in w.cleanups:
+            cleanup()
+        if case.world_readable:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_suite_is_large_enough() -> None:
+    assert len(CLI_CASES) >= 80

@@ -76,7 +76,7 @@ def test_backtranslation_through_german_on_multi30k(server: ScriptedServer, tmp_
     assert f"wrote {len(changed)} records to {out}" in capsys.readouterr().out
 
     # A re-run is served from the cache: same records, no call.
-    assert main(argv) == 0
+    assert main([*argv, "--overwrite"]) == 0
     assert len(server.requests) == 2 * n
     assert without_created(read_jsonl(out)) == without_created(rows)
 
@@ -167,7 +167,7 @@ def test_cli_augment_with_the_tiny_model(tiny_model: Path, tmp_path: Path, capsy
             assert row["messages"][0]["content"].endswith("\n\nBe brief.")
     assert report["generator"]["calls"] >= 4 * 4  # paraphrase, two translation legs, answers
     capsys.readouterr()
-    main(argv)  # again: everything usable comes from the cache; only failed requests are asked again
+    main([*argv, "--overwrite"])  # again: everything usable comes from the cache; only failed requests are asked again
     again = json.loads((tmp_path / "tiny-aug.report.json").read_text())
     assert again["made"] == report["made"] and without_created(read_jsonl(out)) == without_created(rows)
     assert again["generator"]["cached"] >= made and again["generator"]["calls"] < report["generator"]["calls"]

@@ -155,14 +155,17 @@ def test_outputs_of_a_run(tmp_path, tiny_model):
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_not_appended_to(tmp_path):
-    from tunelab.train.engine import prepare_output_dir
+    from tunelab.train.run_dir import RunDirectory
 
+    config = config_from_dict(make_config(tmp_path, tmp_path / "model", ALPACA_DEMO))
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 1.0}\n')  # killed during its first steps
     with pytest.raises(TunelabError, match="already holds a run"):
-        prepare_output_dir(out, resume=False, overwrite=False)
-    prepare_output_dir(out, resume=False, overwrite=True)
+        RunDirectory(config, resume=False, overwrite=False).open()
+    run_dir = RunDirectory(config, resume=False, overwrite=True)
+    run_dir.open()
+    run_dir.close()
     assert not (out / "metrics.jsonl").exists()
 
 

@@ -1,8 +1,9 @@
 """GGUF export: every tensor and the tokenizer read back equal to the HF model; Q/K permutation; refusals.
 
 Without llama.cpp here, the file's meaning is checked by a numpy forward pass that follows
-llama.cpp's ``llama`` graph (RoPE on adjacent pairs, GQA, RMSNorm, SwiGLU) on the tensors read
-from the file, against transformers' logits; and by tokenizing with llama.cpp's BPE algorithm.
+llama.cpp's graphs (tests/gguf_reference.py) on the tensors read from the file, against
+transformers' logits; and by tokenizing with llama.cpp's BPE algorithm. The other families
+(Mistral, Qwen2, Qwen3, Gemma 3) are tested in test_tiny_archs.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from conftest import SHARED_DATA
+from gguf_reference import gguf_logits as _gguf_logits
 from tunelab.deploy import gguf as gguf_export
 from tunelab.deploy.gguf import (
     check_with_llama_cpp,
@@ -47,51 +49,6 @@ def _hf_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].double().numpy()
-
-
-def _gguf_logits(path: Path, ids: list[int]) -> np.ndarray:
-    """A float64 forward pass of llama.cpp's ``llama`` graph over the tensors stored in the file."""
-    meta = read_gguf(path)["metadata"]
-    reader = gguf.GGUFReader(str(path))
-    w = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(list(reversed(t.shape.tolist())))
-         .astype(np.float64) for t in reader.tensors}
-    n_head, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
-    head_dim, eps = meta["llama.rope.dimension_count"], meta["llama.attention.layer_norm_rms_epsilon"]
-    base = meta["llama.rope.freq_base"]
-    T = len(ids)
-
-    def rms(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
-
-    def rope_adjacent_pairs(x: np.ndarray) -> np.ndarray:  # [T, heads, head_dim]; llama.cpp's "norm" RoPE
-        theta = np.arange(T)[:, None] * base ** (-np.arange(0, head_dim, 2) / head_dim)[None, :]
-        if "rope_freqs.weight" in w:  # Llama-3.1 scaling: ggml divides each frequency by its factor
-            theta = theta / w["rope_freqs.weight"][None, :]
-        cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
-        even, odd = x[..., 0::2], x[..., 1::2]
-        out = np.empty_like(x)
-        out[..., 0::2], out[..., 1::2] = even * cos - odd * sin, even * sin + odd * cos
-        return out
-
-    x = w["token_embd.weight"][ids]
-    causal = np.triu(np.full((T, T), -np.inf), 1)
-    for layer in range(meta["llama.block_count"]):
-        p = f"blk.{layer}."
-        h = rms(x, w[p + "attn_norm.weight"])
-        q = rope_adjacent_pairs((h @ w[p + "attn_q.weight"].T).reshape(T, n_head, head_dim))
-        k = rope_adjacent_pairs((h @ w[p + "attn_k.weight"].T).reshape(T, n_kv, head_dim))
-        v = (h @ w[p + "attn_v.weight"].T).reshape(T, n_kv, head_dim)
-        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
-        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(head_dim) + causal
-        probs = np.exp(scores - scores.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        attn = np.einsum("hqk,khd->qhd", probs, v).reshape(T, n_head * head_dim)
-        x = x + attn @ w[p + "attn_output.weight"].T
-        h = rms(x, w[p + "ffn_norm.weight"])
-        gate = h @ w[p + "ffn_gate.weight"].T
-        x = x + (gate / (1 + np.exp(-gate)) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
-    x = rms(x, w["output_norm.weight"])
-    return x @ w.get("output.weight", w["token_embd.weight"]).T
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +302,7 @@ def test_each_pre_tokenizer_preset_is_detected_and_reproduces_hf_tokenization(pr
 
 
 def test_verify_catches_a_missing_permutation(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.setattr(gguf_export.writer, "permute_qk", lambda weights, n_head: weights)
+    monkeypatch.setattr(gguf_export.tensors, "permute_qk", lambda weights, n_head: weights)
     path = export_gguf(tiny_model, tmp_path / "unpermuted.gguf", outtype="f32")
     monkeypatch.undo()
     with pytest.raises(TunelabError, match=r"blk\.0\.attn_q\.weight differs"):
@@ -448,7 +405,34 @@ def test_sentencepiece_vocabulary(tmp_path):
     assert meta["tokenizer.ggml.bos_token_id"] == 1 and meta["tokenizer.ggml.eos_token_id"] == 2
     assert meta["tokenizer.ggml.unknown_token_id"] == 0
     assert meta["tokenizer.ggml.add_bos_token"] is True  # the Llama-2 tokenizer starts every text with <s>
+    assert meta["tokenizer.ggml.add_space_prefix"] is True  # "Hello" is tokenized as "▁Hello"
     assert "tokenizer.ggml.merges" not in meta
+
+
+def test_sentencepiece_without_a_space_prefix_says_so(tmp_path):
+    """Gemma's SentencePiece models add no "▁" before a text; llama.cpp assumes they do unless the file says."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    from tunelab.models.tiny import default_corpus
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(default_corpus())
+    model_dir = tmp_path / "spm-no-prefix"
+    model_dir.mkdir()
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(model_dir / "tokenizer"),
+                                             vocab_size=400, add_dummy_prefix=False, byte_fallback=True,
+                                             minloglevel=2)
+    assert sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model")) \
+        .encode_as_pieces("Hello")[0] != "\u2581Hello"
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False}))
+    config = LlamaConfig(vocab_size=448, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    path = export_gguf(model_dir, tmp_path / "no-prefix.gguf", outtype="f32")
+    assert read_gguf(path)["metadata"]["tokenizer.ggml.add_space_prefix"] is False
+    assert verify_gguf(model_dir, path)["tokenizer"]["add_space_prefix"] is False
 
 
 # ---------------------------------------------------------------------------------------------

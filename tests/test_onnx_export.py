@@ -148,7 +148,7 @@ def test_adapter_directory_and_overwriting_the_model_are_refused(tiny_model, tmp
     (adapter / "adapter_config.json").write_text("{}")
     with pytest.raises(TunelabError, match="tunelab merge"):
         export_onnx(adapter, tmp_path / "out")
-    with pytest.raises(TunelabError, match="would replace the model directory"):
+    with pytest.raises(TunelabError, match="is the model directory .* that this command reads"):
         export_onnx(tiny_model, tiny_model)
 
 

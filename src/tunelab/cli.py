@@ -65,11 +65,15 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 
 def _cmd_models_tiny(args: argparse.Namespace) -> int:
     from tunelab.models.tiny import create_tiny_model
+    from tunelab.outputs import atomic_output, claim_output
 
-    out = create_tiny_model(
-        args.out_dir, arch=args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
-        kv_heads=args.kv_heads, vocab=args.vocab, tokenizer_corpus=args.tokenizer_corpus, seed=args.seed,
-    )
+    out = claim_output(args.out_dir, args.overwrite, "OUT_DIR", [("tokenizer corpus", args.tokenizer_corpus)])
+    with atomic_output(out, what="tiny model") as tmp:
+        create_tiny_model(
+            tmp, arch=args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
+            kv_heads=args.kv_heads, vocab=args.vocab, tokenizer_corpus=args.tokenizer_corpus, seed=args.seed,
+            head_dim=args.head_dim, sliding_window=args.sliding_window,
+        )
     print(f"wrote a tiny {args.arch} model to {out}")
     return 0
 
@@ -108,6 +112,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.launch import check_engine_installed, check_launch, relaunch
 
     config = load_config(args.config, args.overrides)
+    from tunelab.train.run_dir import check_config_location
+
+    check_config_location(args.config, config.output_dir)
+    from tunelab.models.source import check_start_model
+
+    check_start_model(config.model.path, config.model.tiny is not None, args.config)
     if args.nproc is not None:  # re-run this command under torchrun; does not return
         relaunch(args.nproc, config.distributed,
                  [args.config, *args.overrides, *(["--resume"] if args.resume else []),
@@ -135,6 +145,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.eval.report import markdown_table
     from tunelab.eval.suite import EvalOptions, check_thresholds, device_dtype, run_eval
     from tunelab.models.load import generation_stop_ids, load_for_inference, resolve_device
+    from tunelab.progress import progress_bar
 
     defaults: dict = {}
     model_path, files = args.model, args.data or []
@@ -146,6 +157,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     "answer_pattern": config.eval.answer_pattern, "max_new_tokens": config.eval.max_new_tokens}
     if not model_path or not files or not args.out:
         raise TunelabError("tunelab eval needs --model (or --config), --data (or data.eval in the config) and --out")
+    _check_answer_pattern(args.answer_pattern)
     options = EvalOptions(
         metrics=[m.strip() for m in args.metrics.split(",")] if args.metrics else None,
         max_new_tokens=args.max_new_tokens or defaults.get("max_new_tokens", 256),
@@ -160,11 +172,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         options.judge = Judge(parse_judge_spec(args.judge, judge_model=args.judge_model),
                               cache_path=str(Path(args.out) / "judge_cache.jsonl"))
+    # The options first, then the outputs, then the model.
+    _claim_report_dir(args, ("results.json", "predictions.jsonl", "report.md", "report.html"), files)
     device = resolve_device(args.device)
-    model, tokenizer = load_for_inference(model_path, args.adapter, device, device_dtype(device))
+    with progress_bar(f"loading {model_path}" + (f" + {args.adapter}" if args.adapter else "")):
+        model, tokenizer = load_for_inference(model_path, args.adapter, device, device_dtype(device))
     description = {"model": model_path, "adapter": args.adapter, "device": str(device)}
     stop_ids = generation_stop_ids(model.generation_config, tokenizer)
-    results = run_eval(model, tokenizer, files, args.out, options, stop_ids, description)
+    from tunelab.outputs import write_errors
+
+    with write_errors(args.out, "evaluation report", kept="the model and data are untouched"):
+        results = run_eval(model, tokenizer, files, args.out, options, stop_ids, description)
+    _explain_judge_failures([s["accounting"] for s in results["sets"]])
     rows = [[name, value] for name, value in results["metrics"].items()]
     print(markdown_table(["metric", "value"], rows))
     print(f"wrote {args.out}/results.json, predictions.jsonl, report.md, report.html")
@@ -174,15 +193,55 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _check_answer_pattern(pattern: str | None) -> None:
+    from tunelab.data.answers import check_answer_pattern
+
+    if pattern is not None:
+        try:
+            check_answer_pattern(pattern)
+        except ValueError as exc:
+            raise TunelabError(f"--answer-pattern {pattern!r}: {exc}") from None
+
+
+def _claim_report_dir(args: argparse.Namespace, names: tuple[str, ...], inputs: list[str]) -> None:
+    """Refuse to replace an earlier report in ``--out`` (without --overwrite) or an input file (ever)."""
+    from tunelab.outputs import claim_files
+
+    claim_files([Path(args.out) / name for name in names], args.overwrite, "--out", inputs)
+
+
+def _explain_judge_failures(accountings: list[dict]) -> None:
+    """Print how many judge calls failed and the first reason of each kind (stderr)."""
+    from tunelab.failures import reason_lines
+
+    for accounting in accountings:
+        reasons = accounting.get("judge_failure_reasons") or {}
+        if reasons:
+            count = sum(entry["count"] for entry in reasons.values())
+            print(f"warning: {count} judge call(s) failed (counted as no verdict); first reason of each kind:",
+                  file=sys.stderr)
+            print("\n".join(reason_lines(reasons)), file=sys.stderr)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from tunelab.eval.compare import run_compare
     from tunelab.eval.report import markdown_table, write_compare_report
     from tunelab.eval.suite import check_thresholds
 
-    results = run_compare(args.predictions or [], args.judge, args.out, judge_model=args.judge_model,
-                          labels_path=args.labels, resamples=args.resamples, seed=args.seed,
-                          answer_pattern=args.answer_pattern)
-    write_compare_report(args.out, results)
+    _check_answer_pattern(args.answer_pattern)
+    _claim_report_dir(args, ("results.json", "verdicts.jsonl", "report.md", "report.html"),
+                      [spec.partition("=")[2] or spec for spec in args.predictions or []])
+
+    from tunelab.outputs import write_errors
+
+    with write_errors(args.out, "comparison report", kept="the predictions are untouched"):
+        results = run_compare(args.predictions or [], args.judge, args.out, judge_model=args.judge_model,
+                              labels_path=args.labels, resamples=args.resamples, seed=args.seed,
+                              answer_pattern=args.answer_pattern)
+        write_compare_report(args.out, results)
+    _explain_judge_failures([results["accounting"]])
+    if results["matched_by"] == "prompt":
+        print("note: not every prediction has an id: examples matched by prompt text", file=sys.stderr)
     rows = [[p["model_a"], p["model_b"], p["wins"], p["ties"], p["losses"], p["no_verdict"], p["win_rate"],
              p["ci_low"], p["ci_high"], p["p_value"]] for p in results["pairs"]]
     print(markdown_table(["A", "B", "wins", "ties", "losses", "no verdict", "win rate", "ci_low", "ci_high", "p"], rows))
@@ -199,6 +258,12 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
     from tunelab.models.load import resolve_device
     from tunelab.train.rl.rewards import RewardModelScorer
 
+    if args.out:
+        from tunelab.outputs import claim_files
+
+        outs = ([args.out] if len(args.data) == 1
+                else [Path(args.out) / f"{Path(p).stem}.scores.jsonl" for p in args.data])
+        claim_files(outs, args.overwrite, "--out", args.data)
     scorer = RewardModelScorer(args.model, resolve_device(args.device), batch_size=args.batch_size)
     for path in args.data:
         rows, summary = score_file(scorer, path, "skip" if args.skip_bad else "fail")
@@ -213,8 +278,10 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from tunelab.deploy.merge import merge_adapter
+    from tunelab.progress import progress_bar
 
-    out = merge_adapter(args.adapter, args.out, args.dtype, args.base)
+    with progress_bar(f"merging {args.adapter} into its base ({args.dtype})"):
+        out = merge_adapter(args.adapter, args.out, args.dtype, args.base, overwrite=args.overwrite)
     print(f"merged {args.adapter} into {out} ({args.dtype})")
     return 0
 
@@ -222,6 +289,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tunelab.data.templates import resolve_template
     from tunelab.monitor.serving import start_serve_monitoring
+    from tunelab.progress import progress_bar
     from tunelab.serve.app import ServeSettings, create_app
     from tunelab.serve.engine import model_context_length
     from tunelab.serve.request_log import RequestLog
@@ -246,7 +314,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens, timeout=args.timeout, record_text=args.record_text,
         context_length=model_context_length(args.model), max_body_bytes=args.max_body_bytes,
     )
-    engine, tokenizer, stop_ids = _serving_engine(args, adapters)
+    with progress_bar(f"loading {args.model}" + (f" and {len(adapters)} adapter(s)" if adapters else "")):
+        engine, tokenizer, stop_ids = _serving_engine(args, adapters)
     request_log = RequestLog(args.request_log) if args.request_log else None
     app = create_app(engine, resolve_template(tokenizer, "auto", fallback="chatml"), stop_ids, settings, request_log,
                      monitoring.sinks,
@@ -293,39 +362,62 @@ def _serving_engine(args: argparse.Namespace, adapters: dict[str, str]):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.progress import progress_bar
     from tunelab.track.record import record_export
 
+    if args.prompts:  # the parity report is claimed before the export is written
+        from tunelab.deploy.parity.cli import claim_report
+
+        claim_report(args, [args.model, args.out])
     if args.format == "onnx":
         from tunelab.deploy.onnx import export_onnx, verify_onnx
 
-        out = export_onnx(args.model, args.out, with_past=not args.no_past, dtype=args.dtype or "float32")
+        with progress_bar(f"exporting {args.model} to ONNX"):
+            out = export_onnx(args.model, args.out, with_past=not args.no_past, dtype=args.dtype or "float32",
+                              overwrite=args.overwrite)
         print(f"wrote {out}")
         if not args.no_verify:
             atol = 1e-4 if (args.dtype or "float32") == "float32" else 1e-2
-            result = verify_onnx(args.model, out, atol=atol)
+            with progress_bar("verifying with onnxruntime (logits and greedy generations)"):
+                result = verify_onnx(args.model, out, atol=atol)
             print(f"verified with onnxruntime: max |logit difference| {result['max_abs_diff']:.2e}, "
                   f"greedy generations equal: {result['generations_equal']}")
         record_export(args.model, out, {"format": "onnx", "dtype": args.dtype or "float32", "past": not args.no_past},
                       None if args.no_verify else result)
-        return 0
+        return _export_parity(args, out)
     from tunelab.deploy.gguf import export_gguf, verify_gguf
 
-    out = export_gguf(args.model, args.out, args.outtype)
+    with progress_bar(f"exporting {args.model} to GGUF ({args.outtype})"):
+        out = export_gguf(args.model, args.out, args.outtype, overwrite=args.overwrite)
     print(f"wrote {out}")
     if not args.no_verify:
-        summary = verify_gguf(args.model, out)
+        with progress_bar("verifying the GGUF file by reading it back"):
+            summary = verify_gguf(args.model, out)
         errors = ", ".join(f"{kind} {error:.2e}" for kind, error in summary["max_abs_error"].items())
         print(f"verified by reading it back: {summary['n_tensors']} tensors (max |error| {errors}); "
               "tokenizer and chat template match")
+        for note in summary["notes"]:
+            print(f"note: {note}")
     record_export(args.model, out, {"format": "gguf", "outtype": args.outtype}, None if args.no_verify else summary)
-    return 0
+    return _export_parity(args, out)
+
+
+def _export_parity(args: argparse.Namespace, out: Path) -> int:
+    """The parity gate step of ``tunelab export --prompts FILE`` (0 without --prompts)."""
+    if not args.prompts:
+        return 0
+    from tunelab.deploy.parity.cli import export_parity_step
+
+    return export_parity_step(args, Path(out))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tunelab`` command."""
     from tunelab import __version__
 
-    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune, align, evaluate and ship open LLMs.")
+    from tunelab.cli_help import TunelabParser, add_examples
+
+    parser = TunelabParser(prog="tunelab", description="Fine-tune, align, evaluate and ship open LLMs.")
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -347,14 +439,19 @@ def build_parser() -> argparse.ArgumentParser:
     models_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     tiny = models_commands.add_parser("tiny", help="write a tiny random model with a real tokenizer (offline)")
     tiny.add_argument("out_dir")
-    tiny.add_argument("--arch", default="llama")
+    tiny.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "gemma3"])
     tiny.add_argument("--hidden", type=int, default=64)
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--heads", type=int, default=4)
     tiny.add_argument("--kv-heads", type=int, default=None)
     tiny.add_argument("--vocab", type=int, default=1024)
+    tiny.add_argument("--head-dim", type=int, default=None,
+                      help="head size (default: the family's; qwen3 128, gemma3 256)")
+    tiny.add_argument("--sliding-window", type=int, default=None,
+                      help="mistral/gemma3 attention window (default: the family's, 4096 / 512)")
     tiny.add_argument("--tokenizer-corpus", default=None, help="text/JSON(L) file to train the tokenizer on")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     tiny.set_defaults(func=_cmd_models_tiny)
     from tunelab.models.cli import add_commands as add_model_import
 
@@ -383,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", action="append", help="eval file (repeat for several sets)")
     evaluate.add_argument("--out", help="output directory")
     evaluate.add_argument("--metrics", help="comma-separated metric names (default: all)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="longest answer in tokens (default: eval.max_new_tokens of --config, else 256)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: seeded sampling")
     evaluate.add_argument("--top-p", type=float, default=1.0)
@@ -398,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--judge", help="grade answers 1-10 with openai:BASE_URL or hf:MODEL_DIR (judge_score)")
     evaluate.add_argument("--judge-model", help="model name for an OpenAI-compatible judge")
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     evaluate.set_defaults(func=_cmd_eval)
 
     compare = commands.add_parser("compare", help="A/B test models' predictions: win rates with CIs")
@@ -413,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--answer-pattern", default=None, help="regex whose group 1 is the final answer")
     compare.add_argument("--fail-below", action="append", metavar="METRIC=VALUE",
                          help="exit 1 when win_rate/ci_low/ci_high of the first pair is below the value")
+    compare.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     compare.set_defaults(func=_cmd_compare)
 
     reward = commands.add_parser("reward", help="reward model utilities")
@@ -424,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=8)
     score.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
     score.add_argument("--device", default="auto")
+    score.add_argument("--overwrite", action="store_true", help="replace existing score files")
     score.set_defaults(func=_cmd_reward_score)
 
     merge = commands.add_parser("merge", help="merge a LoRA adapter into its base model")
@@ -431,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="output model directory")
     merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     merge.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     merge.set_defaults(func=_cmd_merge)
 
     export = commands.add_parser("export", help="export a model to ONNX (onnxruntime) or GGUF (llama.cpp/Ollama)")
@@ -441,7 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["float32", "float16"], help="onnx: weight dtype (default float32)")
     export.add_argument("--no-past", action="store_true", help="onnx: export without KV-cache inputs/outputs")
     export.add_argument("--no-verify", action="store_true", help="skip the readback / onnxruntime parity check")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     export.set_defaults(func=_cmd_export)
+    from tunelab.deploy.parity.cli import add_commands as add_verify_command
+    from tunelab.deploy.parity.cli import add_gate_options
+
+    add_gate_options(export, for_export=True)
+    add_verify_command(commands)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with batched generation")
     serve.add_argument("--model", required=True, help="HF model directory (e.g. a merged model)")
@@ -494,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tunelab.ui.cli import add_ui_command
 
     add_ui_command(commands)
+    add_examples(parser)
     return parser
 
 

@@ -9,6 +9,7 @@ line and the key, and for an unknown key suggests the closest valid one.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ class _Section(BaseModel):
 class TinyModelConfig(_Section):
     """A tiny random model to build at model.path when nothing is there (tests, quickstart, CI)."""
 
+    arch: Literal["llama", "mistral", "qwen2", "qwen3", "gemma3"] = Field("llama", description="Model family.")
     hidden: int = Field(64, ge=8, description="Hidden size.")
     layers: int = Field(2, ge=1, description="Decoder layers.")
     heads: int = Field(4, ge=1, description="Attention heads.")
@@ -247,6 +249,12 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5, description="dpo/simpo sigmoid loss: probability that a preference label is flipped (cDPO)."
     )
+    rpo_alpha: float = Field(
+        0.0, ge=0.0,
+        description="dpo: weight of a negative log-likelihood term on the chosen answer (RPO, Pang et al. 2024; "
+        "TRL's rpo_alpha; 1.0 in the paper). DPO can widen the margin by lowering the chosen answer's likelihood "
+        "too, which costs accuracy where there is one right answer (math). 0: plain DPO.",
+    )
     gamma: float = Field(0.5, ge=0.0, description="simpo: target reward margin.")
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on desirable records.")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on undesirable records.")
@@ -296,7 +304,7 @@ class TrainConfig(_Section):
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Final learning rate as a fraction of lr.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (never on biases, norms or embeddings' norms).")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this (null: no clipping).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -323,6 +331,20 @@ class TrainConfig(_Section):
         "sharded strategies.",
     )
     loss_chunk_tokens: int = Field(4096, ge=16, description="Trained positions per chunk of the chunked loss.")
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError("each AdamW beta must be in [0, 1), e.g. [0.9, 0.999]")
+        return betas
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?", name):
+            raise ValueError("expected auto, cpu, cuda or cuda:N (N a GPU index), mps or xpu")
+        return name
 
     @field_validator("chunked_loss", "compile", mode="before")
     @classmethod
@@ -355,13 +377,20 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description="Longest generated answer.")
     answer_pattern: str = Field(
         r"(?im)^\s*answer\s*:\s*(.+?)\s*$",
-        description="Regex whose first group is the final answer, for exact_match; the whole text when it does not match.",
+        description="Regex whose first group is the final answer, for exact_match; the whole text when it does not match. Checked (it must compile and have a group) before anything loads.",
     )
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
     metrics: list[str] = Field(
         default_factory=lambda: ["exact_match"],
         description="Generation metrics logged at each evaluation as eval_<name> (see tunelab eval --metrics).",
     )
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _answer_regex(cls, pattern: str) -> str:
+        from tunelab.data.answers import check_answer_pattern
+
+        return check_answer_pattern(pattern)
 
     @field_validator("metrics")
     @classmethod
@@ -463,7 +492,9 @@ class DistributedConfig(_Section):
     @model_validator(mode="after")
     def _options_of_the_strategy(self) -> DistributedConfig:
         for section in ("fsdp", "deepspeed"):
-            if section in self.model_fields_set and self.strategy != section:
+            # Set to other than its defaults (the resolved config.yaml of a run holds both at their defaults).
+            options = getattr(self, section)
+            if section in self.model_fields_set and self.strategy != section and options != type(options)():
                 raise ValueError(f"{section} options apply to strategy {section} only (strategy is {self.strategy})")
         if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
             raise ValueError("deepspeed.offload_params needs zero_stage 3 (only stage 3 shards parameters)")
@@ -578,6 +609,8 @@ class TunelabConfig(_Section):
                 raise ValueError(f"method.type {self.method.type} trains with train.objective sft or pretrain only")
             if self.train.neftune_alpha is not None:
                 raise ValueError("train.neftune_alpha (NEFTune) applies to train.objective sft or pretrain only")
+        if self.train.rpo_alpha and self.train.objective != "dpo":
+            raise ValueError("train.rpo_alpha (an NLL term on the chosen answer) applies to train.objective dpo only")
         return self
 
 
@@ -589,12 +622,16 @@ class _LineLoader(yaml.SafeLoader):
     """A YAML loader that remembers the line of every mapping key, by dotted path."""
 
 
-def _compose_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+def _compose_lines(node: yaml.Node, prefix: str, lines: dict[str, int], source: Path) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            lines[path] = key_node.start_mark.line + 1
-            _compose_lines(value_node, path, lines)
+            line = key_node.start_mark.line + 1
+            if path in lines:  # YAML keeps the last of two equal keys: the first would be dropped silently
+                raise ConfigError(f"{source}:{line}: duplicate key '{path}' (first at line {lines[path]}); "
+                                  "merge the two into one")
+            lines[path] = line
+            _compose_lines(value_node, path, lines, source)
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
@@ -619,7 +656,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise ConfigError(f"{path}: the config must be a mapping of sections (model:, data:, train: ...)")
     lines: dict[str, int] = {}
     if node is not None:
-        _compose_lines(node, "", lines)
+        _compose_lines(node, "", lines, path)
     return data, lines
 
 

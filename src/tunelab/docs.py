@@ -17,7 +17,9 @@ Generated from the schema by `tunelab config reference --out docs/config.md`; do
 
 A config is one YAML file. Override any key after the file on the command line:
 `tunelab train run.yaml train.lr=1e-4 data.packing=false`. Unknown keys are errors with a
-suggestion; `tunelab config validate run.yaml` checks a file without running it.
+suggestion, and so is a key given twice (YAML would keep the last silently); every value, pattern
+and combination below is checked before a model loads. `tunelab config validate run.yaml` checks a
+file without running it.
 """
 
 

@@ -64,6 +64,7 @@ def add_commands(data_commands: Any) -> None:
     )
     augment.add_argument("inputs", nargs="+", metavar="INPUT", help="data files (any supported format)")
     augment.add_argument("--out", required=True, help="output JSONL (report and failures are written beside it)")
+    augment.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run")
     augment.add_argument("--ops", type=_comma_list, default=("paraphrase",),
                          help="comma list of paraphrase, backtranslate, restyle, constrain (default paraphrase)")
     augment.add_argument("--variants", type=int, default=1, help="new records per source record and operation")
@@ -94,6 +95,7 @@ def add_commands(data_commands: Any) -> None:
     )
     synth.add_argument("inputs", nargs="+", metavar="INPUT", help="documents (qa) or seed tasks (self-instruct)")
     synth.add_argument("--out", required=True, help="output JSONL (report, rejects and failures beside it)")
+    synth.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run")
     synth.add_argument("--method", required=True, choices=["qa", "self-instruct"])
     synth.add_argument("--limit", type=int, help="use only the first N documents or seed tasks")
     qa = synth.add_argument_group("qa")
@@ -129,10 +131,8 @@ def _refuse(args: argparse.Namespace, names: dict[str, str], why: str) -> None:
         raise ConfigError(f"{', '.join(given)}: {why}")
 
 
-def _backend(args: argparse.Namespace):
-    """The backend the options name (loads a local model)."""
-    from tunelab.generation.backends import parse_backend_spec
-
+def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The backend's options, refusing those that do not apply to its kind (nothing loads)."""
     kind = args.backend.partition(":")[0]
     if kind == "hf":
         _refuse(args, _OPENAI_OPTIONS, "only for openai: backends")
@@ -142,7 +142,14 @@ def _backend(args: argparse.Namespace):
     else:
         _refuse(args, _HF_OPTIONS, "only for hf: backends")
         options = _given(args, _OPENAI_OPTIONS)
-    return parse_backend_spec(args.backend, args.backend_model, **options)
+    return options
+
+
+def _backend(args: argparse.Namespace):
+    """The backend the options name (loads a local model)."""
+    from tunelab.generation.backends import parse_backend_spec
+
+    return parse_backend_spec(args.backend, args.backend_model, **_backend_options(args))
 
 
 def _sampling(args: argparse.Namespace, default):
@@ -158,6 +165,17 @@ def _cache(args: argparse.Namespace):
     if args.no_cache and args.cache:
         raise ConfigError("--cache and --no-cache: choose one")
     return False if args.no_cache else args.cache
+
+
+def _claim(args: argparse.Namespace, suffixes: tuple[str, ...]) -> None:
+    """Refuse to replace an earlier run's outputs (without --overwrite) or an input (ever), before any work."""
+    from tunelab.data.files import check_inputs_exist
+    from tunelab.data.generation_jobs import side_path
+    from tunelab.outputs import claim_files
+
+    check_inputs_exist(args.inputs)  # a mistyped input is named first
+    claim_files([args.out, *(side_path(args.out, suffix) for suffix in suffixes)], args.overwrite, "--out",
+                args.inputs)
 
 
 def _finish(result) -> int:
@@ -182,6 +200,8 @@ def _cmd_augment(args: argparse.Namespace) -> int:
     )
     options.sampling = _sampling(args, options.sampling)
     options.check()  # before a model loads
+    _backend_options(args)
+    _claim(args, ("report.json", "failed.jsonl"))
     backend = _backend(args)
     result = augment_files(args.inputs, args.out, backend, options, _cache(args), args.attempts)
     return _finish(result)
@@ -204,5 +224,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
                                             max_tokens=args.max_tokens or options.instance_sampling.max_tokens)
         run = self_instruct
     options.check()  # before a model loads
+    _backend_options(args)
+    _claim(args, ("report.json", "failed.jsonl", "rejects.jsonl"))
     backend = _backend(args)
     return _finish(run(args.inputs, args.out, backend, options, _cache(args), args.attempts))

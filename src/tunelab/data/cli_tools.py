@@ -29,6 +29,19 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
+def _count(minimum: int) -> Any:
+    """An argparse ``type`` for a whole number of at least ``minimum`` (checked as the options are read)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
 def _print_lines(lines: list[str]) -> None:
     for line in lines:
         print(line)
@@ -47,11 +60,31 @@ def _print_written(result: Any, records: str, read: str) -> None:
     _rejects_note(result.rejects_path)
 
 
+def _claim(args: argparse.Namespace, *paths: str | Path) -> None:
+    """Refuse to replace existing outputs (without --overwrite) or an input (ever), before any work."""
+    from tunelab.data.files import check_inputs_exist
+    from tunelab.outputs import claim_files
+
+    check_inputs_exist(args.inputs)  # a mistyped input is named first
+    claim_files(paths, args.overwrite, "--out", args.inputs)
+
+
+def _with_rejects(args: argparse.Namespace) -> list[Path]:
+    """``--out`` and the rejects file written beside it."""
+    from tunelab.data.convert import rejects_path_for
+
+    return [Path(args.out), Path(args.rejects) if args.rejects else rejects_path_for(args.out)]
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from tunelab.data.convert import convert_files
+    from tunelab.progress import progress_bar
 
-    result = convert_files(args.inputs, args.out, args.kind, args.format, args.text_field, args.system,
-                           args.on_error, args.rejects)
+    _claim(args, *_with_rejects(args))
+
+    with progress_bar(f"converting {', '.join(args.inputs)}"):
+        result = convert_files(args.inputs, args.out, args.kind, args.format, args.text_field, args.system,
+                               args.on_error, args.rejects)
     _print_written(result, result.kind, f"{result.report.read:,} read")
     return 0
 
@@ -71,6 +104,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return 0
     if not args.inputs or not args.out or not args.task:
         raise TunelabError("tunelab data build needs INPUT files, --task and --out (or --show-templates)")
+    _claim(args, *_with_rejects(args))
     result = build_files(
         args.inputs, args.out, args.task, templates=args.templates, seed=args.seed, variants=args.variants,
         fields=_key_values(args.field, "--field"), params=_key_values(args.param, "--param"),
@@ -84,6 +118,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_cot(args: argparse.Namespace) -> int:
     from tunelab.data.cot import CotOptions, cot_files
 
+    _claim(args, *_with_rejects(args))
     options = CotOptions(fmt=args.format, calculator=args.calculator, check_arithmetic=not args.no_check_arithmetic,
                          step_format=args.step_format, answer_format=args.answer_format, system=args.system,
                          kind=args.kind)
@@ -105,6 +140,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         redact_pii=args.redact_pii, seed=args.seed,
         languages=tuple(code.strip().lower() for code in args.lang.split(",")) if args.lang else None,
     )
+    options.check()  # the options first, then the outputs
+    _claim(args, *_with_rejects(args))
     report = clean_files(args.inputs, args.out, options, kind=args.kind, fmt=args.format, text_field=args.text_field,
                          rejects_path=args.rejects, use_cache=not args.no_cache, num_proc=args.num_proc)
     print(f"wrote {report.kept:,} records to {args.out}")
@@ -117,6 +154,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from tunelab.data.stats import stats_files
 
+    _claim(args, *(Path(args.out) / name for name in ("stats.json", "report.md", "token_lengths.png")))
     report, sketch = stats_files(
         args.inputs, args.out, tokenizer=args.tokenizer, template=args.template, bins=args.bins,
         max_length=args.max_length, kind=args.kind, fmt=args.format, text_field=args.text_field,
@@ -130,10 +168,14 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from tunelab.data.split import parse_ratios, split_files
+    from tunelab.data.split import SPLIT_NAMES, parse_ratios, split_files
+    from tunelab.progress import progress_bar
 
-    report = split_files(args.inputs, args.out, parse_ratios(args.ratios), args.seed, stratify=args.stratify,
-                         group=args.group, kind=args.kind, fmt=args.format, text_field=args.text_field)
+    ratios = parse_ratios(args.ratios)  # the options first, then the outputs
+    _claim(args, *(Path(args.out) / f"{name}.jsonl" for name in SPLIT_NAMES))
+    with progress_bar(f"splitting {', '.join(args.inputs)}"):
+        report = split_files(args.inputs, args.out, ratios, args.seed, stratify=args.stratify,
+                             group=args.group, kind=args.kind, fmt=args.format, text_field=args.text_field)
     print("wrote " + ", ".join(str(path) for path in report.paths.values()))
     _print_lines(report.lines())
     return 0
@@ -152,10 +194,12 @@ def _common(parser: argparse.ArgumentParser, out_help: str, inputs_required: boo
     parser.add_argument("inputs", nargs="+" if inputs_required else "*", metavar="INPUT",
                         help="data files: JSON, JSONL, CSV, Parquet, TXT (also .gz)")
     parser.add_argument("--out", required=inputs_required, help=out_help)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace outputs of an earlier run (refused otherwise; an input is never replaced)")
 
 
 def _map_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-proc", type=int, default=None,
+    parser.add_argument("--num-proc", type=_count(1), default=None,
                         help="worker processes (default: one per core, at most 4, for 20,000+ records)")
     parser.add_argument("--no-cache", action="store_true", help="recompute instead of using the on-disk cache")
 
@@ -179,11 +223,11 @@ def add_commands(data_commands: argparse._SubParsersAction) -> None:
     build.add_argument("--show-templates", action="store_true", help="print the template library and exit")
     build.add_argument("--field", action="append", metavar="NAME=KEY", help="read field NAME from raw key KEY")
     build.add_argument("--param", action="append", metavar="NAME=VALUE", help="field NAME is VALUE for every record")
-    build.add_argument("--variants", type=int, default=1, help="records per input, each with another phrasing")
+    build.add_argument("--variants", type=_count(1), default=1, help="records per input, each with another phrasing")
     build.add_argument("--seed", type=int, default=0, help="seed of the phrasing choice")
     build.add_argument("--system", help="system prompt instead of the task's")
     build.add_argument("--no-system", action="store_true", help="no system prompt")
-    build.add_argument("--limit", type=int, help="first N raw records")
+    build.add_argument("--limit", type=_count(1), help="first N raw records")
     build.add_argument("--rejects", help="where unusable records go (default: OUT's name + .rejects.jsonl)")
     _map_options(build)
     build.set_defaults(func=_cmd_build)
@@ -200,7 +244,7 @@ def add_commands(data_commands: argparse._SubParsersAction) -> None:
     cot.add_argument("--system", help="system prompt for every record")
     cot.add_argument("--kind", choices=["conversation", "prompt"], default="conversation",
                      help="conversation (training) or prompt with the answer as reference (eval, RL)")
-    cot.add_argument("--limit", type=int, help="first N problems")
+    cot.add_argument("--limit", type=_count(1), help="first N problems")
     cot.add_argument("--rejects", help="where unusable problems go (default: OUT's name + .rejects.jsonl)")
     _map_options(cot)
     cot.set_defaults(func=_cmd_cot)
@@ -214,9 +258,9 @@ def add_commands(data_commands: argparse._SubParsersAction) -> None:
     clean.add_argument("--near-dup-threshold", type=float, default=0.8, help="Jaccard similarity (default 0.8)")
     clean.add_argument("--dedup-on", choices=["all", "prompt", "answer"], default="all",
                        help="text compared for duplicates (system prompts never count)")
-    clean.add_argument("--min-length", type=int, help="drop records shorter than this (--length-unit)")
-    clean.add_argument("--max-length", type=int, help="drop records longer than this (--length-unit)")
-    clean.add_argument("--min-answer-length", type=int, help="drop records whose answer is shorter")
+    clean.add_argument("--min-length", type=_count(0), help="drop records shorter than this (--length-unit)")
+    clean.add_argument("--max-length", type=_count(1), help="drop records longer than this (--length-unit)")
+    clean.add_argument("--min-answer-length", type=_count(0), help="drop records whose answer is shorter")
     clean.add_argument("--length-unit", choices=["words", "chars", "tokens"], default="words")
     clean.add_argument("--tokenizer", help="tokenizer or model directory (for --length-unit tokens)")
     clean.add_argument("--keep-garbled", action="store_true", help="do not drop empty or garbled texts")
@@ -235,8 +279,8 @@ def add_commands(data_commands: argparse._SubParsersAction) -> None:
     stats.add_argument("--tokenizer", help="tokenizer or model directory (default: lengths in words)")
     stats.add_argument("--template", choices=["auto", "tokenizer", "chatml", "gemma", "llama3", "alpaca", "plain"],
                        default="auto", help="chat template used to render conversations")
-    stats.add_argument("--bins", type=int, default=20, help="histogram bins")
-    stats.add_argument("--max-length", type=int, help="also count records longer than this")
+    stats.add_argument("--bins", type=_count(1), default=20, help="histogram bins")
+    stats.add_argument("--max-length", type=_count(1), help="also count records longer than this")
     _map_options(stats)
     stats.set_defaults(func=_cmd_stats)
 

@@ -13,12 +13,14 @@ import gzip
 import hashlib
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import DataError
+from tunelab.hub import hub_unavailable, looks_like_hub_id
 
 SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".txt"}
 
@@ -42,7 +44,14 @@ def _decode_lines(path: Path) -> tuple[list[str], dict[int, str]]:
     """The file's lines as text, and the line numbers (1-based) that are not UTF-8, with why."""
     lines: list[str] = []
     errors: dict[int, str] = {}
-    raw = gzip.decompress(path.read_bytes()) if path.suffix.lower() == ".gz" else path.read_bytes()
+    try:
+        raw = path.read_bytes()
+        if path.suffix.lower() == ".gz":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a cut-off gzip an EOFError
+        if path.suffix.lower() == ".gz" and not isinstance(exc, PermissionError | FileNotFoundError):
+            raise DataError(f"{path}: not a readable gzip file ({exc}); is it really gzipped, and complete?") from None
+        raise DataError(f"{path}: cannot read the file ({getattr(exc, 'strerror', None) or exc})") from None
     for number, line in enumerate(raw.split(b"\n"), start=1):
         try:
             lines.append(line.decode("utf-8").removesuffix("\r"))  # CRLF line ends, as text mode reads them
@@ -167,6 +176,9 @@ def _hub_rows(name: str) -> Iterator[Row]:
     import datasets
 
     dataset_id, _, split = name.partition(":")
+    problem = hub_unavailable(dataset_id, "data file", ("README.md", ".gitattributes"), repo_type="dataset")
+    if problem:
+        raise DataError(problem)
     try:
         dataset = datasets.load_dataset(dataset_id, split=split or "train")
     except Exception as exc:  # network, auth and missing-dataset errors all end here
@@ -176,6 +188,18 @@ def _hub_rows(name: str) -> Iterator[Row]:
         ) from None
     for index, row in enumerate(dataset):
         yield Row(row, f"{name}:row {index + 1}")
+
+
+def _is_hub_id(name: str) -> bool:
+    return ("/" in name and looks_like_hub_id(name.partition(":")[0])
+            and Path(name).suffix not in (*SUFFIXES, ".gz"))
+
+
+def check_inputs_exist(names: list[str]) -> None:
+    """Raise :class:`DataError` for the first input that is neither a file nor a hub dataset id (before any work)."""
+    for name in names:
+        if not Path(name).expanduser().exists() and not _is_hub_id(name):
+            raise DataError(f"{name}: data file not found")
 
 
 def read_rows(name: str) -> Iterator[Row]:
@@ -188,7 +212,7 @@ def read_rows(name: str) -> Iterator[Row]:
     """
     path = Path(name).expanduser()
     if not path.exists():
-        if "/" in name and not name.startswith((".", "/", "~")) and Path(name).suffix not in (*SUFFIXES, ".gz"):
+        if _is_hub_id(name):
             yield from _hub_rows(name)
             return
         raise DataError(f"{name}: data file not found")

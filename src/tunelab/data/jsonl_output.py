@@ -10,11 +10,12 @@ Canonical objects (each reads back with the normal readers, ``format: auto``):
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from tunelab.outputs import atomic_output
 
 
 def provenance(tool: str, source: str | None = None, **details: Any) -> dict[str, Any]:
@@ -31,16 +32,15 @@ def provenance(tool: str, source: str | None = None, **details: Any) -> dict[str
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write one JSON object per line to ``path`` atomically; returns the number of rows.
 
-    The file appears complete or not at all (written to a temporary file, then renamed), so an
-    interrupted job never leaves a half-written output that a later step would train on.
+    The file appears complete or not at all (written to a temporary file, flushed to disk, then
+    renamed), so an interrupted job never leaves a half-written output that a later step would train
+    on. A full disk or a permission error is an :class:`~tunelab.outputs.OutputError` naming the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
-    with temporary.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    os.replace(temporary, path)
+    with atomic_output(path, directory=False, what="output file") as temporary:
+        with temporary.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
     return count

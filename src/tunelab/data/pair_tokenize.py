@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from tunelab.data.oversize import cut_messages, message_bytes, raw_byte_limit
 from tunelab.data.preferences import Feedback, Preference
 from tunelab.data.templates import IGNORE_INDEX, render_conversation
 from tunelab.errors import DataError
@@ -51,8 +52,11 @@ class PairTokenizer:
                  stop_ids: set[int]) -> None:
         self.tokenizer, self.template = tokenizer, template
         self.max_length, self.overlong, self.stop_ids = max_length, overlong, set(stop_ids)
+        self.byte_limit = raw_byte_limit(tokenizer, max_length)
 
     def _sequence(self, messages: list[dict], skip: int, name: str) -> tuple[list[int], list[int], str]:
+        if message_bytes(messages) > self.byte_limit:  # far longer than max_length: tokenize only what can be kept
+            messages = cut_messages(messages, self.byte_limit)
         rendered = render_conversation(self.tokenizer, self.template, messages, "assistant", self.stop_ids, skip)
         ids, labels = rendered.input_ids, rendered.labels
         first_trained = next((k for k, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))

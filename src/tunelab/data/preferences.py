@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tunelab.data.files import Row
-from tunelab.data.records import ROLES, SHAREGPT_ROLES, LoadReport, _load, _text_field
+from tunelab.data.records import ROLES, SHAREGPT_ROLES, LoadReport, _load, _text_field, check_roles
 from tunelab.errors import DataError
 
 Messages = list[dict[str, str]]
@@ -145,6 +145,8 @@ def to_preference(row: Row, system_prompt: str | None = None) -> Preference:
         _check_prompt(prompt)
         _check_continuation(chosen, "chosen")
         _check_continuation(rejected, "rejected")
+        check_roles(prompt + chosen)
+        check_roles(prompt + rejected)
         if chosen == rejected:
             raise DataError("'chosen' and 'rejected' are identical")
         if system_prompt and prompt[0]["role"] != "system":
@@ -178,6 +180,7 @@ def to_feedback(row: Row, system_prompt: str | None = None) -> Feedback:
             completion = _messages(data.get("completion"), "completion", "assistant")
         _check_prompt(prompt)
         _check_continuation(completion, "completion")
+        check_roles(prompt + completion)
         if system_prompt and prompt[0]["role"] != "system":
             prompt.insert(0, {"role": "system", "content": system_prompt})
     except DataError as exc:

@@ -1,7 +1,8 @@
 """Canonical records and the readers that turn file formats into them.
 
 Formats: ``alpaca`` (instruction/input/output/system/history), ``sharegpt`` (conversations of
-from/value), ``messages`` (OpenAI role/content) and ``text``. Each reader validates a row and
+from/value), ``messages`` (OpenAI role/content) and ``text``; the conversation formats may carry
+``tools`` (the functions the assistant could call). Each reader validates a row and
 raises :class:`DataError` for a row that cannot be used; :func:`load_records` either stops at the
 first bad row (``on_error: fail``) or skips it and counts why (``on_error: skip``).
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tunelab.data.files import Row, read_rows
+from tunelab.data.tool_declarations import parse_tools
 from tunelab.errors import DataError
 
 Format = Literal["alpaca", "sharegpt", "messages", "qa", "text"]
@@ -36,10 +38,15 @@ SHAREGPT_ROLES = {
 
 @dataclass
 class Conversation:
-    """Messages ``[{role, content}]`` for SFT; ``source`` is the ``file:line`` it came from."""
+    """Messages ``[{role, content}]`` for SFT; ``source`` is the ``file:line`` it came from.
+
+    ``tools`` are the functions the assistant could call (OpenAI-style ``{"type": "function",
+    "function": {...}}``), declared to the model when the conversation is rendered.
+    """
 
     messages: list[dict[str, str]]
     source: str = ""
+    tools: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -57,6 +64,7 @@ class Prompt:
     messages: list[dict[str, str]]
     reference: str | None = None
     source: str = ""
+    tools: list[dict[str, Any]] = field(default_factory=list)
 
 
 Record = Conversation | Text
@@ -127,9 +135,43 @@ def _text_field(value: Any, name: str, required: bool = True) -> str:
     return value
 
 
+def check_roles(messages: list[dict[str, str]]) -> None:
+    """Raise unless the roles come in an order a chat template can render and a model should learn.
+
+    An optional system message first; then the user speaks first, user and assistant take turns,
+    and tool results follow the assistant message that called the tool (the assistant answers
+    after them). Templates that do not check this render such conversations silently, and the
+    model learns a dialogue that never happens.
+
+    Raises:
+        DataError: naming the first message (1-based) that is out of order.
+    """
+    previous = None
+    for number, message in enumerate(messages, start=1):
+        role = message["role"]
+        if role == "system":
+            if number > 1:
+                raise DataError(f"message {number} is a system message; only the first message may be one")
+            continue
+        if previous is None and role != "user":
+            raise DataError(f"message {number} is a {role} message, but the conversation must start with the user "
+                            "(after an optional system message)")
+        if role == previous and role in ("user", "assistant"):
+            raise DataError(f"messages {number - 1} and {number} are both {role} messages; user and assistant "
+                            "must take turns (merge the two, or fix the roles)")
+        if role == "tool" and previous not in ("assistant", "tool"):
+            raise DataError(f"message {number} is a tool result after a {previous} message; tool results follow "
+                            "the assistant message that called the tool")
+        if role == "user" and previous == "tool":
+            raise DataError(f"message {number} is a user message right after a tool result; the assistant "
+                            "answers after tool results")
+        previous = role
+
+
 def _check_conversation(messages: list[dict[str, str]]) -> None:
     if not messages:
         raise DataError("conversation has no messages")
+    check_roles(messages)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("conversation has no assistant message")
     for message in messages:
@@ -179,7 +221,7 @@ def _from_sharegpt(data: dict[str, Any]) -> Conversation:
             raise DataError(f"unknown speaker {speaker!r} (expected one of {', '.join(sorted(SHAREGPT_ROLES))})")
         content = _text_field(turn.get("value", turn.get("content")), "value")
         messages.append({"role": role, "content": content})
-    return Conversation(messages)
+    return Conversation(messages, tools=parse_tools(data.get("tools")))
 
 
 def _from_messages(data: dict[str, Any]) -> Conversation:
@@ -194,7 +236,7 @@ def _from_messages(data: dict[str, Any]) -> Conversation:
         if role not in ROLES:
             raise DataError(f"unknown role {role!r} (expected one of {', '.join(sorted(ROLES))})")
         messages.append({"role": role, "content": _text_field(message.get("content"), "content")})
-    return Conversation(messages)
+    return Conversation(messages, tools=parse_tools(data.get("tools")))
 
 
 def _from_text(data: Any, text_field: str) -> Text:
@@ -263,17 +305,19 @@ def to_prompt(row: Row, fmt: Format, text_field: str = "text", system_prompt: st
             data = {**data, "output": ""}
         if fmt == "qa" and data.get("answer") is None:
             data = {**data, "answer": ""}
-        messages = CONVERTERS[fmt](data).messages
+        conversation = CONVERTERS[fmt](data)
+        messages = conversation.messages
         reference = _text_field(data.get("reference"), "reference", required=False) or None
         if messages and messages[-1]["role"] == "assistant":
             reference = messages.pop()["content"] or reference
         if not any(m["role"] == "user" for m in messages):
             raise DataError("prompt has no user message")
+        check_roles(messages)
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
     except DataError as exc:
         raise DataError(f"{row.source}: {exc}") from None
-    return Prompt(messages, reference, row.source)
+    return Prompt(messages, reference, row.source, conversation.tools)
 
 
 def convert_rows(
@@ -392,6 +436,7 @@ def record_to_json(record: Conversation | Text | Prompt) -> dict[str, Any]:
     """
     if isinstance(record, Text):
         return {"text": record.text}
+    tools = {"tools": record.tools} if record.tools else {}
     if isinstance(record, Prompt):
-        return {"messages": record.messages, "reference": record.reference}
-    return {"messages": record.messages}
+        return {"messages": record.messages, "reference": record.reference, **tools}
+    return {"messages": record.messages, **tools}

@@ -25,13 +25,16 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.config import DataConfig
 from tunelab.data.files import file_fingerprint
+from tunelab.data.oversize import cut_messages, message_bytes, raw_byte_limit
 from tunelab.data.pair_tokenize import PairTokenizer, feedback_rows, preference_rows
+from tunelab.data.kinds import check_data_kind
 from tunelab.data.preferences import load_feedback, load_preferences
 from tunelab.data.records import Conversation, LoadReport, Text, load_records
 from tunelab.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, NO_TEMPLATE, render_conversation, resolve_template
 from tunelab.errors import DataError
+from tunelab.outputs import write_errors
 
-CACHE_VERSION = 1  # bump when tokenization output changes for the same inputs
+CACHE_VERSION = 2  # bump when tokenization output changes for the same inputs
 PAIR_OBJECTIVES = {"reward", "dpo", "simpo", "orpo"}  # trained on preference pairs
 FEEDBACK_OBJECTIVES = {"kto"}  # trained on records labelled desirable or not
 
@@ -94,8 +97,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def _record_to_row(record: Conversation | Text) -> dict[str, Any]:
     if isinstance(record, Text):
-        return {"messages": [], "text": record.text, "source": record.source}
-    return {"messages": record.messages, "text": "", "source": record.source}
+        return {"messages": [], "text": record.text, "source": record.source, "tools": ""}
+    return {"messages": record.messages, "text": "", "source": record.source,
+            "tools": json.dumps(record.tools) if record.tools else ""}
 
 
 class _Tokenizer:
@@ -109,6 +113,7 @@ class _Tokenizer:
         self.overlong = overlong
         self.stop_ids = set(stop_ids)
         self.objective = objective
+        self.byte_limit = raw_byte_limit(tokenizer, max_length)
 
     def _text(self, text: str) -> list[tuple[list[int], list[int], str]]:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -120,12 +125,17 @@ class _Tokenizer:
         flag = "split" if len(chunks) > 1 else ""
         return [(c, [IGNORE_INDEX] + c[1:], flag) for c in chunks]
 
-    def _conversation(self, messages: list[dict]) -> list[tuple[list[int], list[int], str]]:
+    def _conversation(self, messages: list[dict], tools: list[dict]) -> list[tuple[list[int], list[int], str]]:
         if self.template is None:
             raise DataError("a conversation record, but " + NO_TEMPLATE.format(names="|".join(BUILTIN_TEMPLATES))
                             .replace("train.objective: pretrain to train on plain text",
                                      "give plain-text records (format: text)"))
-        rendered = render_conversation(self.tokenizer, self.template, messages, self.train_on, self.stop_ids)
+        if message_bytes(messages) > self.byte_limit:  # certainly longer than max_length: never tokenize it whole
+            if self.overlong == "drop":
+                return [([], [], "dropped: longer than data.max_length (data.overlong: drop)")]
+            messages = cut_messages(messages, self.byte_limit)
+        rendered = render_conversation(self.tokenizer, self.template, messages, self.train_on, self.stop_ids,
+                                       tools=tools)
         ids, labels, flag = rendered.input_ids, rendered.labels, ""
         if len(ids) > self.max_length:
             if self.overlong == "drop":
@@ -137,11 +147,12 @@ class _Tokenizer:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "flag": [], "source": []}
-        for messages, text, source in zip(batch["messages"], batch["text"], batch["source"]):
+        tools_column = batch.get("tools") or [""] * len(batch["source"])
+        for messages, text, source, tools in zip(batch["messages"], batch["text"], batch["source"], tools_column):
             try:
                 if not messages and self.objective == "sft":
                     raise DataError("a plain-text record cannot be used for train.objective: sft (use pretrain)")
-                pieces = self._text(text) if not messages else self._conversation(messages)
+                pieces = self._text(text) if not messages else self._conversation(messages, json.loads(tools or "[]"))
             except DataError as exc:
                 pieces = [([], [], f"error: {exc}")]
             for ids, labels, flag in pieces:
@@ -250,6 +261,7 @@ def prepare_data(
     Raises:
         DataError: unreadable files, bad records (with ``on_error: fail``), or nothing usable.
     """
+    check_data_kind([*cfg.train, *(cfg.eval or [])], objective)
     try:
         template: str | None = resolve_template(tokenizer, cfg.template)
     except DataError:
@@ -303,18 +315,24 @@ def prepare_data(
     eval_rows = to_rows(eval_records) if isinstance(fn, _Tokenizer) else []
 
     tmp = cache / f".tmp-{fingerprint}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with _quiet_datasets():
-        train.save_to_disk(str(tmp / "train"))
-        if evaluation is not None:
-            evaluation.save_to_disk(str(tmp / "eval"))
-    meta = {
-        "train_report": {k: v for k, v in asdict(train_report).items() if k != "from_cache"},
-        "eval_report": {k: v for k, v in asdict(eval_report).items() if k != "from_cache"} if eval_report else None,
-        "eval_records": eval_rows,
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with write_errors(cache, "tokenized data cache", kept="nothing was trained yet; free space, or set "
+                      "data.cache_dir to a directory you can write"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            with _quiet_datasets():
+                train.save_to_disk(str(tmp / "train"))
+                if evaluation is not None:
+                    evaluation.save_to_disk(str(tmp / "eval"))
+            meta = {
+                "train_report": {k: v for k, v in asdict(train_report).items() if k != "from_cache"},
+                "eval_report": {k: v for k, v in asdict(eval_report).items() if k != "from_cache"}
+                if eval_report else None,
+                "eval_records": eval_rows,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return TokenizedData(train, evaluation, train_report, eval_report, eval_rows, template, fingerprint)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +19,8 @@ from tunelab.models.load import (
     load_model,
     load_tokenizer,
 )
+from tunelab.models.weight_files import adapter_fit, check_adapter_dir
+from tunelab.outputs import atomic_output, claim_output
 from tunelab.track.record import Artifact, record_run
 
 
@@ -36,7 +37,7 @@ def quantization_of(model_dir: str | Path) -> str | None:
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
-                  base: str | None = None) -> Path:
+                  base: str | None = None, overwrite: bool = False) -> Path:
     """Merge a PEFT LoRA adapter into its base model and save the result.
 
     The merge is done in float32 and the merged weights are then cast to ``dtype``. The output
@@ -49,15 +50,24 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
         out_dir: where to write the merged model.
         dtype: float32, bfloat16 or float16.
         base: the base model directory (default: the adapter's ``base_model_name_or_path``).
+        overwrite: replace an existing ``out_dir`` (otherwise an existing one is an error).
 
     Raises:
-        TunelabError: not an adapter, a quantized base (dequantise first), an unknown dtype.
+        TunelabError: not an adapter (or pickled adapter weights), ``out_dir`` exists or holds the
+            adapter or the base, a quantized base (dequantise first), an adapter that does not fit
+            the base, an unknown dtype.
     """
-    if not is_adapter_dir(adapter_dir):
-        raise TunelabError(f"--adapter {adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    if not Path(adapter_dir).is_dir() or not is_adapter_dir(adapter_dir):
+        check_adapter_dir(adapter_dir, f"--adapter {adapter_dir}")  # says what is missing
     if dtype not in DTYPES:
         raise TunelabError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    base = base or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    if base is None:
+        try:
+            base = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+        except (OSError, ValueError, TypeError) as exc:
+            raise TunelabError(f"--adapter {adapter_dir}: adapter_config.json cannot be read ({exc})") from None
+        if not base:
+            raise TunelabError(f"--adapter {adapter_dir}: adapter_config.json names no base model; pass --base")
     quantized = quantization_of(base)
     if quantized:
         raise TunelabError(
@@ -65,8 +75,11 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
             "and save a model that is neither. Dequantise first: load the base in bfloat16/float16 (the "
             "unquantized checkpoint), then run tunelab merge --base on that directory."
         )
+    check_adapter_dir(adapter_dir, f"--adapter {adapter_dir}")  # safetensors weights, never a pickle
+    out = claim_output(out_dir, overwrite, "--out", [("adapter", adapter_dir), ("base model", base)])
     model = load_model(ModelConfig(path=base), torch.float32, torch.device("cpu"))
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with adapter_fit(adapter_dir, base, f"--adapter {adapter_dir}"):
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged = merged.to(DTYPES[dtype])
     adapter_path = Path(adapter_dir)
     tokenizer = load_tokenizer(str(adapter_path if (adapter_path / "tokenizer_config.json").is_file() else base))
@@ -75,13 +88,9 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
         stops |= generation_stop_ids(GenerationConfig.from_pretrained(adapter_path), tokenizer)
     add_stop_ids(merged.generation_config, stops)
     merged.config.use_cache = True
-    out = Path(out_dir)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_output(out, what="merged model") as tmp:  # written beside, flushed, then renamed into place
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     record_run("merge", out / "run.json", inputs=[Artifact("adapter", str(adapter_dir)), Artifact("model", base)],
                outputs=[Artifact("model", str(out))], details={"base_model": base, "dtype": dtype},
                config={"adapter": str(adapter_dir), "base": base, "dtype": dtype, "out": str(out)})

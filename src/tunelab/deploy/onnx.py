@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.outputs import atomic_output, claim_output
 
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "onnx_export.json"
@@ -224,16 +225,18 @@ def export_onnx(
     with_past: bool = True,
     opset: int | None = None,
     dtype: str = "float32",
+    overwrite: bool = False,
 ) -> Path:
     """Export a causal LM directory to a self-contained ONNX directory.
 
     Args:
         model_dir: a Hugging Face model directory with safetensors weights (merge adapters first).
-        out_dir: where to write (replaced if it exists; written to a temporary sibling first).
+        out_dir: where to write (written to a temporary sibling, flushed and renamed into place).
         with_past: export the decoder with past key/values inputs and present outputs (fast
             generation); False exports a no-cache graph (full sequence in, logits out).
         opset: ONNX opset; None takes torch.onnx's default (recorded in ``onnx_export.json``).
         dtype: weights and activations: float32 (ONNX Runtime CPU) or float16 (for GPU providers).
+        overwrite: replace an existing ``out_dir`` (otherwise an existing one is an error).
 
     Returns:
         The output directory, holding ``model.onnx`` (+ ``model.onnx.data`` for weights of 1 GiB
@@ -242,24 +245,20 @@ def export_onnx(
 
     Raises:
         TunelabError: missing packages, a missing or non-model directory, an adapter directory,
-            an unsupported dtype, a cache layout that cannot export with past, or an exporter failure.
+            ``out_dir`` exists (without ``overwrite``) or holds the model, an unsupported dtype, a
+            cache layout that cannot export with past, or an exporter failure.
 
     Example:
         >>> export_onnx("runs/merged", "runs/onnx")  # doctest: +SKIP
         PosixPath('runs/onnx')
     """
     _require("onnx", "onnxscript")
-    import onnx
-
-    from tunelab.models.load import load_tokenizer, stop_token_ids
-
     model_dir, out = Path(model_dir).expanduser(), Path(out_dir).expanduser()
     if dtype not in EXPORT_DTYPES:
         hint = " (ONNX Runtime's CPU provider has no bfloat16 kernels)" if dtype == "bfloat16" else ""
         raise TunelabError(f"--dtype {dtype}: choose one of {', '.join(EXPORT_DTYPES)}{hint}")
     _check_model_dir(model_dir)
-    if out.resolve() == model_dir.resolve() or out.resolve() in model_dir.resolve().parents:
-        raise TunelabError(f"--out {out_dir}: would replace the model directory {model_dir}; choose another directory")
+    claim_output(out, overwrite, "--out", [("model directory", model_dir)])
     torch_dtype = EXPORT_DTYPES[dtype][0]
     model = _load(model_dir, torch_dtype)
 
@@ -307,9 +306,18 @@ def export_onnx(
         ) from exc
     export_seconds = time.perf_counter() - started
 
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_output(out, what="ONNX export") as tmp:  # written beside, flushed, then renamed into place
+        _write_export(program, model, model_dir, tmp, dtype, with_past, layout, layers, export_seconds)
+    return out
+
+
+def _write_export(program: Any, model: torch.nn.Module, model_dir: Path, tmp: Path, dtype: str, with_past: bool,
+                  layout: list[tuple[int, int]], layers: int, export_seconds: float) -> None:
+    """Write the ONNX graph, the serving files and ``onnx_export.json`` into ``tmp``."""
+    import onnx
+
+    from tunelab.models.load import load_tokenizer, stop_token_ids
+
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = weight_bytes >= EXTERNAL_DATA_BYTES
     program.save(tmp / MODEL_FILE, external_data=external)
@@ -348,9 +356,6 @@ def export_onnx(
     if with_past and len(set(layout)) == 1:  # the common case: one number each
         description["num_kv_heads"], description["head_dim"] = layout[0]
     (tmp / METADATA_FILE).write_text(json.dumps(description, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
 
 
 class OnnxParityError(TunelabError):

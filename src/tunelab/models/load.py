@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -19,8 +18,10 @@ from transformers import (
 
 from tunelab.config import ModelConfig
 from tunelab.errors import TunelabError
+from tunelab.hub import hub_unavailable, looks_like_hub_id
 from tunelab.models.attention import register_packed_sdpa
 from tunelab.models.quant import quantization_config
+from tunelab.models.weight_files import adapter_fit, check_adapter_dir, check_safetensors_dir
 
 Precision = Literal["fp32", "bf16", "fp16"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,17 +69,24 @@ def resolve_load_dtype(model_cfg: ModelConfig, method_type: str, device: torch.d
     return torch.float32
 
 
-def _looks_like_hub_id(path: str) -> bool:
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None and not path.startswith(".")
-
-
 def _check_local(path: str, markers: tuple[str, ...] = ("config.json",)) -> None:
+    """A local model directory with one of ``markers``, or a Hub id the Hub (or the local cache) can serve.
+
+    Raises:
+        TunelabError: at once, naming the path: a missing local path (never tried on the Hub), a
+            directory that is not a model, or a Hub id while the Hub is unreachable or offline mode is
+            on and the id is not cached (see :mod:`tunelab.hub`).
+    """
     local = Path(path).expanduser()
-    if local.exists() or not _looks_like_hub_id(path):
+    if local.exists() or not looks_like_hub_id(path):
         if not local.is_dir():
             raise TunelabError(f"model.path {path}: no such model directory")
         if not any((local / marker).is_file() for marker in markers):
             raise TunelabError(f"model.path {path}: not a Hugging Face model directory (no {markers[0]})")
+        return
+    problem = hub_unavailable(path, "model.path", markers)
+    if problem:
+        raise TunelabError(problem)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedTokenizerBase:
@@ -89,8 +97,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     _check_local(path, ("tokenizer_config.json", "tokenizer.json", "config.json"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
-    except (OSError, ValueError) as exc:
-        raise TunelabError(f"model.path {path}: cannot load the tokenizer: {exc}") from None
+    except Exception as exc:  # tokenizers raises a bare Exception for a corrupt tokenizer.json
+        raise TunelabError(f"model.path {path}: cannot load the tokenizer: {str(exc).splitlines()[0][:300]}") from None
     if not tokenizer.is_fast:
         raise TunelabError(f"model.path {path}: a fast tokenizer (tokenizer.json) is needed for label masks")
     if tokenizer.pad_token_id is None:
@@ -124,6 +132,8 @@ def load_model(
             quantization without bitsandbytes installed.
     """
     _check_local(model_cfg.path)
+    if Path(model_cfg.path).expanduser().is_dir():  # a truncated download fails here, naming the file
+        check_safetensors_dir(Path(model_cfg.path).expanduser(), f"model.path {model_cfg.path}")
     quantization = quantization_config(model_cfg, device)
     # A quantized model is placed while it loads (it cannot be moved afterwards).
     if quantization and device.type == "cuda" and device.index is None:
@@ -141,7 +151,7 @@ def load_model(
             use_safetensors=True,
             **placement,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # safetensors' own error is neither
         message = str(exc)
         if "trust_remote_code" in message:
             raise TunelabError(
@@ -209,21 +219,36 @@ def load_for_inference(
     from peft import PeftConfig, PeftModel
 
     if adapter is None and is_adapter_dir(model_path):
+        check_adapter_dir(model_path, f"adapter {model_path}")
         adapter, model_path = model_path, PeftConfig.from_pretrained(model_path).base_model_name_or_path
+    if adapter is not None:  # before the base loads: a pickled or broken adapter fails at once
+        check_adapter_dir(adapter, f"adapter {adapter}")
     device = device or resolve_device("auto")
     model = load_model(ModelConfig(path=model_path, trust_remote_code=trust_remote_code), dtype, device)
     tokenizer_dir = model_path
     if adapter is not None:
         adapter_dir = Path(adapter)
-        if not is_adapter_dir(adapter_dir):
-            raise TunelabError(f"adapter {adapter}: not a PEFT adapter directory (no adapter_config.json)")
-        if not (adapter_dir / "adapter_model.safetensors").is_file():
-            raise TunelabError(f"adapter {adapter}: no adapter_model.safetensors; tunelab never loads pickled weights")
-        model = PeftModel.from_pretrained(model, adapter_dir).to(device)
+        with adapter_fit(adapter_dir, model_path, f"adapter {adapter}"):
+            model = PeftModel.from_pretrained(model, adapter_dir).to(device)
         if (adapter_dir / "tokenizer_config.json").is_file():
             tokenizer_dir = str(adapter_dir)
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    if adapter is not None:
+        add_adapter_stop_ids(model, adapter, tokenizer)
     return model.eval(), tokenizer
+
+
+def add_adapter_stop_ids(model: PreTrainedModel, adapter_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Stop generation also where training stopped: the stop ids tunelab saved with the adapter.
+
+    Training saves its stop ids (e.g. the chat template's end-of-turn token, which a base model's
+    own generation config may lack) in the adapter's ``generation_config.json``; ``tunelab merge``
+    adds them to the merged model, so the adapter must stop at them too.
+    """
+    path = Path(adapter_dir) / "generation_config.json"
+    if path.is_file() and model.can_generate():
+        add_stop_ids(model.generation_config, generation_stop_ids(GenerationConfig.from_pretrained(adapter_dir),
+                                                                  tokenizer))
 
 
 def load_with_adapters(
@@ -237,14 +262,16 @@ def load_with_adapters(
     """
     from peft import PeftModel
 
+    for name, directory in adapters.items():  # before the base loads: a pickled or broken adapter fails at once
+        check_adapter_dir(directory, f"--adapter {name}={directory}")
     model, tokenizer = load_for_inference(model_path, None, device, dtype, trust_remote_code)
     for index, (name, directory) in enumerate(adapters.items()):
-        if not is_adapter_dir(directory) or not (Path(directory) / "adapter_model.safetensors").is_file():
-            raise TunelabError(f"--adapter {name}={directory}: not a PEFT adapter directory with safetensors weights")
-        if index == 0:
-            model = PeftModel.from_pretrained(model, directory, adapter_name=name)
-        else:
-            model.load_adapter(directory, adapter_name=name)
+        with adapter_fit(directory, model_path, f"--adapter {name}={directory}"):
+            if index == 0:
+                model = PeftModel.from_pretrained(model, directory, adapter_name=name)
+            else:
+                model.load_adapter(directory, adapter_name=name)
+        add_adapter_stop_ids(model, directory, tokenizer)  # one stop set for all: the union of the adapters'
         if not tokenizer.chat_template and (Path(directory) / "tokenizer_config.json").is_file():
             tokenizer = load_tokenizer(directory, trust_remote_code)
     return model.to(device).eval(), tokenizer

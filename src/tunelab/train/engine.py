@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -26,10 +25,11 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tunelab.config import TunelabConfig, dump_config
+from tunelab.config import TunelabConfig
 from tunelab.data.packing import Batch, packed_lengths_tensor
 from tunelab.data.tokenize import default_cache_dir, prepare_data
-from tunelab.errors import TrainingError, TunelabError
+from tunelab.errors import TrainingError
+from tunelab.faults import crash_point
 from tunelab.models.adapters import (
     apply_method,
     count_parameters,
@@ -47,8 +47,9 @@ from tunelab.models.load import (
     stop_token_ids,
 )
 from tunelab.models.attention import VARLEN_NAME
-from tunelab.models.quant import is_quantized, weight_memory
+from tunelab.models.quant import is_quantized, route_unfit_cpu_4bit_layers, weight_memory
 from tunelab.models.tiny import create_tiny_model
+from tunelab.outputs import remove, replace_with, temporary_sibling, write_errors
 from tunelab.train.batches import MicroBatches, eval_batches
 from tunelab.train.checkpoint import latest_checkpoint, save_model_dir
 from tunelab.train.speed import apply_speed_switches
@@ -60,6 +61,7 @@ from tunelab.train.reference import attach_reference_logps, frozen_copy
 from tunelab.train.neftune import NEFTune
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.reporting import Reporter, console
+from tunelab.train.run_dir import RunDirectory
 from tunelab.train.run_info import write_run_json
 
 ONLINE_OBJECTIVES = {"grpo", "ppo"}  # trained on their own rollouts (train/rl/trainer.py)
@@ -93,24 +95,8 @@ def ensure_tiny_model(cfg: TunelabConfig) -> None:
     tiny = cfg.model.tiny
     if tiny is not None and not Path(cfg.model.path).exists():
         console.print(f"building a tiny model at {cfg.model.path}")
-        create_tiny_model(cfg.model.path, hidden=tiny.hidden, layers=tiny.layers, heads=tiny.heads,
+        create_tiny_model(cfg.model.path, arch=tiny.arch, hidden=tiny.hidden, layers=tiny.layers, heads=tiny.heads,
                           vocab=tiny.vocab, tokenizer_corpus=tiny.tokenizer_corpus, seed=tiny.seed)
-
-
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Create ``output_dir``; refuse to overwrite an earlier run unless resuming or told to."""
-    # metrics.jsonl alone: a run stopped before its first checkpoint (a new run must not append to its metrics).
-    has_run = any((out / name).exists() for name in ("checkpoints", "final", "metrics.jsonl"))
-    if has_run and not resume:
-        if not overwrite:
-            raise TunelabError(
-                f"output_dir {out} already holds a run; pass --resume to continue it or --overwrite to start again"
-            )
-        for name in ("checkpoints", "final", "tensorboard"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "run.json"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def packing_supported(model: PreTrainedModel, device: torch.device) -> bool:
@@ -166,13 +152,20 @@ def train(
         from tunelab.train.rl.trainer import train_online
 
         return train_online(config, resume, overwrite, evaluators)
-    cfg, started = config, time.perf_counter()
-    processes, device = start_processes(cfg)  # one process, or this one's place among torchrun's
-    out = Path(cfg.output_dir)
-    if processes.is_main:  # only rank 0 writes the run's files
-        prepare_output_dir(out, resume, overwrite)
-        (out / "config.yaml").write_text(dump_config(cfg))
-    processes.barrier()
+    started = time.perf_counter()
+    processes, device = start_processes(config)  # one process, or this one's place among torchrun's
+    run_dir = RunDirectory(config, resume, overwrite, main=processes.is_main)  # only rank 0 writes the run's files
+    run_dir.open()  # locked, checked and cleaned before anything slow
+    try:
+        processes.barrier()
+        return _train(config, processes, device, run_dir, evaluators, started)
+    finally:
+        run_dir.close()
+
+
+def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_dir: RunDirectory,
+           evaluators: Sequence[Evaluator], started: float) -> TrainResult:
+    out = run_dir.path
     precision = resolve_precision(cfg.train.precision, device)
     with processes.node_main_first():
         ensure_tiny_model(cfg)
@@ -202,6 +195,9 @@ def train(
     model = load_model(model_cfg, load_dtype, device, attention, reward_head)
     if is_quantized(model):
         console.print(f"model: {cfg.model.quantization} base, {weight_memory(model)}")
+        if unfit := route_unfit_cpu_4bit_layers(model):
+            console.print(f"model: {len(unfit)} 4-bit layers have sizes bitsandbytes' fused CPU kernel cannot take "
+                          f"(e.g. {unfit[0]}): they run on its generic path outside training too")
     if reward_head:
         model.config.pad_token_id = tokenizer.pad_token_id  # transformers' pooling finds the last token by it
     if packing and not packing_supported(model, device):
@@ -259,16 +255,19 @@ def train(
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     autocast = precision_context
 
-    state: dict[str, Any] = {"micro": 0, "tokens": 0, "elapsed": 0.0}
+    # The open logging window and the last evaluation are part of the state, so a resumed run logs
+    # exactly what the uninterrupted one logs whatever log_every and save_every are.
+    state: dict[str, Any] = {"micro": 0, "tokens": 0, "elapsed": 0.0, "log_window": new_log_window(), "last_eval": {}}
     start_step = 0
-    checkpoint = latest_checkpoint(out) if resume else None
+    checkpoint = run_dir.checkpoint()
     if checkpoint is not None:
-        state = parallel.load_checkpoint(checkpoint, optimizer, scheduler, scaler)
+        state = {**state, **parallel.load_checkpoint(checkpoint, optimizer, scheduler, scaler)}
         start_step = state["step"]
         console.print(f"resumed from {checkpoint} (step {start_step})")
-    elif resume:
-        console.print("--resume: no checkpoint yet, starting from the beginning")
+    elif run_dir.resume:
+        console.print("--resume: no checkpoint to resume from, starting from the beginning")
 
+    run_dir.write_config()
     reporter = Reporter(out, total_steps, start_step, cfg.train.tensorboard, processes.is_main)
 
     def run_evaluation(step: int) -> dict[str, Any]:
@@ -283,24 +282,27 @@ def train(
         return row
 
     def checkpoint_now(step: int) -> None:
-        trainer_state = {**state, "elapsed": state["elapsed"] + time.perf_counter() - window_start}
-        parallel.save_checkpoint(out, step, tokenizer, optimizer, scheduler, scaler, trainer_state,
-                                 cfg.train.keep_checkpoints)
+        trainer_state = {**state, "elapsed": state["elapsed"] + time.perf_counter() - window_start,
+                         "last_eval": last_eval}
+        with write_errors(out / "checkpoints" / f"step-{step}", f"checkpoint of step {step}",
+                          kept=lambda: kept_checkpoint(out)):
+            parallel.save_checkpoint(out, step, tokenizer, optimizer, scheduler, scaler, trainer_state,
+                                     cfg.train.keep_checkpoints)
 
     window_start = time.perf_counter()
-    last_eval: dict[str, Any] = {}
+    last_eval: dict[str, Any] = state["last_eval"]
     stop = StopOnSignal(enabled=not processes.distributed)  # SIGTERM/SIGINT: checkpoint, then stop
     try:
         start_eval = run_evaluation(0) if cfg.train.eval_at_start and start_step == 0 else {}
-        log_loss, log_tokens, log_units, log_start = 0.0, 0, 0, time.perf_counter()
-        log_metrics: dict[str, list[float]] = {}
+        log = state["log_window"]  # sums since the last metrics row, saved with every checkpoint
+        log_tokens, log_start = 0, time.perf_counter()  # this process's throughput only
         for step in range(start_step, total_steps):
             model.train()
             end = state["micro"] + grad_accum if total_micro is None else min(state["micro"] + grad_accum, total_micro)
             window = [stream.get(m) for m in range(state["micro"], end)]
             totals = objective.window_totals(window)
             window_units = totals["units"]
-            loss_value = parallel.backward_window(window, totals, autocast, scaler, log_metrics)
+            loss_value = parallel.backward_window(window, totals, autocast, scaler, log["metrics"])
             if not math.isfinite(loss_value):
                 raise TrainingError(
                     f"loss became {loss_value} at step {step + 1}; stopped without updating the weights. "
@@ -319,18 +321,19 @@ def train(
             state["micro"] = end
             step_tokens = sum(batch.num_tokens for batch in window)
             state["tokens"] += step_tokens
-            log_loss += loss_value * window_units
+            log["loss"] += loss_value * window_units
+            log["units"] += window_units
             log_tokens += step_tokens
-            log_units += window_units
             done = step + 1
             reporter.advance(done)
+            crash_point(f"step {done}")
             if done % cfg.train.log_every == 0 or done == total_steps:
                 now = time.perf_counter()
                 reporter.log({
                     "step": done,
                     "epoch": round(stream.progress(state["micro"]), 4),
-                    "loss": log_loss / log_units,
-                    **{name: total / max(count, 1) for name, (total, count) in log_metrics.items()},
+                    "loss": log["loss"] / log["units"],
+                    **{name: total / max(count, 1) for name, (total, count) in log["metrics"].items()},
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "tokens": state["tokens"],
@@ -339,8 +342,8 @@ def train(
                     **({"peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
                        if device.type == "cuda" else {}),
                 })
-                log_loss, log_tokens, log_units, log_start = 0.0, 0, 0, now
-                log_metrics = {}
+                log = state["log_window"] = new_log_window()
+                log_tokens, log_start = 0, now
             if due_before_end(cfg.train.eval_every, done, total_steps):
                 last_eval = run_evaluation(done)
             if due_before_end(cfg.train.save_every, done, total_steps):
@@ -352,7 +355,8 @@ def train(
                                       f"{latest_checkpoint(out)}; continue with: tunelab train CONFIG --resume")
         if total_steps > start_step or not last_eval:
             last_eval = run_evaluation(total_steps)
-        checkpoint_now(total_steps)
+        if total_steps > start_step:  # resumed from the last step's checkpoint: it is already there
+            checkpoint_now(total_steps)
     finally:
         stop.restore()
         reporter.close()
@@ -362,14 +366,29 @@ def train(
     final_dir = out / "final"
     with parallel.full_weights() as weights:  # gathered from the shards in a sharded run
         if processes.is_main:
-            save_final(model, tokenizer, stop_ids, final_dir, pissa_init, weights)
+            with write_errors(final_dir, "final model", kept=f"checkpoints/step-{total_steps} holds the trained "
+                              "weights; free space and run again with --resume to write final/"):
+                save_final(model, tokenizer, stop_ids, final_dir, pissa_init, weights)
     elapsed = state["elapsed"] + time.perf_counter() - window_start
     if processes.is_main:
-        write_run_json(out, cfg, data.fingerprint, device, precision, params, total_steps, elapsed,
-                       time.perf_counter() - started, last_eval)
+        with write_errors(out / "run.json", "run record", kept=f"{final_dir} and the checkpoints are complete"):
+            write_run_json(out, cfg, data.fingerprint, device, precision, params, total_steps, elapsed,
+                           time.perf_counter() - started, last_eval)
     stop_processes(processes)
     console.print(f"saved {final_dir}")
     return TrainResult(out, final_dir, total_steps, last_eval, start_eval, model, tokenizer)
+
+
+def kept_checkpoint(out: Path) -> str:
+    """What a failed checkpoint write leaves to resume from, for its error message."""
+    previous = latest_checkpoint(out)
+    kept = f"{previous} is the newest intact checkpoint" if previous else "no checkpoint was written yet"
+    return f"{kept}; free space and run again with --resume"
+
+
+def new_log_window() -> dict[str, Any]:
+    """Sums since the last metrics row: loss times trained units, units, and the objective's [sum, count] metrics."""
+    return {"loss": 0.0, "units": 0, "metrics": {}}
 
 
 def due_before_end(every: int, done: int, total: int) -> bool:
@@ -384,23 +403,32 @@ def autocast_factory(device: torch.device, precision: str) -> Callable[[], Any]:
 
 
 def save_final(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int],
-               path: Path, pissa_init: Path | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+               path: Path, pissa_init: Path | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+               extra: Callable[[Path], None] | None = None) -> None:
     """Save the trained model (HF directory) or adapter (PEFT directory), ready for inference.
 
-    A PiSSA adapter is saved as an ordinary LoRA of the original base (``pissa_init``: its initial state).
-    ``state_dict``: the weights gathered from a sharded run (None: the model's own).
+    Written beside ``path``, flushed to disk and renamed into place. A PiSSA adapter is saved as an
+    ordinary LoRA of the original base (``pissa_init``: its initial state). ``state_dict``: the
+    weights gathered from a sharded run (None: the model's own). ``extra`` adds files (e.g. PPO's
+    value head) before the rename.
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     base.config.use_cache = True
     generates = base.can_generate()  # a reward model (sequence classifier) has no generation config
     if generates:
         add_stop_ids(base.generation_config, stop_ids)
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model_dir(model, tokenizer, tmp, state_dict)
-    if pissa_init is not None:
-        save_pissa_as_lora(model, tmp, pissa_init)
-    if isinstance(model, PeftModel) and generates:
-        base.generation_config.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    tmp = temporary_sibling(path)
+    remove(tmp)
+    try:
+        save_model_dir(model, tokenizer, tmp, state_dict)
+        if pissa_init is not None:
+            save_pissa_as_lora(model, tmp, pissa_init)
+        if isinstance(model, PeftModel) and generates:
+            base.generation_config.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+        crash_point(f"final {path.name} before rename")
+        replace_with(tmp, path)  # flushed to disk, then renamed; an older final/ is deleted only afterwards
+    finally:
+        remove(tmp)
+    crash_point(f"final {path.name} renamed")

@@ -7,6 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tunelab.faults import crash_point, truncate_to
+from tunelab.outputs import atomic_output, write_errors
+
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -14,11 +17,34 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl`` file."""
+    """Rows of a ``metrics.jsonl`` file.
+
+    A last line cut short (the run was killed while writing it) is left out; the rows before it are
+    whole, since each row is appended at once.
+    """
+    rows, _ = read_metrics_report(path)
+    return rows
+
+
+def read_metrics_report(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """Rows of a ``metrics.jsonl`` file and the numbers (1-based) of the lines that are not whole JSON rows."""
     file = Path(path)
     if not file.is_file():
-        return []
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        return [], []
+    rows, bad = [], []
+    for number, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            bad.append(number)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(number)
+    return rows, bad
 
 
 def _fmt(value: Any) -> str:
@@ -42,8 +68,15 @@ class Reporter:
         self.path = output_dir / "metrics.jsonl"
         self.enabled = main_process
         if self.enabled:
-            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= start_step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            rows, bad = read_metrics_report(self.path)
+            if bad:
+                console.print(f"[yellow]{self.path}: dropped line(s) {', '.join(map(str, bad))}: not whole JSON rows "
+                              "(cut short when the run was killed)", highlight=False)
+            kept = [row for row in rows if row.get("step", 0) <= start_step]
+            # Rewritten beside and renamed: a kill here leaves the old file, never a shorter one.
+            with atomic_output(self.path, directory=False, what="metrics log") as tmp:
+                tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+                crash_point("metrics.jsonl rewrite", truncate_to(tmp))
         self.writer = None
         if tensorboard and self.enabled:
             try:
@@ -72,8 +105,12 @@ class Reporter:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(clean) + "\n")
+        line = json.dumps(clean) + "\n"
+        with write_errors(self.path, "metrics row", kept="the rows before it and the checkpoints"):
+            with self.path.open("a") as handle:
+                crash_point(f"metrics row step {row.get('step')}", lambda fraction: (
+                    handle.write(line[: int(len(line) * fraction)]), handle.flush()))
+                handle.write(line)
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float):

@@ -42,7 +42,7 @@ def add_ui_command(commands: argparse._SubParsersAction) -> None:
     """Register ``tunelab ui`` on the top-level subcommands."""
     ui = commands.add_parser("ui", help="a local web app: runs, live curves, launch, data, eval, playground, monitor")
     ui.add_argument("--port", type=int, default=7860)
-    ui.add_argument("--host", default="127.0.0.1", help="listen address (another than loopback needs a token)")
+    ui.add_argument("--host", default="127.0.0.1", help="listen address (any but loopback needs a token)")
     ui.add_argument("--runs-db", help="run registry (default $TUNELAB_REGISTRY or ~/.tunelab/runs.db)")
     ui.add_argument("--token", help="token required by the UI (default: a random one when --host is not loopback)")
     ui.add_argument("--state-dir", help="the UI's own files: job logs, playground labels (default: beside the registry)")

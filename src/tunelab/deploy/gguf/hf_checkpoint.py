@@ -1,4 +1,4 @@
-"""The Hugging Face side of the export: a Llama model directory's config.json and safetensors weights."""
+"""The Hugging Face side of the export: a model directory's config.json and safetensors weights."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from tunelab.deploy.gguf.archs import arch_of, head_dim, rope_parameters
 from tunelab.errors import TunelabError
-
-SUPPORTED_MODEL_TYPES = ("llama",)
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:
@@ -28,61 +27,16 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise TunelabError(f"{config_file}: not valid JSON ({exc})") from None
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise TunelabError(
-            f"{config_file}: model_type {model_type!r} (architectures {config.get('architectures')}) cannot be "
-            f"exported to GGUF by tunelab; supported: {', '.join(SUPPORTED_MODEL_TYPES)} (LlamaForCausalLM). "
-            "For other architectures use llama.cpp's convert_hf_to_gguf.py."
-        )
+    try:
+        arch_of(config)
+    except TunelabError as exc:
+        raise TunelabError(str(exc).replace("config.json:", f"{config_file}:", 1)) from None
     if config.get("quantization_config"):
         raise TunelabError(
             f"{config_file}: the weights are quantized ({config['quantization_config'].get('quant_method', '?')}); "
             "export the unquantized (bfloat16/float16/float32) checkpoint instead"
         )
     return config
-
-
-def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    """(rope theta, rope scaling parameters) from a transformers 4 or 5 config."""
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-    return theta, params
-
-
-def llama_hparams(config: dict[str, Any]) -> dict[str, Any]:
-    """The ``llama.*`` GGUF metadata (keys without the ``llama.`` prefix) for a Llama config.json."""
-    hidden = int(config["hidden_size"])
-    n_head = int(config["num_attention_heads"])
-    n_head_kv = int(config.get("num_key_value_heads") or n_head)
-    head_dim = int(config.get("head_dim") or hidden // n_head)
-    theta, rope = _rope(config)
-    hparams: dict[str, Any] = {
-        "vocab_size": int(config["vocab_size"]),
-        "context_length": int(config.get("max_position_embeddings", 2048)),
-        "embedding_length": hidden,
-        "block_count": int(config["num_hidden_layers"]),
-        "feed_forward_length": int(config["intermediate_size"]),
-        "rope.dimension_count": head_dim,
-        "rope.freq_base": theta,
-        "attention.head_count": n_head,
-        "attention.head_count_kv": n_head_kv,
-        "attention.key_length": head_dim,
-        "attention.value_length": head_dim,
-        "attention.layer_norm_rms_epsilon": float(config.get("rms_norm_eps", 1e-6)),
-    }
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "linear":
-        hparams["rope.scaling.type"] = "linear"
-        hparams["rope.scaling.factor"] = float(rope["factor"])
-    elif rope_type not in ("default", "llama3"):
-        raise TunelabError(
-            f"config.json: rope scaling {rope_type!r} is not supported by tunelab's GGUF export "
-            "(supported: none, linear, llama3)"
-        )
-    if config.get("hidden_act", "silu") != "silu":
-        raise TunelabError(f"config.json: hidden_act {config['hidden_act']!r}; llama.cpp's llama graph uses silu")
-    return hparams
 
 
 def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray | None:
@@ -92,11 +46,11 @@ def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray | None:
     transformers' ``llama3`` frequencies (short wavelengths kept, long ones divided by ``factor``,
     a smooth blend between).
     """
-    theta, rope = _rope(config)
-    if rope.get("rope_type", rope.get("type")) != "llama3":
+    rope = rope_parameters(config)
+    if rope["rope_type"] != "llama3":
         return None
-    hparams = llama_hparams(config)
-    dim = hparams["rope.dimension_count"]
+    theta = float(rope["rope_theta"])
+    dim = head_dim(config)
     factor = float(rope.get("factor", 8.0))
     low_freq_factor = float(rope.get("low_freq_factor", 1.0))
     high_freq_factor = float(rope.get("high_freq_factor", 4.0))

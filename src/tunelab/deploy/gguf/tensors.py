@@ -1,4 +1,4 @@
-"""The GGUF file's tensors: llama.cpp's names, the Q/K row permutation and each tensor's type."""
+"""The GGUF file's tensors: llama.cpp's names, the Q/K row permutation, Gemma's norm shift and each tensor's type."""
 
 from __future__ import annotations
 
@@ -7,36 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.deploy.gguf.hf_checkpoint import _Weights, llama3_rope_factors, llama_hparams
+from tunelab.deploy.gguf.archs import arch_of, gguf_hparams
+from tunelab.deploy.gguf.hf_checkpoint import _Weights, llama3_rope_factors
 from tunelab.errors import TunelabError
 
 OUTTYPES = ("f32", "f16", "q8_0")
 Q8_0_BLOCK = 32
 
-# HF Llama tensor names -> llama.cpp names (``{bid}`` is the layer index).
-_LAYER_TENSORS = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.o_proj.bias": "attn_output.bias",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.gate_proj.bias": "ffn_gate.bias",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.up_proj.bias": "ffn_up.bias",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "mlp.down_proj.bias": "ffn_down.bias",
-}
-_GLOBAL_TENSORS = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
 ROPE_FREQS = "rope_freqs.weight"
 
 
@@ -74,12 +51,23 @@ class _TensorPlan:
     qtype: str  # "F32", "F16" or "Q8_0"
     permute_heads: int = 0  # Q/K: heads to permute over; 0: no permutation
     fallback: str = ""  # why the type differs from the file's outtype
+    shift: float = 0.0  # added to the HF values (Gemma's norms)
+
+
+def _llama_cpp_name(hf_name: str, name_map: Any) -> str | None:
+    """llama.cpp's name for an HF tensor (gguf's own per-architecture name map), or None."""
+    return name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
 
 def _plan_tensors(config: dict[str, Any], weights: _Weights, outtype: str) -> list[_TensorPlan]:
-    """Every tensor of the GGUF file, in the order written, with its type."""
-    hparams = llama_hparams(config)
+    """Every tensor of the GGUF file, in the order written, with its type and transformation."""
+    from tunelab.deploy.gguf.gguf_lib import _gguf
+
+    arch = arch_of(config)
+    hparams = gguf_hparams(config)
     n_layers = hparams["block_count"]
+    name_map = _gguf().get_tensor_name_map(arch.gguf_arch, n_layers)
+    allowed_block = set(arch.layer_tensors) | set(arch.optional_layer_tensors)
     tied = bool(config.get("tie_word_embeddings", False))
     plan: list[_TensorPlan] = []
     unknown: list[str] = []
@@ -89,39 +77,36 @@ def _plan_tensors(config: dict[str, Any], weights: _Weights, outtype: str) -> li
         if hf_name == "lm_head.weight" and tied and "model.embed_tokens.weight" in weights.files \
                 and np.array_equal(weights.get(hf_name), weights.get("model.embed_tokens.weight")):
             continue  # a true copy: llama.cpp uses token_embd when output is absent
-        if hf_name in _GLOBAL_TENSORS:
-            name = _GLOBAL_TENSORS[hf_name]
-        else:
-            parts = hf_name.split(".", 3)
-            if len(parts) != 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit() \
-                    or parts[3] not in _LAYER_TENSORS or int(parts[2]) >= n_layers:
-                unknown.append(hf_name)
-                continue
-            name = f"blk.{parts[2]}.{_LAYER_TENSORS[parts[3]]}"
+        name = _llama_cpp_name(hf_name, name_map)
+        block = name.split(".", 2) if name and name.startswith("blk.") else None
+        if name is None or (block is not None and (block[2] not in allowed_block or int(block[1]) >= n_layers)) \
+                or (block is None and name not in ("token_embd.weight", "output_norm.weight", "output.weight")):
+            unknown.append(hf_name)
+            continue
         shape = weights.shape(hf_name)
         heads = 0
-        if ".attn_q." in name:
+        if arch.adjacent_pair_rope and ".attn_q." in name:
             heads = hparams["attention.head_count"]
-        elif ".attn_k." in name:
+        elif arch.adjacent_pair_rope and ".attn_k." in name:
             heads = hparams["attention.head_count_kv"]
-        plan.append(_TensorPlan(hf_name, name, shape, _tensor_type(name, shape, outtype), heads))
+        shift = arch.norm_shift if name.endswith("norm.weight") else 0.0
+        plan.append(_TensorPlan(hf_name, name, shape, _tensor_type(name, shape, outtype), heads, shift=shift))
         if plan[-1].qtype == "F16" and outtype == "q8_0":
             plan[-1].fallback = f"row size {shape[-1]} is not a multiple of {Q8_0_BLOCK}"
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise TunelabError(f"config.json says llama but the checkpoint has tensors llama.cpp has no place for: {shown}")
+        raise TunelabError(f"config.json says {arch.model_type} but the checkpoint has tensors llama.cpp's "
+                           f"{arch.name} graph has no place for: {shown}")
     names = {p.name for p in plan}
     required = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{t}" for i in range(n_layers)
-        for t in ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                  "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+        f"blk.{i}.{t}" for i in range(n_layers) for t in arch.layer_tensors
     ]
     if not tied:
         required.append("output.weight")
     missing = [n for n in required if n not in names]
     if missing:
         raise TunelabError(
-            f"the checkpoint lacks tensors a Llama model needs (llama.cpp names): {', '.join(missing[:5])}"
+            f"the checkpoint lacks tensors a {arch.model_type} model needs (llama.cpp names): {', '.join(missing[:5])}"
         )
     factors = llama3_rope_factors(config)
     if factors is not None:
@@ -133,6 +118,16 @@ def _plan_tensors(config: dict[str, Any], weights: _Weights, outtype: str) -> li
         return ({"rope_freqs.weight": 0, "token_embd.weight": 0}.get(p.name, 2), 0, p.name)
 
     return sorted(plan, key=order)
+
+
+def _prepared(p: _TensorPlan, weights: _Weights, factors: np.ndarray | None) -> np.ndarray:
+    """The float32 values a planned tensor holds in the file: the HF weight permuted and shifted as llama.cpp needs."""
+    data = factors if p.hf_name is None else weights.get(p.hf_name)
+    if p.permute_heads:
+        data = permute_qk(data, p.permute_heads)
+    if p.shift:
+        data = data + np.float32(p.shift)
+    return data
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], outtype: str) -> str:

@@ -39,6 +39,7 @@ class _Tokenizer:
     chat_template: str | list[dict[str, str]] | None
     n_hf_tokens: int
     notes: list[str]
+    add_space_prefix: bool | None = None  # SentencePiece only: whether a text gets a leading "▁" first
 
 
 def _load_hf_tokenizer(model_dir: Path) -> Any:
@@ -187,6 +188,22 @@ def _merges(bpe_model: dict[str, Any]) -> list[str]:
     return out
 
 
+def sentencepiece_adds_space_prefix(model_file: Path) -> bool:
+    """Whether a SentencePiece model prefixes a text with "▁" (``add_dummy_prefix``; Llama 2: yes, Gemma: no).
+
+    llama.cpp assumes yes unless ``tokenizer.ggml.add_space_prefix`` says otherwise.
+    """
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:  # no protobuf: ask the model itself
+        from sentencepiece import SentencePieceProcessor
+
+        return SentencePieceProcessor(model_file=str(model_file)).encode_as_pieces("a")[0].startswith("\u2581")
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    return bool(proto.normalizer_spec.add_dummy_prefix)
+
+
 def _sentencepiece_tokenizer(model_dir: Path, hf: Any, n_vocab: int) -> _Tokenizer:
     """A SentencePiece tokenizer.model (Llama 1/2, Mistral v0.1) as tokenizer.ggml.model ``llama``."""
     gguf = _gguf()
@@ -226,7 +243,7 @@ def _sentencepiece_tokenizer(model_dir: Path, hf: Any, n_vocab: int) -> _Tokeniz
     return _Tokenizer(
         model="llama", pre="default", tokens=tokens, token_types=types, scores=scores, merges=[],
         special_ids=special_ids, add_bos=add_bos, add_eos=add_eos, chat_template=_chat_template(hf),
-        n_hf_tokens=n_hf, notes=notes,
+        n_hf_tokens=n_hf, notes=notes, add_space_prefix=sentencepiece_adds_space_prefix(model_dir / "tokenizer.model"),
     )
 
 

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 
 from tunelab.deploy.gguf.gguf_lib import _gguf
-from tunelab.deploy.gguf.hf_checkpoint import _read_config, _Weights, llama3_rope_factors, llama_hparams
+from tunelab.deploy.gguf.archs import arch_of, export_notes, gguf_hparams
+from tunelab.deploy.gguf.hf_checkpoint import _read_config, _Weights, llama3_rope_factors
 from tunelab.deploy.gguf.reader import read_gguf
 from tunelab.deploy.gguf.tensors import Q8_0_BLOCK, _plan_tensors, unpermute_qk
 from tunelab.deploy.gguf.verify_tokenizer import _verify_tokenizer
-from tunelab.deploy.gguf.writer import ARCH
 from tunelab.errors import TunelabError
 
 
@@ -45,7 +45,8 @@ def verify_gguf(model_dir: str | Path, gguf_file: str | Path, check_tokenization
 
     Returns:
         A summary: file size, tensor counts per type, max absolute error per type, q8_0
-        fallbacks, and the tokenizer facts that were checked.
+        fallbacks, the tokenizer facts that were checked, and notes on what the file says
+        differently from config.json (:func:`~tunelab.deploy.gguf.archs.export_notes`).
 
     Raises:
         TunelabError: listing every mismatch found.
@@ -53,20 +54,21 @@ def verify_gguf(model_dir: str | Path, gguf_file: str | Path, check_tokenization
     gguf = _gguf()
     model_dir, gguf_file = Path(model_dir), Path(gguf_file)
     config = _read_config(model_dir)
-    hparams = llama_hparams(config)
+    arch = arch_of(config).name
+    hparams = gguf_hparams(config)
     info = read_gguf(gguf_file)
     meta = info["metadata"]
     problems: list[str] = []
-    if meta.get("general.architecture") != ARCH:
-        problems.append(f"general.architecture is {meta.get('general.architecture')!r}, expected {ARCH!r}")
+    if meta.get("general.architecture") != arch:
+        problems.append(f"general.architecture is {meta.get('general.architecture')!r}, expected {arch!r}")
     for key, expected in hparams.items():
-        actual = meta.get(f"{ARCH}.{key}")
+        actual = meta.get(f"{arch}.{key}")
         if isinstance(expected, float):
             ok = actual is not None and math.isclose(actual, expected, rel_tol=1e-6)
         else:
             ok = actual == expected
         if not ok:
-            problems.append(f"{ARCH}.{key} is {actual!r}, config.json gives {expected!r}")
+            problems.append(f"{arch}.{key} is {actual!r}, config.json gives {expected!r}")
     file_type = meta.get("general.file_type")
     outtype = {0: "f32", 1: "f16", 7: "q8_0"}.get(file_type)
     if outtype is None:
@@ -104,13 +106,17 @@ def verify_gguf(model_dir: str | Path, gguf_file: str | Path, check_tokenization
             if p.permute_heads:
                 values = unpermute_qk(values, p.permute_heads)
             reference = factors if p.hf_name is None else weights.get(p.hf_name)
-            error = np.abs(values.astype(np.float64) - reference.astype(np.float64))
+            # Gemma's norms are stored plus the shift: compare with it removed, within the rounding of the stored value.
+            error = np.abs(values.astype(np.float64) - p.shift - reference.astype(np.float64))
             worst = float(error.max()) if error.size else 0.0
             max_err[qtype] = max(max_err.get(qtype, 0.0), worst)
-            excess = error - _error_bound(reference.astype(np.float64), qtype)
+            stored_value = reference.astype(np.float64) + p.shift
+            bound = _error_bound(stored_value, qtype) + (np.abs(stored_value) * 2.0**-24 if p.shift else 0.0)
+            excess = error - bound  # the shift itself was added in float32: half an f32 ulp more
             if not np.all(excess <= 0):
                 at = np.unravel_index(int(np.argmax(excess)), excess.shape)
-                problems.append(f"{p.name} differs from {p.hf_name or 'the computed rope factors'} beyond "
+                shifted = f" (stored plus {p.shift:g})" if p.shift else ""
+                problems.append(f"{p.name} differs from {p.hf_name or 'the computed rope factors'}{shifted} beyond "
                                 f"{qtype} rounding: {values[at]!r} vs {reference[at]!r} at {tuple(int(i) for i in at)}")
 
     tokenizer_summary = _verify_tokenizer(model_dir, meta, hparams["vocab_size"], problems, check_tokenization)
@@ -126,4 +132,5 @@ def verify_gguf(model_dir: str | Path, gguf_file: str | Path, check_tokenization
         "max_abs_error": max_err,
         "q8_0_fallbacks": fallbacks,
         "tokenizer": tokenizer_summary,
+        "notes": export_notes(config),
     }

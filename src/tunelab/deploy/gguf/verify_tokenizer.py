@@ -17,6 +17,7 @@ from tunelab.deploy.gguf.tokenizer import (
     _load_hf_tokenizer,
     _merges,
     _special_ids,
+    sentencepiece_adds_space_prefix,
 )
 from tunelab.errors import TunelabError
 
@@ -112,6 +113,10 @@ def _sp_size(model_dir: Path) -> int:
 
 def _verify_sentencepiece(model_dir: Path, meta: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     gguf = _gguf()
+    space_prefix = sentencepiece_adds_space_prefix(model_dir / "tokenizer.model")
+    if meta.get("tokenizer.ggml.add_space_prefix") != space_prefix:
+        problems.append(f"tokenizer.ggml.add_space_prefix is {meta.get('tokenizer.ggml.add_space_prefix')!r}, "
+                        f"the SentencePiece model's add_dummy_prefix is {space_prefix}")
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError:
@@ -131,7 +136,7 @@ def _verify_sentencepiece(model_dir: Path, meta: dict[str, Any], problems: list[
             problems.append(f"SentencePiece piece {i} differs: {(tokens[i], scores[i], types[i])} vs "
                             f"{(sp.id_to_piece(i), sp.get_score(i), int(expected_type))}")
             break
-    return {"n_pieces": sp.vocab_size(), "pieces_checked": True}
+    return {"n_pieces": sp.vocab_size(), "pieces_checked": True, "add_space_prefix": space_prefix}
 
 
 def _check_bpe_tokenization(hf: Any, meta: dict[str, Any], problems: list[str]) -> int:

@@ -36,4 +36,5 @@ def build_objective(train: TrainConfig, reference: torch.nn.Module | None = None
         return RewardObjective()
     if train.objective == "kto":
         return KTOObjective(beta, train.desirable_weight, train.undesirable_weight, reference)
-    return PreferenceObjective(train.objective, beta, train.loss_type, train.label_smoothing, train.gamma, reference)
+    return PreferenceObjective(train.objective, beta, train.loss_type, train.label_smoothing, train.gamma, reference,
+                               train.rpo_alpha)

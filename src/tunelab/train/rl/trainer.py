@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tunelab.config import TunelabConfig, TrainConfig, dump_config
+from tunelab.config import TunelabConfig, TrainConfig
 from tunelab.data.files import file_fingerprint
+from tunelab.data.kinds import check_data_kind
 from tunelab.data.records import Prompt, load_prompts
 from tunelab.data.templates import render_prompt, resolve_template
 from tunelab.data.tokenize import split_records
@@ -38,20 +39,22 @@ from tunelab.models.load import (
     resolve_precision,
     stop_token_ids,
 )
-from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.outputs import write_errors
+from tunelab.train.checkpoint import load_checkpoint, save_checkpoint
 from tunelab.train.engine import (
     Evaluator,
     TrainResult,
     autocast_factory,
     due_before_end,
     ensure_tiny_model,
-    prepare_output_dir,
+    kept_checkpoint,
     save_final,
     seed_everything,
 )
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.reference import frozen_copy
 from tunelab.train.reporting import Reporter, console
+from tunelab.train.run_dir import RunDirectory
 from tunelab.train.rl.grpo import group_advantages, grpo_loss
 from tunelab.train.rl.ppo import (
     AdaptiveKLController,
@@ -115,7 +118,7 @@ def prepare_prompts(records: list[Prompt], tokenizer: PreTrainedTokenizerBase, t
     """Render and tokenize prompts; drop (and count) those longer than ``max_prompt`` tokens."""
     kept, ids, too_long = [], [], 0
     for record in records:
-        tokens = tokenizer(render_prompt(tokenizer, template, record.messages), add_special_tokens=False)["input_ids"]
+        tokens = tokenizer(render_prompt(tokenizer, template, record.messages, record.tools), add_special_tokens=False)["input_ids"]
         if len(tokens) > max_prompt:
             too_long += 1
             continue
@@ -306,6 +309,7 @@ class OnlineRL:
 def _load_prompt_sets(cfg: TunelabConfig, tokenizer: PreTrainedTokenizerBase, template: str
                       ) -> tuple[PromptSet, PromptSet | None]:
     data = cfg.data
+    check_data_kind([*data.train, *(data.eval or [])], cfg.train.objective)
     records, report = load_prompts(data.train, data.format, data.on_error, data.system_prompt, data.max_samples)
     for line in report.summary().splitlines():
         console.print(f"[dim]train prompts:[/dim] {line}", highlight=False)
@@ -332,10 +336,17 @@ def train_online(config: TunelabConfig, resume: bool = False, overwrite: bool = 
     Raises:
         TunelabError: bad config, data, reward or model; TrainingError when training diverges.
     """
+    run_dir = RunDirectory(config, resume, overwrite)
+    run_dir.open()  # locked, checked and cleaned before anything slow
+    try:
+        return _train_online(config, run_dir, evaluators)
+    finally:
+        run_dir.close()
+
+
+def _train_online(config: TunelabConfig, run_dir: RunDirectory, evaluators: Sequence[Evaluator]) -> TrainResult:
     cfg, t, started = config, config.train, time.perf_counter()
-    out = Path(cfg.output_dir)
-    prepare_output_dir(out, resume, overwrite)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    out = run_dir.path
     device = resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
     autocast = autocast_factory(device, precision)
@@ -373,19 +384,20 @@ def train_online(config: TunelabConfig, resume: bool = False, overwrite: bool = 
     rl = OnlineRL(cfg, model, tokenizer, reference, value_head, reward, stop_ids, optimizer, scheduler, device,
                   autocast)
 
-    state: dict[str, Any] = {"elapsed": 0.0, "tokens": 0}
+    state: dict[str, Any] = {"elapsed": 0.0, "tokens": 0, "last_eval": {}}
     start_step = 0
-    checkpoint = latest_checkpoint(out) if resume else None
+    checkpoint = run_dir.checkpoint()
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, None)
+        state = {**state, **load_checkpoint(checkpoint, model, optimizer, scheduler, None)}
         start_step = state["step"]
         rl.kl_controller.load_state_dict(state["kl_controller"])
         if value_head is not None:
             value_head.load_state_dict(ValueHead.load(checkpoint, device).state_dict())
         console.print(f"resumed from {checkpoint} (step {start_step})")
-    elif resume:
-        console.print("--resume: no checkpoint yet, starting from the beginning")
+    elif run_dir.resume:
+        console.print("--resume: no checkpoint to resume from, starting from the beginning")
 
+    run_dir.write_config()
     reporter = Reporter(out, total_steps, start_step, t.tensorboard)
     eval_limit = cfg.eval.generate_samples or 64
 
@@ -402,13 +414,15 @@ def train_online(config: TunelabConfig, resume: bool = False, overwrite: bool = 
 
     def checkpoint_now(step: int) -> None:
         trainer_state = {**state, "elapsed": state["elapsed"] + time.perf_counter() - window_start,
-                         "kl_controller": rl.kl_controller.state_dict()}
+                         "kl_controller": rl.kl_controller.state_dict(), "last_eval": last_eval}
         extra = {VALUE_HEAD_FILE: value_head.state_dict()} if value_head is not None else None
-        save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, None, trainer_state, t.keep_checkpoints,
-                        extra)
+        with write_errors(out / "checkpoints" / f"step-{step}", f"checkpoint of step {step}",
+                          kept=lambda: kept_checkpoint(out)):
+            save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, None, trainer_state,
+                            t.keep_checkpoints, extra)
 
     window_start = time.perf_counter()
-    last_eval: dict[str, Any] = {}
+    last_eval: dict[str, Any] = state["last_eval"]
     try:
         start_eval = run_evaluation(0) if t.eval_at_start and start_step == 0 else {}
         for step in range(start_step, total_steps):
@@ -444,17 +458,19 @@ def train_online(config: TunelabConfig, resume: bool = False, overwrite: bool = 
                 checkpoint_now(done)
         if total_steps > start_step or not last_eval:
             last_eval = run_evaluation(total_steps)
-        checkpoint_now(total_steps)
+        if total_steps > start_step:  # resumed from the last step's checkpoint: it is already there
+            checkpoint_now(total_steps)
     finally:
         reporter.close()
 
     final_dir = out / "final"
-    save_final(model, tokenizer, stop_ids, final_dir)
-    if value_head is not None:
-        value_head.save(final_dir)
+    with write_errors(final_dir, "final model", kept=f"checkpoints/step-{total_steps} holds the trained weights; "
+                      "free space and run again with --resume to write final/"):
+        save_final(model, tokenizer, stop_ids, final_dir, extra=value_head.save if value_head is not None else None)
     elapsed = state["elapsed"] + time.perf_counter() - window_start
     fingerprint = hashlib.sha256("".join(file_fingerprint(f) for f in cfg.data.train).encode()).hexdigest()[:20]
-    write_run_json(out, cfg, fingerprint, device, precision, params, total_steps, elapsed,
-                   time.perf_counter() - started, last_eval)
+    with write_errors(out / "run.json", "run record", kept=f"{final_dir} and the checkpoints are complete"):
+        write_run_json(out, cfg, fingerprint, device, precision, params, total_steps, elapsed,
+                       time.perf_counter() - started, last_eval)
     console.print(f"saved {final_dir}")
     return TrainResult(out, final_dir, total_steps, last_eval, start_eval, model, tokenizer)
