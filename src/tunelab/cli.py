@@ -599,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_monitor_commands(commands)
     add_runs_commands(commands)
+    from tunelab.ui.cli import add_ui_command
+
+    add_ui_command(commands)
     add_examples(parser)
     return parser
 

@@ -43,6 +43,7 @@ EXAMPLES: dict[str, str] = {
     "runs show": "tunelab runs show 3f2a --json",
     "runs diff": "tunelab runs diff 3f2a 9c1b",
     "runs lineage": "tunelab runs lineage 3f2a",
+    "ui": "tunelab ui --port 7860 --runs-db ~/.tunelab/runs.db",
 }
 
 

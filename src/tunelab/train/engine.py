@@ -53,6 +53,7 @@ from tunelab.outputs import remove, replace_with, temporary_sibling, write_error
 from tunelab.train.batches import MicroBatches, eval_batches
 from tunelab.train.checkpoint import latest_checkpoint, save_model_dir
 from tunelab.train.speed import apply_speed_switches
+from tunelab.train.stop import StopOnSignal, TrainingStopped
 from tunelab.train.distributed import Parallel, Processes, parallelize, start_processes, stop_processes
 from tunelab.train.objectives import REFERENCE_OBJECTIVES, build_objective
 from tunelab.train.objectives.sft import SFTObjective
@@ -290,6 +291,7 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
 
     window_start = time.perf_counter()
     last_eval: dict[str, Any] = state["last_eval"]
+    stop = StopOnSignal(enabled=not processes.distributed)  # SIGTERM/SIGINT: checkpoint, then stop
     try:
         start_eval = run_evaluation(0) if cfg.train.eval_at_start and start_step == 0 else {}
         log = state["log_window"]  # sums since the last metrics row, saved with every checkpoint
@@ -346,11 +348,17 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
                 last_eval = run_evaluation(done)
             if due_before_end(cfg.train.save_every, done, total_steps):
                 checkpoint_now(done)
+            if stop.requested and done < total_steps:
+                if not due_before_end(cfg.train.save_every, done, total_steps):
+                    checkpoint_now(done)
+                raise TrainingStopped(f"stopped by {stop.requested} after step {done} of {total_steps}; checkpoint "
+                                      f"{latest_checkpoint(out)}; continue with: tunelab train CONFIG --resume")
         if total_steps > start_step or not last_eval:
             last_eval = run_evaluation(total_steps)
         if total_steps > start_step:  # resumed from the last step's checkpoint: it is already there
             checkpoint_now(total_steps)
     finally:
+        stop.restore()
         reporter.close()
         if neftune is not None:
             neftune.remove()
