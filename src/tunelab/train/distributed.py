@@ -341,6 +341,7 @@ class Parallel:
         self.processes.barrier()
         if not self.processes.is_main:
             torch.save(_rng_state(), staging / f"rng-rank{self.processes.rank}.pt")
+        self.processes.barrier()  # written before rank 0 moves the staging directory into the checkpoint
         self._save_sharded_state(staging, optimizer)
         state = {**trainer_state, "strategy": self.processes.strategy, "world_size": self.world_size}
         with self.full_weights() as weights:
@@ -444,7 +445,10 @@ class FSDPParallel(Parallel):
     @contextmanager
     def _root_unsharded(self) -> Iterator[None]:
         # The root's parameters (embeddings, head, virtual tokens) are gathered by its forward only;
-        # generation calls the model directly. The layers gather their own in their hooks.
+        # generation calls the model directly. The layers gather their own in their hooks, which
+        # needs the root initialised first (its first forward does that; generation can come first:
+        # an evaluation at step 0, online RL's rollouts). FSDP2 has no public call for it.
+        self.module._get_fsdp_state()._lazy_init()
         self.module.unshard()
         try:
             yield

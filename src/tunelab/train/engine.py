@@ -2,8 +2,13 @@
 
 Reads top to bottom: set up (output dir, seed, device, tokenizer, data, model, method, optimizer,
 resume), train (accumulate, clip, step, log, evaluate, checkpoint), save (final model, run.json).
-The loss of a step is the summed token loss of its micro-batches divided by the trained tokens
-of the whole accumulation window, so accumulation equals one big batch exactly. How the passes,
+A step's work comes from a source: the offline one reads ``grad_accum`` micro-batches of the
+tokenized data (:mod:`tunelab.train.steps`); the online one samples, scores and hands rollouts to
+an online objective, whose step is ``update_epochs × minibatches`` optimizer steps
+(:mod:`tunelab.train.rl.source`). Which objective and what it needs (data kind, reference,
+packing, online) comes from the registry (:mod:`tunelab.train.objectives.registry`).
+The loss of an optimizer step is the summed loss of its micro-batches divided by the trained units
+of the whole window, so accumulation equals one big batch exactly. How the passes,
 steps, evaluations and checkpoints run across processes (one process, DDP, FSDP2, DeepSpeed ZeRO)
 is :mod:`tunelab.train.distributed`'s job; the loop is the same for all.
 """
