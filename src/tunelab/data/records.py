@@ -1,7 +1,8 @@
 """Canonical records and the readers that turn file formats into them.
 
 Formats: ``alpaca`` (instruction/input/output/system/history), ``sharegpt`` (conversations of
-from/value), ``messages`` (OpenAI role/content) and ``text``. Each reader validates a row and
+from/value), ``messages`` (OpenAI role/content) and ``text``; the conversation formats may carry
+``tools`` (the functions the assistant could call). Each reader validates a row and
 raises :class:`DataError` for a row that cannot be used; :func:`load_records` either stops at the
 first bad row (``on_error: fail``) or skips it and counts why (``on_error: skip``).
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tunelab.data.files import Row, read_rows
+from tunelab.data.tool_declarations import parse_tools
 from tunelab.errors import DataError
 
 Format = Literal["alpaca", "sharegpt", "messages", "qa", "text"]
@@ -36,10 +38,15 @@ SHAREGPT_ROLES = {
 
 @dataclass
 class Conversation:
-    """Messages ``[{role, content}]`` for SFT; ``source`` is the ``file:line`` it came from."""
+    """Messages ``[{role, content}]`` for SFT; ``source`` is the ``file:line`` it came from.
+
+    ``tools`` are the functions the assistant could call (OpenAI-style ``{"type": "function",
+    "function": {...}}``), declared to the model when the conversation is rendered.
+    """
 
     messages: list[dict[str, str]]
     source: str = ""
+    tools: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -57,6 +64,7 @@ class Prompt:
     messages: list[dict[str, str]]
     reference: str | None = None
     source: str = ""
+    tools: list[dict[str, Any]] = field(default_factory=list)
 
 
 Record = Conversation | Text
@@ -213,7 +221,7 @@ def _from_sharegpt(data: dict[str, Any]) -> Conversation:
             raise DataError(f"unknown speaker {speaker!r} (expected one of {', '.join(sorted(SHAREGPT_ROLES))})")
         content = _text_field(turn.get("value", turn.get("content")), "value")
         messages.append({"role": role, "content": content})
-    return Conversation(messages)
+    return Conversation(messages, tools=parse_tools(data.get("tools")))
 
 
 def _from_messages(data: dict[str, Any]) -> Conversation:
@@ -228,7 +236,7 @@ def _from_messages(data: dict[str, Any]) -> Conversation:
         if role not in ROLES:
             raise DataError(f"unknown role {role!r} (expected one of {', '.join(sorted(ROLES))})")
         messages.append({"role": role, "content": _text_field(message.get("content"), "content")})
-    return Conversation(messages)
+    return Conversation(messages, tools=parse_tools(data.get("tools")))
 
 
 def _from_text(data: Any, text_field: str) -> Text:
@@ -297,7 +305,8 @@ def to_prompt(row: Row, fmt: Format, text_field: str = "text", system_prompt: st
             data = {**data, "output": ""}
         if fmt == "qa" and data.get("answer") is None:
             data = {**data, "answer": ""}
-        messages = CONVERTERS[fmt](data).messages
+        conversation = CONVERTERS[fmt](data)
+        messages = conversation.messages
         reference = _text_field(data.get("reference"), "reference", required=False) or None
         if messages and messages[-1]["role"] == "assistant":
             reference = messages.pop()["content"] or reference
@@ -308,7 +317,7 @@ def to_prompt(row: Row, fmt: Format, text_field: str = "text", system_prompt: st
             messages.insert(0, {"role": "system", "content": system_prompt})
     except DataError as exc:
         raise DataError(f"{row.source}: {exc}") from None
-    return Prompt(messages, reference, row.source)
+    return Prompt(messages, reference, row.source, conversation.tools)
 
 
 def convert_rows(
@@ -427,6 +436,7 @@ def record_to_json(record: Conversation | Text | Prompt) -> dict[str, Any]:
     """
     if isinstance(record, Text):
         return {"text": record.text}
+    tools = {"tools": record.tools} if record.tools else {}
     if isinstance(record, Prompt):
-        return {"messages": record.messages, "reference": record.reference}
-    return {"messages": record.messages}
+        return {"messages": record.messages, "reference": record.reference, **tools}
+    return {"messages": record.messages, **tools}

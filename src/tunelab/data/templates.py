@@ -15,6 +15,7 @@ from typing import Literal
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from tunelab.data.tool_declarations import declare_tools
 from tunelab.errors import DataError
 
 IGNORE_INDEX = -100
@@ -105,19 +106,22 @@ class Rendered:
     text: str
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict], generation_prompt: bool) -> str:
+def _render(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict], generation_prompt: bool,
+            tools: list[dict] | None = None) -> str:
+    messages, extra = declare_tools(template, messages, tools)
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt, **extra
     )
 
 
 def assistant_spans(
-    tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict]
+    tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict], tools: list[dict] | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation and find the character span of every assistant turn.
 
     A turn's span runs from the end of the generation prompt to the end of the turn, including
-    its end-of-turn token and excluding whitespace the template puts after it.
+    its end-of-turn token and excluding whitespace the template puts after it. ``tools`` are
+    declared as :func:`~tunelab.data.tool_declarations.declare_tools` does (as the server does).
 
     Returns:
         The full text and one ``(start, end)`` span per assistant message, in order.
@@ -127,13 +131,13 @@ def assistant_spans(
             conversation differently from the whole (so turns cannot be located).
     """
     try:
-        full = _render(tokenizer, template, messages, generation_prompt=False)
+        full = _render(tokenizer, template, messages, generation_prompt=False, tools=tools)
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = _render(tokenizer, template, messages[:i], generation_prompt=True) if i else ""
-            through = _render(tokenizer, template, messages[: i + 1], generation_prompt=False)
+            before = _render(tokenizer, template, messages[:i], generation_prompt=True, tools=tools) if i else ""
+            through = _render(tokenizer, template, messages[: i + 1], generation_prompt=False, tools=tools)
             if not (through.startswith(before) and full.startswith(through)):
                 raise DataError(
                     "the chat template renders the conversation differently when cut after a turn, "
@@ -153,6 +157,7 @@ def render_conversation(
     train_on: TrainOn,
     stop_ids: set[int],
     skip_assistant_turns: int = 0,
+    tools: list[dict] | None = None,
 ) -> Rendered:
     """Tokenize a conversation and label the tokens that train.
 
@@ -165,11 +170,12 @@ def render_conversation(
             assistant turn ends with one; EOS is inserted after a turn that does not.
         skip_assistant_turns: leave the first N assistant turns untrained (they belong to the
             prompt of a preference pair, and only the continuation is scored).
+        tools: functions declared to the model (see :func:`assistant_spans`).
 
     Returns:
         ids and labels of equal length; the first label is always IGNORE_INDEX (nothing predicts it).
     """
-    text, spans = assistant_spans(tokenizer, template, messages)
+    text, spans = assistant_spans(tokenizer, template, messages, tools)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(encoding["input_ids"])
     offsets: list[tuple[int, int]] = list(encoding["offset_mapping"])
@@ -205,9 +211,10 @@ def render_conversation(
     return Rendered(input_ids=ids, labels=labels, text=text)
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict]) -> str:
-    """The text that asks the model for the next assistant turn (for generation)."""
+def render_prompt(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict],
+                  tools: list[dict] | None = None) -> str:
+    """The text that asks the model for the next assistant turn (for generation), ``tools`` declared."""
     try:
-        return _render(tokenizer, template, messages, generation_prompt=True)
+        return _render(tokenizer, template, messages, generation_prompt=True, tools=tools)
     except TemplateError as exc:
         raise DataError(f"the chat template failed on this conversation: {exc}") from None

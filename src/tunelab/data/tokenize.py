@@ -33,7 +33,7 @@ from tunelab.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, NO_TEMPLATE,
 from tunelab.errors import DataError
 from tunelab.outputs import write_errors
 
-CACHE_VERSION = 1  # bump when tokenization output changes for the same inputs
+CACHE_VERSION = 2  # bump when tokenization output changes for the same inputs
 DATA_KINDS = ("conversations", "text", "pairs", "feedback", "prompts")
 """What an objective trains on (its registry entry says which): chats with trained assistant turns,
 text trained on every token, preference pairs, labelled feedback records, or prompts (tokenized as
@@ -98,8 +98,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def _record_to_row(record: Conversation | Text) -> dict[str, Any]:
     if isinstance(record, Text):
-        return {"messages": [], "text": record.text, "source": record.source}
-    return {"messages": record.messages, "text": "", "source": record.source}
+        return {"messages": [], "text": record.text, "source": record.source, "tools": ""}
+    return {"messages": record.messages, "text": "", "source": record.source,
+            "tools": json.dumps(record.tools) if record.tools else ""}
 
 
 class _Tokenizer:
@@ -125,7 +126,7 @@ class _Tokenizer:
         flag = "split" if len(chunks) > 1 else ""
         return [(c, [IGNORE_INDEX] + c[1:], flag) for c in chunks]
 
-    def _conversation(self, messages: list[dict]) -> list[tuple[list[int], list[int], str]]:
+    def _conversation(self, messages: list[dict], tools: list[dict]) -> list[tuple[list[int], list[int], str]]:
         if self.template is None:
             raise DataError("a conversation record, but " + NO_TEMPLATE.format(names="|".join(BUILTIN_TEMPLATES))
                             .replace("train.objective: pretrain to train on plain text",
@@ -134,7 +135,8 @@ class _Tokenizer:
             if self.overlong == "drop":
                 return [([], [], "dropped: longer than data.max_length (data.overlong: drop)")]
             messages = cut_messages(messages, self.byte_limit)
-        rendered = render_conversation(self.tokenizer, self.template, messages, self.train_on, self.stop_ids)
+        rendered = render_conversation(self.tokenizer, self.template, messages, self.train_on, self.stop_ids,
+                                       tools=tools)
         ids, labels, flag = rendered.input_ids, rendered.labels, ""
         if len(ids) > self.max_length:
             if self.overlong == "drop":
@@ -146,12 +148,13 @@ class _Tokenizer:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "flag": [], "source": []}
-        for messages, text, source in zip(batch["messages"], batch["text"], batch["source"]):
+        tools_column = batch.get("tools") or [""] * len(batch["source"])
+        for messages, text, source, tools in zip(batch["messages"], batch["text"], batch["source"], tools_column):
             try:
                 if not messages and self.kind != "text":
                     raise DataError("a plain-text record cannot be used for conversation data (train.objective: "
                                     "pretrain trains on plain text)")
-                pieces = self._text(text) if not messages else self._conversation(messages)
+                pieces = self._text(text) if not messages else self._conversation(messages, json.loads(tools or "[]"))
             except DataError as exc:
                 pieces = [([], [], f"error: {exc}")]
             for ids, labels, flag in pieces:

@@ -88,7 +88,7 @@ def reference_loss(
     truncated = 0
     for prompt in prompts:
         messages = [*prompt.messages, {"role": "assistant", "content": prompt.reference}]
-        rendered = render_conversation(tokenizer, template, messages, "last_assistant", stop_ids)
+        rendered = render_conversation(tokenizer, template, messages, "last_assistant", stop_ids, tools=prompt.tools)
         if len(rendered.input_ids) > max_length:
             truncated += 1
         ids, labels = rendered.input_ids[:max_length], rendered.labels[:max_length]
@@ -151,12 +151,13 @@ def evaluate_set(
     if generation_metrics:
         max_prompt = max(8, options.max_length - options.max_new_tokens)
         prompt_truncated = sum(
-            len(tokenizer(render_prompt(tokenizer, template, p.messages), add_special_tokens=False)["input_ids"])
+            len(tokenizer(render_prompt(tokenizer, template, p.messages, p.tools), add_special_tokens=False)["input_ids"])
             > max_prompt for p in prompts
         )
         answers = generate_answers(
             model, tokenizer, template, [p.messages for p in prompts], options.max_new_tokens, options.batch_size,
             temperature=options.temperature, top_p=options.top_p, seed=options.seed, max_prompt_tokens=max_prompt,
+            tools=[p.tools for p in prompts],
         )
     references = [p.reference for p in prompts]
     metrics: dict[str, float | None] = {}

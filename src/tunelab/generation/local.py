@@ -22,15 +22,18 @@ def generate_answers(
     top_p: float = 1.0,
     seed: int = 0,
     max_prompt_tokens: int | None = None,
+    tools: Sequence[list[dict]] | None = None,
 ) -> list[str]:
     """Answers to conversations (each ending with the user turn to answer), in order.
 
     Greedy when ``temperature`` is 0; otherwise sampling seeded by ``seed`` (the same seed gives
     the same answers). Prompts are left-padded and batched; generation stops at any of the
     model's EOS ids. With ``max_prompt_tokens``, longer prompts keep their last tokens.
+    ``tools`` (one list per conversation) are declared to the model as in training.
     """
     model.eval()
-    prompts = [render_prompt(tokenizer, template, messages) for messages in conversations]
+    declared = tools if tools is not None else [[]] * len(conversations)
+    prompts = [render_prompt(tokenizer, template, messages, functions) for messages, functions in zip(conversations, declared)]
     device = next(model.parameters()).device
     answers: list[str] = []
     padding_side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side

@@ -270,7 +270,7 @@ def sample_from_data(files: list[str], tokenizer_dir: str | None, label: str) ->
             last = max((i for i, m in enumerate(record.messages) if m["role"] == "assistant"), default=None)
             if last is None or last == 0:
                 continue
-            prompt = render_prompt(tokenizer, template, record.messages[:last])
+            prompt = render_prompt(tokenizer, template, record.messages[:last], record.tools)
             answer = record.messages[last]["content"]
             outputs.append(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1)
         else:

@@ -26,13 +26,10 @@ from typing import Any
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from tunelab.data.tool_declarations import declare_tools, template_reads
 from tunelab.serve.protocol import APIError, ChatMessage, Tool
 
 _TOOL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
-
-
-def _reads(template: str, variable: str) -> bool:
-    return re.search(rf"\b{variable}\b", template) is not None
 
 
 def _text(content: str | list[dict[str, Any]] | None, where: str) -> str:
@@ -63,7 +60,7 @@ def call_text(name: str, arguments: dict[str, Any]) -> str:
 
 def template_messages(template: str, messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """API messages as the chat template wants them (see the module doc)."""
-    native = _reads(template, "tool_calls")
+    native = template_reads(template, "tool_calls")
     result: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
         where = f"messages.{index}"
@@ -88,13 +85,6 @@ def template_messages(template: str, messages: list[ChatMessage]) -> list[dict[s
     return result
 
 
-def tools_system_text(tools: list[Tool]) -> str:
-    """The system message that declares ``tools`` to a template that cannot."""
-    lines = [json.dumps(tool.function.model_dump(exclude_none=True)) for tool in tools]
-    return ("You can call these functions:\n" + "\n".join(lines) + "\nTo call a function, answer with only a JSON "
-            'object: {"name": <function name>, "arguments": <arguments object>}.')
-
-
 def render_chat(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[ChatMessage],
                 tools: list[Tool] | None) -> str:
     """The prompt text for the next assistant turn.
@@ -102,17 +92,8 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, template: str, messages: lis
     Raises:
         APIError: 400 when a message cannot be used or the template fails on the conversation.
     """
-    rendered = template_messages(template, messages)
-    extra: dict[str, Any] = {}
-    if tools:
-        if _reads(template, "tools"):
-            extra["tools"] = [tool.model_dump(exclude_none=True) for tool in tools]
-        else:
-            declared = tools_system_text(tools)
-            if rendered and rendered[0]["role"] == "system":
-                rendered[0] = {**rendered[0], "content": f"{rendered[0]['content']}\n\n{declared}"}
-            else:
-                rendered.insert(0, {"role": "system", "content": declared})
+    rendered, extra = declare_tools(template, template_messages(template, messages),
+                                    [tool.model_dump(exclude_none=True) for tool in tools or []])
     try:
         return tokenizer.apply_chat_template(rendered, chat_template=template, tokenize=False,
                                              add_generation_prompt=True, **extra)

@@ -79,7 +79,8 @@ def prepare_prompts(records: list[Prompt], tokenizer: PreTrainedTokenizerBase, t
     """Render and tokenize prompts; drop (and count) those longer than ``max_prompt`` tokens."""
     kept, ids, too_long = [], [], 0
     for record in records:
-        tokens = tokenizer(render_prompt(tokenizer, template, record.messages), add_special_tokens=False)["input_ids"]
+        tokens = tokenizer(render_prompt(tokenizer, template, record.messages, record.tools),
+                           add_special_tokens=False)["input_ids"]
         if len(tokens) > max_prompt:
             too_long += 1
             continue
