@@ -631,7 +631,7 @@ class TunelabConfig(_Section):
                 f"{self.method.type}; use qlora, lora, prefix or prompt, or model.quantization none"
             )
         if not spec.token_level:
-            token_level = ", ".join(name for name, other in objective_specs().items() if other.token_level)
+            token_level = " or ".join(name for name, other in objective_specs().items() if other.token_level)
             if self.method.uses_virtual_tokens:
                 raise ValueError(f"method.type {self.method.type} trains with train.objective {token_level} only")
             if self.train.neftune_alpha is not None:

@@ -70,7 +70,7 @@ def _objectives() -> list[str]:
              "Each file in `src/tunelab/train/objectives/` registers one; this table is read from the registry.", "",
              "| objective | trains on | reference model | packing | online | its `train.*` settings | what it is |",
              "|---|---|---|---|---|---|---|"]
-    for name, spec in objective_specs().items():
+    for name, spec in sorted(objective_specs().items()):
         reference = {"none": "no", "always": "yes", "kl": "when kl_coef > 0"}[spec.reference]
         settings = ", ".join(f"`{key}`" for key in spec.settings) or "-"
         lines.append(f"| `{name}` | {spec.data} | {reference} | {'yes' if spec.packing else 'no'} | "

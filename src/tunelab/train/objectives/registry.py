@@ -98,9 +98,9 @@ def _discover() -> None:
 
 
 def objective_specs() -> dict[str, ObjectiveSpec]:
-    """Every registered objective by name, alphabetically."""
+    """Every registered objective by name, in registration order (a module registers its own in order)."""
     _discover()
-    return dict(sorted(_REGISTRY.items()))
+    return dict(_REGISTRY)
 
 
 def objective_spec(name: str) -> ObjectiveSpec:
