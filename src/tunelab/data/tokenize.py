@@ -126,7 +126,8 @@ class _Tokenizer:
         flag = "split" if len(chunks) > 1 else ""
         return [(c, [IGNORE_INDEX] + c[1:], flag) for c in chunks]
 
-    def _conversation(self, messages: list[dict], tools: list[dict]) -> list[tuple[list[int], list[int], str]]:
+    def _conversation(self, messages: list[dict],
+                      tools: list[dict] | None = None) -> list[tuple[list[int], list[int], str]]:
         if self.template is None:
             raise DataError("a conversation record, but " + NO_TEMPLATE.format(names="|".join(BUILTIN_TEMPLATES))
                             .replace("train.objective: pretrain to train on plain text",
