@@ -180,7 +180,7 @@ def build_model(setup: Setup, data: Path, out: Path, log_dir: Path) -> Path:
     command = [
         sys.executable, "-m", "tunelab", "models", "tiny", str(out), "--hidden", str(setup.hidden),
         "--layers", str(setup.layers), "--heads", str(setup.heads), "--vocab", str(setup.vocab),
-        "--tokenizer-corpus", str(data), "--seed", "0",
+        "--tokenizer-corpus", str(data), "--seed", "0", "--overwrite",  # a partial build of an earlier try
     ]
     run_logged(command, log_dir / "build_model.log")
     return out

@@ -530,6 +530,32 @@ case("compare_out_holds_eval_results", lambda w: ["compare", "--predictions", st
                                                    str(w.root / "ev")], 2,
      "{w.root}/ev/results.json already exists", setup=lambda w: w.write("ev/results.json", "{}"))
 
+# --- verify, monitor, models tiny: their outputs claimed like every other ----------------------------
+
+RULES = "rules:\n  - name: errors\n    metric: error_rate\n    z: 4\n"  # a valid alert rules file
+case("verify_report_exists", lambda w: ["verify", "--model", str(w.model), "--model", f"again=hf:{w.model}",
+                                         "--prompts", str(w.write("prompts.txt", "Add 1 and 2.\n")), "--report",
+                                         str(w.write("parity.json", "{}"))], 2, "{w.root}/parity.json already exists")
+case("export_report_exists_refused_before_exporting",
+     lambda w: ["export", "--format", "gguf", "--model", str(w.model), "--out", str(w.root / "m.gguf"), "--prompts",
+                str(w.write("prompts.txt", "Add 1 and 2.\n")), "--report", str(w.write("parity.json", "{}"))], 2,
+     "{w.root}/parity.json already exists")
+case("monitor_report_out_holds_a_report", lambda w: ["monitor", "report", "--db", str(w.root / "store.db"), "--out",
+                                                      str(w.root / "mon")], 2,
+     "{w.root}/mon/report.html already exists",
+     setup=lambda w: w.write("mon/report.html", "my page"))
+case("monitor_drift_json_exists", lambda w: ["monitor", "drift", "--db", str(w.root / "store.db"), "--reference",
+                                              str(w.data), "--json", str(w.write("drift.json", "[]"))], 2,
+     "{w.root}/drift.json already exists")
+case("monitor_alerts_json_is_the_rules", lambda w: ["monitor", "alerts", "--db", str(w.root / "store.db"), "--rules",
+                                                     str(w.write("rules.yaml", RULES)), "--json",
+                                                     str(w.root / "rules.yaml"), "--overwrite"], 2,
+     "is also an input of this command")
+
+case("models_tiny_into_a_model_directory", lambda w: ["models", "tiny", str(w.root / "mine"), "--hidden", "32",
+                                                      "--heads", "2"], 2, "OUT_DIR {w.root}/mine already exists",
+     setup=lambda w: shutil.copytree(w.model, w.root / "mine"))
+
 # --- data tools: outputs claimed, inputs never replaced -----------------------------------------------
 
 case("convert_out_is_the_input", lambda w: ["data", "convert", str(w.data), "--out", str(w.data)], 2,

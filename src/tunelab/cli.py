@@ -65,12 +65,15 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 
 def _cmd_models_tiny(args: argparse.Namespace) -> int:
     from tunelab.models.tiny import create_tiny_model
+    from tunelab.outputs import atomic_output, claim_output
 
-    out = create_tiny_model(
-        args.out_dir, arch=args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
-        kv_heads=args.kv_heads, vocab=args.vocab, tokenizer_corpus=args.tokenizer_corpus, seed=args.seed,
-        head_dim=args.head_dim, sliding_window=args.sliding_window,
-    )
+    out = claim_output(args.out_dir, args.overwrite, "OUT_DIR", [("tokenizer corpus", args.tokenizer_corpus)])
+    with atomic_output(out, what="tiny model") as tmp:
+        create_tiny_model(
+            tmp, arch=args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
+            kv_heads=args.kv_heads, vocab=args.vocab, tokenizer_corpus=args.tokenizer_corpus, seed=args.seed,
+            head_dim=args.head_dim, sliding_window=args.sliding_window,
+        )
     print(f"wrote a tiny {args.arch} model to {out}")
     return 0
 
@@ -239,7 +242,8 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
     if args.out:
         from tunelab.outputs import claim_files
 
-        outs = [args.out] if len(args.data) == 1 else [Path(args.out) / f"{Path(p).stem}.scores.jsonl" for p in args.data]
+        outs = ([args.out] if len(args.data) == 1
+                else [Path(args.out) / f"{Path(p).stem}.scores.jsonl" for p in args.data])
         claim_files(outs, args.overwrite, "--out", args.data)
     scorer = RewardModelScorer(args.model, resolve_device(args.device), batch_size=args.batch_size)
     for path in args.data:
@@ -337,6 +341,10 @@ def _serving_engine(args: argparse.Namespace, adapters: dict[str, str]):
 def _cmd_export(args: argparse.Namespace) -> int:
     from tunelab.track.record import record_export
 
+    if args.prompts:  # the parity report is claimed before the export is written
+        from tunelab.deploy.parity.cli import claim_report
+
+        claim_report(args, [args.model, args.out])
     if args.format == "onnx":
         from tunelab.deploy.onnx import export_onnx, verify_onnx
 
@@ -413,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mistral/gemma3 attention window (default: the family's, 4096 / 512)")
     tiny.add_argument("--tokenizer-corpus", default=None, help="text/JSON(L) file to train the tokenizer on")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     tiny.set_defaults(func=_cmd_models_tiny)
     from tunelab.models.cli import add_commands as add_model_import
 

@@ -183,6 +183,13 @@ def atomic_output(out: str | Path, directory: bool = True, what: str = "output")
             remove(tmp)
 
 
+def write_text_output(out: str | Path, text: str, what: str = "output") -> Path:
+    """Write ``text`` to the file ``out`` beside it, flushed and renamed into place (see :func:`atomic_output`)."""
+    with atomic_output(out, directory=False, what=what) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(out)
+
+
 def _space_left(path: Path) -> str:
     for candidate in (path, *path.parents):
         if candidate.exists():

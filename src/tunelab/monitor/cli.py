@@ -15,6 +15,20 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 
 
+def _claim(args: argparse.Namespace, outputs: list, flag: str, inputs: list[str]) -> None:
+    """Refuse outputs that exist (without --overwrite) or are inputs (ever), before the store is read."""
+    from tunelab.outputs import claim_files
+
+    claim_files(outputs, args.overwrite, flag, inputs)
+
+
+def _write_json(path: str, rows: object, what: str) -> None:
+    """Write ``rows`` as JSON to ``path``, beside and renamed into place."""
+    from tunelab.outputs import write_text_output
+
+    write_text_output(path, json.dumps(rows, indent=2), what)
+
+
 def _cmd_drift(args: argparse.Namespace) -> int:
     try:
         return _drift(args)
@@ -40,6 +54,7 @@ def _drift(args: argparse.Namespace) -> int:
     unknown = [f for f in features if f not in FEATURES]
     if unknown:
         raise TunelabError(f"--features {args.features}: unknown {unknown}; choose from {', '.join(FEATURES)}")
+    _claim(args, [args.json] if args.json else [], "--json", [args.db, args.reference])
     now = time.time()
     recent_requests = read_requests(args.db, since=now - window_s, until=now, model=args.model,
                                     with_text=bool(args.embedding_model))
@@ -79,7 +94,7 @@ def _drift(args: argparse.Namespace) -> int:
                                                                 report.embedding.drift else [])
     print(f"drift in {', '.join(drifted)}" if drifted else "no drift")
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
+        _write_json(args.json, report.to_json(), "drift results")
     if not args.no_save:
         write_drift_checks(args.db, [
             {"time": now, "reference": args.reference, "window_s": window_s, "feature": f.feature,
@@ -91,10 +106,11 @@ def _drift(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from tunelab.monitor.durations import parse_duration
-    from tunelab.monitor.report import build_report
+    from tunelab.monitor.report import REPORT_FILES, build_report
 
     since = time.time() - parse_duration(args.since, "--since") if args.since else None
     bucket = parse_duration(args.bucket, "--bucket") if args.bucket else None
+    _claim(args, [Path(args.out) / name for name in REPORT_FILES], "--out", [args.db])
     path = build_report(args.db, args.out, since=since, bucket_s=bucket, model=args.model)
     print(f"wrote {path} and {Path(args.out) / 'summary.json'}")
     return 0
@@ -104,6 +120,7 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
     from tunelab.monitor.alerts import alert_rows, check_store, load_rules, send_webhook
 
     rules = load_rules(args.rules)
+    _claim(args, [args.json] if args.json else [], "--json", [args.db, args.rules])
     alerts = check_store(args.db, rules, model=args.model)
     for alert in alerts:
         print(alert.message)
@@ -112,7 +129,7 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
     if not alerts:
         print(f"no alerts ({len(rules.rules)} rules checked)")
     if args.json:
-        Path(args.json).write_text(json.dumps(alert_rows(alerts), indent=2))
+        _write_json(args.json, alert_rows(alerts), "alerts")
     return 1 if alerts else 0
 
 
@@ -142,6 +159,7 @@ def add_monitor_commands(commands: argparse._SubParsersAction) -> None:
                        help="local sentence-embedding model: also test the prompt-embedding centroid distance")
     drift.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     drift.add_argument("--no-save", action="store_true", help="do not save the results into the store")
+    drift.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     drift.set_defaults(func=_cmd_drift)
 
     report = actions.add_parser("report", help="an HTML report with plots over time")
@@ -150,6 +168,7 @@ def add_monitor_commands(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--since", metavar="DURATION", help="only the last DURATION (default: everything stored)")
     report.add_argument("--bucket", metavar="DURATION", help="one point per DURATION (default: from the period)")
     report.add_argument("--model", help="only requests for this model/adapter name")
+    report.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     report.set_defaults(func=_cmd_report)
 
     alerts = actions.add_parser("alerts", help="check alert rules once (exit 1 when one fires)")
@@ -158,4 +177,5 @@ def add_monitor_commands(commands: argparse._SubParsersAction) -> None:
     alerts.add_argument("--model", help="only requests for this model/adapter name")
     alerts.add_argument("--no-webhook", action="store_true", help="print alerts without calling the webhook")
     alerts.add_argument("--json", metavar="FILE", help="also write the alerts as JSON")
+    alerts.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     alerts.set_defaults(func=_cmd_alerts)

@@ -22,9 +22,11 @@ from tunelab.monitor.alerts import bucket_value
 from tunelab.monitor.drift import FEATURES, psi, sample_from_requests
 from tunelab.monitor.durations import format_duration
 from tunelab.monitor.store import MonitorError, Requests, read_meta, read_requests, read_table
+from tunelab.outputs import write_text_output
 
 BUCKETS = (60, 300, 900, 3600, 6 * 3600, 86400)  # chosen so that a plot has at most MAX_POINTS points
 MAX_POINTS = 120
+REPORT_FILES = ("report.html", "summary.json")  # what build_report writes into its folder
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
@@ -233,6 +235,6 @@ def build_report(db: str | Path, out_dir: str | Path, since: float | None = None
     out.mkdir(parents=True, exist_ok=True)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunelab monitoring</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(sections)}</body></html>")
-    (out / "report.html").write_text(page, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_text_output(out / "summary.json", json.dumps(summary, indent=1), "monitoring summary")
+    write_text_output(out / "report.html", page, "monitoring report")
     return out / "report.html"

@@ -17,14 +17,24 @@ def _gate(specs: list, args: argparse.Namespace) -> int:
 
     overrides = parse_overrides(args.threshold or [])
     prompts = load_parity_prompts(args.prompts, args.limit)
+    claim_report(args, [spec.location for spec in specs])
     readers = ("transformers", "llama.cpp") if args.gguf_reader == "both" else (args.gguf_reader,)
     result = run_gate(specs, prompts, args.max_new_tokens, overrides, readers, args.api_key_env)
     print_report(result)
     if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(json.dumps(result.as_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+        from tunelab.outputs import write_text_output
+
+        write_text_output(args.report, json.dumps(result.as_dict(), indent=2, default=str) + "\n", "parity report")
         print(f"wrote {args.report}")
     return 0 if result.passed else 1
+
+
+def claim_report(args: argparse.Namespace, inputs: list[str]) -> None:
+    """Refuse a ``--report`` that exists (without --overwrite) or is one of the inputs (ever), before the gate runs."""
+    if args.report:
+        from tunelab.outputs import claim_files
+
+        claim_files([args.report], args.overwrite, "--report", [args.prompts, *inputs])
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -61,6 +71,8 @@ def add_gate_options(parser: argparse.ArgumentParser, for_export: bool = False) 
     else:
         parser.add_argument("--api-key-env", default="TUNELAB_API_KEY", help="env variable with url models' API key")
     parser.add_argument("--report", help="also write the comparison as JSON to this file")
+    if not for_export:  # export has its own --overwrite, for the export and the report alike
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing --report file")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
