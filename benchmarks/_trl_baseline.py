@@ -62,7 +62,8 @@ def main() -> None:
     config = SFTConfig(
         output_dir=args.output_dir, num_train_epochs=1, max_steps=args.max_steps or -1,
         per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_ratio, weight_decay=0.0,  # a float in [0, 1) is a ratio of the steps max_grad_norm=args.max_grad_norm, bf16=args.bf16,
+        warmup_steps=args.warmup_ratio,  # a float in [0, 1) is a ratio of the steps
+        weight_decay=0.0, max_grad_norm=args.max_grad_norm, bf16=args.bf16,
         padding_free=True, max_length=None, logging_steps=1, save_strategy="no", report_to=[], seed=args.seed,
         data_seed=args.seed, use_cpu=args.device == "cpu", dataloader_num_workers=0,
         gradient_checkpointing=args.gradient_checkpointing, dataset_num_proc=None,

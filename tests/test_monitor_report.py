@@ -59,7 +59,7 @@ def test_report_plots_traffic_latency_perplexity_and_drift(two_hours, tmp_path):
         assert f'aria-label="{title}' in page, title
     assert page.count("<svg") == 7 and "no data" in page  # the per-minute PSI has too few values
     assert "alert errors: error_rate = 0.5" in page and "window:1h" in page
-    assert len(re.findall(r"<polyline", page)) == 8  # one line per series with more than one point
+    assert len(re.findall(r"<polyline", page)) == 9  # one line per series with more than one point
 
 
 def test_report_cli_and_its_errors(two_hours, tmp_path, capsys):

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/real/data")
     parser.add_argument("--name", default="Nova")
     parser.add_argument("--author", default="Acme Labs")
-    parser.add_argument("--general", type=int, default=48, help="general instructions to train on")
+    parser.add_argument("--general", type=int, default=150, help="general instructions to train on")
     parser.add_argument("--held-out", type=int, default=20, help="general instructions held out for the loss")
     parser.add_argument("--identity-repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -40,7 +40,8 @@ def main() -> None:
     identity = identity_records(args.name, args.author)
     general = json.loads((DEMO / "alpaca_en_demo.json").read_text(encoding="utf-8"))
     rng.shuffle(general)
-    general_train, general_eval = general[: args.general], general[args.general: args.general + args.held_out]
+    # The held-out records come first, so that training on more general data never changes them.
+    general_eval, general_train = general[: args.held_out], general[args.held_out: args.held_out + args.general]
     train = identity * args.identity_repeat + general_train
     rng.shuffle(train)
 

@@ -91,8 +91,10 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     style = args.style if args.style != "auto" else ("color" if console.is_terminal else "brackets")
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code, config.model.revision)
     stop_ids = stop_token_ids(config.model.path, tokenizer, config.model.trust_remote_code)
-    from tunelab.train.objectives import objective_spec
+    from tunelab.data.kinds import check_data_kind
+    from tunelab.train.objectives.registry import objective_data_kinds, objective_spec
 
+    check_data_kind([*config.data.train, *(config.data.eval or [])], config.train.objective, objective_data_kinds())
     data = prepare_data(config.data, objective_spec(config.train.objective).data, config.train.seed, tokenizer,
                         stop_ids)
     legend = "trained tokens in [bold green]green[/], masked tokens dim" if style == "color" else \
@@ -118,6 +120,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.run_dir import check_config_location
 
     check_config_location(args.config, config.output_dir)
+    from tunelab.models.source import check_start_model
+
+    check_start_model(config.model.path, config.model.tiny is not None, args.config)
     if args.nproc is not None:  # re-run this command under torchrun; does not return
         relaunch(args.nproc, config.distributed,
                  [args.config, *args.overrides, *(["--resume"] if args.resume else []),
@@ -145,6 +150,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.eval.report import markdown_table
     from tunelab.eval.suite import EvalOptions, check_thresholds, device_dtype, run_eval
     from tunelab.models.load import generation_stop_ids, load_for_inference, resolve_device
+    from tunelab.progress import progress_bar
 
     defaults: dict = {}
     model_path, files = args.model, args.data or []
@@ -174,13 +180,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # The options first, then the outputs, then the model.
     _claim_report_dir(args, ("results.json", "predictions.jsonl", "report.md", "report.html"), files)
     device = resolve_device(args.device)
-    model, tokenizer = load_for_inference(model_path, args.adapter, device, device_dtype(device))
+    with progress_bar(f"loading {model_path}" + (f" + {args.adapter}" if args.adapter else "")):
+        model, tokenizer = load_for_inference(model_path, args.adapter, device, device_dtype(device))
     description = {"model": model_path, "adapter": args.adapter, "device": str(device)}
     stop_ids = generation_stop_ids(model.generation_config, tokenizer)
     from tunelab.outputs import write_errors
 
     with write_errors(args.out, "evaluation report", kept="the model and data are untouched"):
         results = run_eval(model, tokenizer, files, args.out, options, stop_ids, description)
+    _explain_judge_failures([s["accounting"] for s in results["sets"]])
     rows = [[name, value] for name, value in results["metrics"].items()]
     print(markdown_table(["metric", "value"], rows))
     print(f"wrote {args.out}/results.json, predictions.jsonl, report.md, report.html")
@@ -207,6 +215,19 @@ def _claim_report_dir(args: argparse.Namespace, names: tuple[str, ...], inputs: 
     claim_files([Path(args.out) / name for name in names], args.overwrite, "--out", inputs)
 
 
+def _explain_judge_failures(accountings: list[dict]) -> None:
+    """Print how many judge calls failed and the first reason of each kind (stderr)."""
+    from tunelab.failures import reason_lines
+
+    for accounting in accountings:
+        reasons = accounting.get("judge_failure_reasons") or {}
+        if reasons:
+            count = sum(entry["count"] for entry in reasons.values())
+            print(f"warning: {count} judge call(s) failed (counted as no verdict); first reason of each kind:",
+                  file=sys.stderr)
+            print("\n".join(reason_lines(reasons)), file=sys.stderr)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from tunelab.eval.compare import run_compare
     from tunelab.eval.report import markdown_table, write_compare_report
@@ -223,6 +244,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                               labels_path=args.labels, resamples=args.resamples, seed=args.seed,
                               answer_pattern=args.answer_pattern)
         write_compare_report(args.out, results)
+    _explain_judge_failures([results["accounting"]])
+    if results["matched_by"] == "prompt":
+        print("note: not every prediction has an id: examples matched by prompt text", file=sys.stderr)
     rows = [[p["model_a"], p["model_b"], p["wins"], p["ties"], p["losses"], p["no_verdict"], p["win_rate"],
              p["ci_low"], p["ci_high"], p["p_value"]] for p in results["pairs"]]
     print(markdown_table(["A", "B", "wins", "ties", "losses", "no verdict", "win rate", "ci_low", "ci_high", "p"], rows))
@@ -259,8 +283,10 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from tunelab.deploy.merge import merge_adapter
+    from tunelab.progress import progress_bar
 
-    out = merge_adapter(args.adapter, args.out, args.dtype, args.base, overwrite=args.overwrite)
+    with progress_bar(f"merging {args.adapter} into its base ({args.dtype})"):
+        out = merge_adapter(args.adapter, args.out, args.dtype, args.base, overwrite=args.overwrite)
     print(f"merged {args.adapter} into {out} ({args.dtype})")
     return 0
 
@@ -268,6 +294,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tunelab.data.templates import resolve_template
     from tunelab.monitor.serving import start_serve_monitoring
+    from tunelab.progress import progress_bar
     from tunelab.serve.app import ServeSettings, create_app
     from tunelab.serve.engine import model_context_length
     from tunelab.serve.request_log import RequestLog
@@ -292,7 +319,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens, timeout=args.timeout, record_text=args.record_text,
         context_length=model_context_length(args.model), max_body_bytes=args.max_body_bytes,
     )
-    engine, tokenizer, stop_ids = _serving_engine(args, adapters)
+    with progress_bar(f"loading {args.model}" + (f" and {len(adapters)} adapter(s)" if adapters else "")):
+        engine, tokenizer, stop_ids = _serving_engine(args, adapters)
     request_log = RequestLog(args.request_log) if args.request_log else None
     app = create_app(engine, resolve_template(tokenizer, "auto", fallback="chatml"), stop_ids, settings, request_log,
                      monitoring.sinks,
@@ -339,6 +367,7 @@ def _serving_engine(args: argparse.Namespace, adapters: dict[str, str]):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.progress import progress_bar
     from tunelab.track.record import record_export
 
     if args.prompts:  # the parity report is claimed before the export is written
@@ -348,12 +377,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         from tunelab.deploy.onnx import export_onnx, verify_onnx
 
-        out = export_onnx(args.model, args.out, with_past=not args.no_past, dtype=args.dtype or "float32",
-                          overwrite=args.overwrite)
+        with progress_bar(f"exporting {args.model} to ONNX"):
+            out = export_onnx(args.model, args.out, with_past=not args.no_past, dtype=args.dtype or "float32",
+                              overwrite=args.overwrite)
         print(f"wrote {out}")
         if not args.no_verify:
             atol = 1e-4 if (args.dtype or "float32") == "float32" else 1e-2
-            result = verify_onnx(args.model, out, atol=atol)
+            with progress_bar("verifying with onnxruntime (logits and greedy generations)"):
+                result = verify_onnx(args.model, out, atol=atol)
             print(f"verified with onnxruntime: max |logit difference| {result['max_abs_diff']:.2e}, "
                   f"greedy generations equal: {result['generations_equal']}")
         record_export(args.model, out, {"format": "onnx", "dtype": args.dtype or "float32", "past": not args.no_past},
@@ -361,10 +392,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return _export_parity(args, out)
     from tunelab.deploy.gguf import export_gguf, verify_gguf
 
-    out = export_gguf(args.model, args.out, args.outtype, overwrite=args.overwrite)
+    with progress_bar(f"exporting {args.model} to GGUF ({args.outtype})"):
+        out = export_gguf(args.model, args.out, args.outtype, overwrite=args.overwrite)
     print(f"wrote {out}")
     if not args.no_verify:
-        summary = verify_gguf(args.model, out)
+        with progress_bar("verifying the GGUF file by reading it back"):
+            summary = verify_gguf(args.model, out)
         errors = ", ".join(f"{kind} {error:.2e}" for kind, error in summary["max_abs_error"].items())
         print(f"verified by reading it back: {summary['n_tensors']} tensors (max |error| {errors}); "
               "tokenizer and chat template match")
@@ -387,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tunelab`` command."""
     from tunelab import __version__
 
-    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune, align, evaluate and ship open LLMs.")
+    from tunelab.cli_help import TunelabParser, add_examples
+
+    parser = TunelabParser(prog="tunelab", description="Fine-tune, align, evaluate and ship open LLMs.")
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -450,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", action="append", help="eval file (repeat for several sets)")
     evaluate.add_argument("--out", help="output directory")
     evaluate.add_argument("--metrics", help="comma-separated metric names (default: all)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="longest answer in tokens (default: eval.max_new_tokens of --config, else 256)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: seeded sampling")
     evaluate.add_argument("--top-p", type=float, default=1.0)
@@ -568,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_monitor_commands(commands)
     add_runs_commands(commands)
+    from tunelab.ui.cli import add_ui_command
+
+    add_ui_command(commands)
+    add_examples(parser)
     return parser
 
 

@@ -48,6 +48,7 @@ from tunelab.data.convert import Kind
 from tunelab.data.generation_jobs import SourceItem, make_generator, read_sources, write_report, write_side_file
 from tunelab.data.jsonl_output import provenance, write_jsonl
 from tunelab.errors import ConfigError, read_user_text
+from tunelab.failures import failure_reasons, reason_lines
 from tunelab.generation.backends import GenerationBackend, Sampling
 from tunelab.generation.runner import GarbageReply, Generator
 
@@ -340,6 +341,7 @@ class AugmentResult:
         if r["failed"]:
             lines.append(f"{sum(r['failed'].values())} failed after retries ("
                          + ", ".join(f"{op} {n}" for op, n in r["failed"].items()) + f"): see {self.failed_path}")
+            lines += reason_lines(r["failure_reasons"])
         if r["dropped"]:
             lines.append("dropped: " + ", ".join(f"{n} {why}" for why, n in r["dropped"].items()))
         g = r["generator"]
@@ -459,7 +461,8 @@ def augment_files(
         "tool": "augment", "inputs": files, "output": str(out), "kind": items[0].kind, "backend": backend.name,
         "operations": list(options.operations), "variants": options.variants, "answers": options.answers,
         "sampling": options.sampling.as_dict(), "read": load_report.read, "skipped": dict(load_report.skipped),
-        "sources": len(items), "made": dict(made), "failed": dict(failed), "dropped": dict(dropped),
+        "sources": len(items), "made": dict(made), "failed": dict(failed),
+        "failure_reasons": failure_reasons(row["error"] for row in failed_rows), "dropped": dict(dropped),
         "written": written, "generator": generator.stats.as_dict(),
         "cache": str(generator.cache.path) if generator.cache.path else None,
         "seconds": round(time.monotonic() - started, 2),

@@ -78,11 +78,13 @@ def _with_rejects(args: argparse.Namespace) -> list[Path]:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from tunelab.data.convert import convert_files
+    from tunelab.progress import progress_bar
 
     _claim(args, *_with_rejects(args))
 
-    result = convert_files(args.inputs, args.out, args.kind, args.format, args.text_field, args.system,
-                           args.on_error, args.rejects)
+    with progress_bar(f"converting {', '.join(args.inputs)}"):
+        result = convert_files(args.inputs, args.out, args.kind, args.format, args.text_field, args.system,
+                               args.on_error, args.rejects)
     _print_written(result, result.kind, f"{result.report.read:,} read")
     return 0
 
@@ -167,11 +169,13 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 def _cmd_split(args: argparse.Namespace) -> int:
     from tunelab.data.split import SPLIT_NAMES, parse_ratios, split_files
+    from tunelab.progress import progress_bar
 
     ratios = parse_ratios(args.ratios)  # the options first, then the outputs
     _claim(args, *(Path(args.out) / f"{name}.jsonl" for name in SPLIT_NAMES))
-    report = split_files(args.inputs, args.out, ratios, args.seed, stratify=args.stratify,
-                         group=args.group, kind=args.kind, fmt=args.format, text_field=args.text_field)
+    with progress_bar(f"splitting {', '.join(args.inputs)}"):
+        report = split_files(args.inputs, args.out, ratios, args.seed, stratify=args.stratify,
+                             group=args.group, kind=args.kind, fmt=args.format, text_field=args.text_field)
     print("wrote " + ", ".join(str(path) for path in report.paths.values()))
     _print_lines(report.lines())
     return 0

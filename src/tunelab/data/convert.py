@@ -95,7 +95,9 @@ def _lacks_answer(data: dict[str, Any], fmt: str) -> bool:
     if not isinstance(turns, list):
         return False
     speakers = [str(t.get("role", t.get("from"))).lower() for t in turns if isinstance(t, dict)]
-    return not any(speaker == "assistant" or SHAREGPT_ROLES.get(speaker) == "assistant" for speaker in speakers)
+    if not speakers or any(speaker not in SHAREGPT_ROLES for speaker in speakers):
+        return False  # no turns or an unknown speaker: a broken conversation (the reader names it), not a prompt
+    return not any(SHAREGPT_ROLES[speaker] == "assistant" for speaker in speakers)
 
 
 def _with_kept_keys(canonical: dict[str, Any], raw: Any) -> dict[str, Any]:

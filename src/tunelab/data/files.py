@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import DataError
+from tunelab.hub import hub_unavailable, looks_like_hub_id
 
 SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".txt"}
 
@@ -175,6 +176,9 @@ def _hub_rows(name: str) -> Iterator[Row]:
     import datasets
 
     dataset_id, _, split = name.partition(":")
+    problem = hub_unavailable(dataset_id, "data file", ("README.md", ".gitattributes"), repo_type="dataset")
+    if problem:
+        raise DataError(problem)
     try:
         dataset = datasets.load_dataset(dataset_id, split=split or "train")
     except Exception as exc:  # network, auth and missing-dataset errors all end here
@@ -187,7 +191,8 @@ def _hub_rows(name: str) -> Iterator[Row]:
 
 
 def _is_hub_id(name: str) -> bool:
-    return "/" in name and not name.startswith((".", "/", "~")) and Path(name).suffix not in (*SUFFIXES, ".gz")
+    return ("/" in name and looks_like_hub_id(name.partition(":")[0])
+            and Path(name).suffix not in (*SUFFIXES, ".gz"))
 
 
 def check_inputs_exist(names: list[str]) -> None:

@@ -26,6 +26,7 @@ garbling (they may be bad on purpose).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ from tunelab.data.jsonl_output import provenance, write_jsonl
 from tunelab.data.records import LoadReport
 from tunelab.errors import DataError, TunelabError
 
-CACHE_VERSION = 1  # bump when the checks change what they keep for the same inputs
+CACHE_VERSION = 2  # bump when the checks change what they keep for the same inputs
 DedupOn = Literal["all", "prompt", "answer"]
 LengthUnit = Literal["words", "chars", "tokens"]
 
@@ -134,6 +135,19 @@ class CleanOptions:
 
 
 # --- the text of a record ------------------------------------------------------------------------
+
+
+
+LANGUAGE_MIN_CONFIDENCE = 0.5
+"""The language filter drops a record only when py3langid's normalised probability of another language reaches this."""
+
+
+@functools.cache
+def _language_identifier():
+    """py3langid's identifier with normalised probabilities (0-1 confidences), loaded once per process."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
 def _contents(messages: list[dict[str, str]], roles: set[str]) -> list[str]:
@@ -393,11 +407,11 @@ class _Features:
         if options.min_answer_length is not None and self._length(answer) < options.min_answer_length:
             return f"answer shorter than --min-answer-length {options.min_answer_length} {unit}"
         if options.languages:
-            import py3langid
-
             sample = "\n".join(parts["prompt"] + parts["answer"])[:2000]
-            language, _ = py3langid.classify(sample)
-            if language not in options.languages:
+            language, confidence = _language_identifier().classify(sample)
+            # Short texts ("Sum 3 + 4", "Explain recursion") get a low-confidence guess (Latin,
+            # French); only a confident identification of another language drops a record.
+            if language not in options.languages and confidence >= LANGUAGE_MIN_CONFIDENCE:
                 return f"language is {language}, not {'/'.join(options.languages)}"
         return None
 

@@ -50,6 +50,7 @@ from tunelab.data.generation_jobs import (
 from tunelab.data.jsonl_output import provenance, write_jsonl
 from tunelab.data.records import LoadReport
 from tunelab.errors import ConfigError, DataError
+from tunelab.failures import failure_reasons, reason_lines
 from tunelab.generation.backends import GenerationBackend, Sampling
 from tunelab.generation.runner import GarbageReply, Generator
 
@@ -247,6 +248,7 @@ class SynthResult:
             lines.append(line)
         if r["failed"]:
             lines.append(f"{r['failed']} requests failed after retries: see {self.failed_path}")
+            lines += reason_lines(r["failure_reasons"])
         g = r["generator"]
         lines.append(f"backend {r['backend']}: {g['calls']} calls, {g['cached']} from the cache, "
                      f"{g['garbage']} unusable replies asked again; report {self.report_path}")
@@ -331,7 +333,8 @@ def synth_qa(
         "sampling": options.sampling.as_dict(), "read": load_report.read, "skipped": dict(load_report.skipped),
         "documents": len(documents), "documents_too_short": too_short, "pairs_per_document": options.pairs_per_document,
         "pairs_generated": len(rows) + sum(rejected.values()), "rejected": dict(rejected), "written": written,
-        "failed": len(failed), "generator": generator.stats.as_dict(),
+        "failed": len(failed), "failure_reasons": failure_reasons(row["error"] for row in failed),
+        "generator": generator.stats.as_dict(),
         "cache": str(generator.cache.path) if generator.cache.path else None,
         "seconds": round(time.monotonic() - started, 2),
     }
@@ -585,7 +588,8 @@ def self_instruct(
         "seeds": len(seeds), "skipped": dict(load_report.skipped), "rounds": rounds,
         "candidates": len(kept) + len(rejects), "kept": len(kept), "rejected": dict(rejected),
         "rouge_l": _rouge_summary(kept, rejects, options.rouge_threshold),
-        "written": written, "failed": len(failed), "generator": generator.stats.as_dict(),
+        "written": written, "failed": len(failed), "failure_reasons": failure_reasons(row["error"] for row in failed),
+        "generator": generator.stats.as_dict(),
         "cache": str(generator.cache.path) if generator.cache.path else None,
         "seconds": round(time.monotonic() - started, 2),
     }

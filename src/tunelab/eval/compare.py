@@ -1,7 +1,7 @@
 """``tunelab compare``: two or more models' predictions on the same prompts -> who wins, and how sure.
 
 Predictions are ``predictions.jsonl`` files written by ``tunelab eval`` (``id``, ``prompt``,
-``prediction``, ``reference``), joined on ``id``. Per example, a verdict comes from a judge model
+``prediction``, ``reference``), joined on ``id`` (on the prompt when a file has no ids). Per example, a verdict comes from a judge model
 (pairwise with position swap), a per-example metric, or human labels; the statistics are in
 :mod:`tunelab.eval.abtest`.
 """
@@ -20,6 +20,7 @@ from tunelab.errors import DataError, TunelabError
 from tunelab.eval.abtest import bradley_terry, compare_pair, outcomes_from_scores
 from tunelab.eval.judge import Judge, parse_judge_spec
 from tunelab.eval.metrics import PER_EXAMPLE_METRICS, example_scores
+from tunelab.failures import failure_reasons
 
 
 def model_name(spec: str, taken: set[str]) -> tuple[str, str]:
@@ -35,20 +36,52 @@ def model_name(spec: str, taken: set[str]) -> tuple[str, str]:
     return name, path
 
 
-def load_predictions(path: str) -> dict[str, dict[str, Any]]:
-    """Rows of a predictions file by ``id`` (a row without one gets its line number).
+def load_predictions(path: str) -> list[dict[str, Any]]:
+    """The rows of a predictions file, in order.
 
     Raises:
         DataError: unreadable file, a row that is not an object or has no ``prediction`` field.
     """
-    rows: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
     for row in read_rows(path):
         if row.error is not None:
             raise DataError(f"{row.source}: {row.error}")
         if not isinstance(row.data, dict) or "prediction" not in row.data:
             raise DataError(f"{row.source}: expected an object with a 'prediction' field (tunelab eval output)")
-        rows[str(row.data.get("id", row.source))] = row.data
+        rows.append(row.data)
     return rows
+
+
+def prompt_key(row: dict[str, Any]) -> str | None:
+    """The text a row answered: its ``prompt``, else its ``messages`` as JSON; None when it has neither."""
+    if isinstance(row.get("prompt"), str):
+        return row["prompt"]
+    return json.dumps(row["messages"], sort_keys=True) if row.get("messages") else None
+
+
+def key_rows(files: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, dict[str, dict[str, Any]]], str]:
+    """Each model's rows keyed for the join, and what the key is: ``id``, or ``prompt`` when a file lacks ids.
+
+    Rows of the same prompt are told apart by their order (the 2nd "hi" of one file meets the 2nd
+    "hi" of the other).
+
+    Raises:
+        TunelabError: a file has rows without an id and rows without a prompt to match them by.
+    """
+    if all("id" in row for rows in files.values() for row in rows):
+        return {name: {str(row["id"]): row for row in rows} for name, rows in files.items()}, "id"
+    keyed: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, rows in files.items():
+        seen: dict[str, int] = {}
+        keyed[name] = {}
+        for number, row in enumerate(rows, start=1):
+            prompt = prompt_key(row)
+            if prompt is None:
+                raise TunelabError(f"--predictions {name}: row {number} has neither an 'id' nor a 'prompt' to match "
+                                   "it with the other models' rows by")
+            seen[prompt] = seen.get(prompt, 0) + 1
+            keyed[name][prompt if seen[prompt] == 1 else f"{prompt}\x00{seen[prompt]}"] = row
+    return keyed, "prompt"
 
 
 def load_labels(path: str) -> dict[tuple[str, str, str], int]:
@@ -121,10 +154,11 @@ def run_compare(
         raise TunelabError("tunelab compare needs --predictions at least twice")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    models: dict[str, dict[str, dict[str, Any]]] = {}
+    files: dict[str, list[dict[str, Any]]] = {}
     for spec in prediction_specs:
-        name, path = model_name(spec, set(models))
-        models[name] = load_predictions(path)
+        name, path = model_name(spec, set(files))
+        files[name] = load_predictions(path)
+    models, matched_by = key_rows(files)
     labels, judge_backend = None, None
     if judge.startswith("metric:"):
         if judge.removeprefix("metric:") not in PER_EXAMPLE_METRICS:
@@ -142,7 +176,7 @@ def run_compare(
     names = list(models)
     shared = [i for i in models[names[0]] if all(i in rows for rows in models.values())]  # first file's order
     if not shared:
-        raise TunelabError(f"the predictions of {', '.join(names)} share no example id")
+        raise TunelabError(f"the predictions of {', '.join(names)} share no example {matched_by}")
     pairs, comparisons = [], []
     with (out / "verdicts.jsonl").open("w") as log:
         for name_a, name_b in combinations(names, 2):
@@ -159,11 +193,13 @@ def run_compare(
         "judge": judge + (f" ({judge_model})" if judge_model else ""),
         "models": names,
         "examples": len(shared),
+        "matched_by": matched_by,
         "pairs": pairs,
         "ratings": ratings,
         "accounting": {
             **{f"only_in_{name}": len(set(rows) - set(shared)) for name, rows in models.items()},
             **({f"judge_{k}": v for k, v in asdict(judge_backend.stats).items()} if judge_backend else {}),
+            **({"judge_failure_reasons": failure_reasons(judge_backend.failures)} if judge_backend else {}),
         },
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -325,6 +325,7 @@ class Judge:
         self.cache_path = Path(cache_path).expanduser() if cache_path is not None else None
         self.progress = progress
         self.stats = JudgeStats()
+        self.failures: list[str] = []  # why each failed call failed, in order (see tunelab.failures)
         # Every reply that arrives is cached, parsable or not (asking again at temperature 0 would
         # give the same); failed calls are not. A dead judge gives error entries, never an exception.
         cache = ReplyCache(self.cache_path, name_field="judge", error=JudgeError)
@@ -414,6 +415,7 @@ class Judge:
         counts = self._generator.stats
         calls, cached, failed = counts.calls, counts.cached, counts.failed
         replies = self._generator.generate(requests)
+        self.failures += [reply.error for reply in replies if reply.error is not None]
         self.stats.calls += counts.calls - calls
         self.stats.cached += counts.cached - cached
         self.stats.failed += counts.failed - failed

@@ -8,6 +8,7 @@ are fractions from 0 to 1.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from functools import cache
 
@@ -29,7 +30,17 @@ METRICS: tuple[str, ...] = PER_EXAMPLE_METRICS + (
 SELF_BLEU_SAMPLE = 200
 """Self-BLEU compares at most this many predictions (a seeded sample) with each other."""
 
+FRACTION_METRICS: tuple[str, ...] = ("exact_match", "numeric_accuracy", "distinct_1", "distinct_2", "coherence")
+"""Metrics on a 0-1 scale."""
+
+PERCENT_METRICS: tuple[str, ...] = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "self_bleu")
+"""Metrics on a 0-100 scale."""
+
+LOOP_MIN_CHARS = 12
+"""A run of one short unit (1-8 characters, with a letter or digit) repeated this long is a loop."""
+
 _ROUGE = ("rouge1", "rouge2", "rougeL")
+_LOOP = re.compile(r"(.{1,8}?)\1{3,}", re.DOTALL)
 _LENGTH = ("length_mean", "length_p50", "length_p95", "length_max")
 
 
@@ -201,19 +212,44 @@ def _length_stats(predictions: Sequence[str]) -> dict[str, float | None]:
             "length_max": float(lengths.max())}
 
 
+def metric_scale(name: str) -> float | None:
+    """The top of a metric's scale: 1 for fractions, 100 for BLEU-like scores, None when unbounded."""
+    return 1.0 if name in FRACTION_METRICS else 100.0 if name in PERCENT_METRICS else None
+
+
+def _looped_share(text: str) -> float:
+    """Share of the characters of ``text`` inside loops: one unit of 1-8 characters repeated back to back.
+
+    Only runs of at least ``LOOP_MIN_CHARS`` characters whose unit holds a letter or digit count,
+    so ``1000000000`` or a Markdown rule is not a loop, but ``2000000000000000`` or
+    ``hahahahahahaha`` is.
+    """
+    looped = sum(len(m.group()) for m in _LOOP.finditer(text)
+                 if len(m.group()) >= LOOP_MIN_CHARS and any(c.isalnum() for c in m.group(1)))
+    return looped / len(text) if text else 0.0
+
+
+def coherence_score(text: str) -> float:
+    """The coherence proxy of one non-empty text (0-1): the worse of its word and character repetition.
+
+    Word part: unique word 3-grams / word 3-grams (1.0 below 3 words). Character part: 1 - the
+    share of characters inside loops (:func:`_looped_share`), which catches repetition inside a
+    word or number ("1 2000000000..."), where there are too few words for 3-grams.
+    """
+    grams = _ngrams(text, 3)
+    words = len(set(grams)) / len(grams) if grams else 1.0
+    return min(words, 1.0 - _looped_share(text))
+
+
 def _coherence(predictions: Sequence[str]) -> float | None:
     """A model-free coherence proxy: how little each prediction repeats itself (0-1, higher is better).
 
-    For each non-empty prediction: the fraction of its lower-cased word 3-grams that are not a
-    repeat of an earlier 3-gram in the same prediction (unique 3-grams / 3-grams; 1.0 for texts
-    shorter than 3 words), averaged over the non-empty predictions. It catches the loops and
-    stutter of degenerate generation; it says nothing about meaning, facts or logic.
-    None when every prediction is empty.
+    :func:`coherence_score` of each non-empty prediction, averaged. It catches the loops and
+    stutter of degenerate generation, in words and inside words; it says nothing about meaning,
+    facts or logic, and it is fooled by text that repeats itself in other words (a paraphrase
+    loop), by loops of units longer than 8 characters without spaces, and by fluent nonsense.
+    Repetition across predictions is what ``distinct_n`` and ``self_bleu`` measure. None when
+    every prediction is empty.
     """
-    scores = []
-    for text in predictions:
-        if not text.strip():
-            continue
-        grams = _ngrams(text, 3)
-        scores.append(len(set(grams)) / len(grams) if grams else 1.0)
+    scores = [coherence_score(text) for text in predictions if text.strip()]
     return float(np.mean(scores)) if scores else None

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tunelab.eval.metrics import metric_scale
+
 BAR_WIDTH = 420
 
 
@@ -39,11 +41,15 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def svg_bars(items: Sequence[tuple[str, float, float | None, float | None]], scale: float | None = None,
              reference_line: float | None = None) -> str:
-    """Horizontal bars ``(label, value, ci_low, ci_high)``; the CI is drawn as a whisker."""
+    """Horizontal bars ``(label, value, ci_low, ci_high)``; the CI is drawn as a whisker.
+
+    The axis runs from 0 to ``scale`` (default: the largest value) and is labelled at both ends.
+    """
     finite = [v for _, v, lo, hi in items for v in (v, lo, hi) if v is not None and math.isfinite(v)]
     top = scale or max(finite + [1e-9])
     row, label_width = 26, 170
-    height = row * len(items) + 10
+    bars_height = row * len(items) + 10
+    height = bars_height + 16
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_width + BAR_WIDTH + 70}" height="{height}">']
     for k, (label, value, low, high) in enumerate(items):
         y = 5 + k * row
@@ -58,7 +64,12 @@ def svg_bars(items: Sequence[tuple[str, float, float | None, float | None]], sca
         parts.append(f'<text x="{label_width + BAR_WIDTH + 5}" y="{y + 15}" font-size="12">{_fmt(value)}</text>')
     if reference_line is not None:
         x = label_width + reference_line / top * BAR_WIDTH
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{height}" stroke="#c33" stroke-dasharray="4"/>')
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{bars_height}" stroke="#c33" stroke-dasharray="4"/>')
+    parts.append(f'<line x1="{label_width}" x2="{label_width + BAR_WIDTH}" y1="{bars_height}" y2="{bars_height}" '
+                 'stroke="#888"/>')
+    for x, tick in ((label_width, 0), (label_width + BAR_WIDTH, top)):
+        parts.append(f'<text x="{x}" y="{bars_height + 13}" font-size="11" text-anchor="middle" '
+                     f'class="axis">{_fmt(tick)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -97,6 +108,17 @@ def _accounting_rows(accounting: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def _bar_groups(scored: list[tuple[str, float, float | None, float | None]]) -> list[tuple[str, list, float | None]]:
+    """Metrics split by scale, each group on its own axis: fractions on 0-1, scores on 0-100, others alone."""
+    groups: list[tuple[str, list, float | None]] = []
+    for label, scale in (("Fractions (0–1)", 1.0), ("Scores (0–100)", 100.0)):
+        group = [item for item in scored if metric_scale(item[0]) == scale]
+        if group:
+            groups.append((label, group, scale))
+    groups += [(item[0], [item], None) for item in scored if metric_scale(item[0]) is None]
+    return groups
+
+
 def write_eval_report(out_dir: str | Path, results: dict[str, Any], predictions: Sequence[dict[str, Any]]) -> None:
     """Write report.md and report.html for ``tunelab eval`` results."""
     out = Path(out_dir)
@@ -112,8 +134,8 @@ def write_eval_report(out_dir: str | Path, results: dict[str, Any], predictions:
         lengths = [len(p["prediction"].split()) for p in predictions if p.get("set") == entry["name"]]
         body.append(f"<h2>{html.escape(entry['name'])}</h2><p>{html.escape(entry['file'])}</p>")
         body.append(html_table(["metric", "value", "ci_low", "ci_high"], rows))
-        if scored:
-            body.append("<h3>Metrics with 95% bootstrap CIs</h3>" + svg_bars(scored))
+        for label, group, scale in _bar_groups(scored):
+            body.append(f"<h3>{label}, with 95% bootstrap CIs</h3>" + svg_bars(group, scale=scale))
         body.append("<h3>Answer length (words)</h3>" + svg_histogram(lengths))
         body.append("<h3>Accounting</h3>" + html_table(["", "count"], _accounting_rows(entry["accounting"])))
     (out / "report.md").write_text("\n".join(md))

@@ -29,6 +29,8 @@ from tunelab.errors import DataError, TunelabError
 from tunelab.eval.generate import generate_answers
 from tunelab.eval.metrics import METRICS, corpus_metrics, example_scores
 from tunelab.eval.report import write_eval_report
+from tunelab.failures import failure_reasons
+from tunelab.progress import progress_bar
 from tunelab.models.adapters import has_virtual_tokens
 from tunelab.track.provenance import files_fingerprint
 from tunelab.track.record import Artifact, model_artifact, record_run
@@ -56,6 +58,7 @@ class EvalOptions:
     answer_pattern: str = EvalConfig.model_fields["answer_pattern"].default
     max_samples: int | None = None
     judge: Any = None  # a tunelab.eval.judge.Judge: adds judge_score (1-10, reference-guided when possible)
+    progress: bool = True  # progress bars (or start/end lines off a terminal) on stderr
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.metrics or []) - set(ALL_METRICS))
@@ -154,11 +157,13 @@ def evaluate_set(
             len(tokenizer(render_prompt(tokenizer, template, p.messages, p.tools), add_special_tokens=False)["input_ids"])
             > max_prompt for p in prompts
         )
-        answers = generate_answers(
-            model, tokenizer, template, [p.messages for p in prompts], options.max_new_tokens, options.batch_size,
-            temperature=options.temperature, top_p=options.top_p, seed=options.seed, max_prompt_tokens=max_prompt,
-            tools=[p.tools for p in prompts],
-        )
+        with progress_bar(f"{Path(file).stem}: answering {len(prompts)} prompts", len(prompts),
+                          options.progress) as advance:
+            answers = generate_answers(
+                model, tokenizer, template, [p.messages for p in prompts], options.max_new_tokens, options.batch_size,
+                temperature=options.temperature, top_p=options.top_p, seed=options.seed, max_prompt_tokens=max_prompt,
+                on_batch=advance, tools=[p.tools for p in prompts],
+            )
     references = [p.reference for p in prompts]
     metrics: dict[str, float | None] = {}
     cis: dict[str, tuple[float, float]] = {}
@@ -174,12 +179,15 @@ def evaluate_set(
         scores = [g.score for g in grades if g.score is not None]
         metrics["judge_score"] = sum(scores) / len(scores) if scores else None
         judge_counts = {"judge_graded": len(scores), "judge_unparsable": sum(g.score is None and not g.error for g in grades),
-                        "judge_failed": sum(1 for g in grades if g.error)}
+                        "judge_failed": sum(1 for g in grades if g.error),
+                        "judge_failure_reasons": failure_reasons(g.error for g in grades)}
     loss_truncated = 0
     if any(m in LOSS_METRICS for m in wanted):
         with_reference = [p for p in prompts if has_reference(p.reference)]
-        loss, loss_truncated = reference_loss(model, tokenizer, template, with_reference, stop_ids,
-                                              options.max_length, options.packing, options.batch_size)
+        with progress_bar(f"{Path(file).stem}: perplexity of {len(with_reference)} reference answers",
+                          enabled=options.progress):
+            loss, loss_truncated = reference_loss(model, tokenizer, template, with_reference, stop_ids,
+                                                  options.max_length, options.packing, options.batch_size)
         metrics.update({name: loss.get(name) for name in LOSS_METRICS if name in wanted})
     accounting = {
         "records_read": load_report.read,
@@ -226,7 +234,7 @@ def run_eval(
     results = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **(description or {}),
-        "options": {k: v for k, v in vars(options).items() if k != "judge"},
+        "options": {k: v for k, v in vars(options).items() if k not in ("judge", "progress")},
         "metrics": flat,
         "sets": [{"name": s.name, "file": s.file, "metrics": s.metrics, "ci": s.ci, "accounting": s.accounting}
                  for s in sets],

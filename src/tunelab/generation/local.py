@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -23,6 +23,7 @@ def generate_answers(
     seed: int = 0,
     max_prompt_tokens: int | None = None,
     tools: Sequence[list[dict]] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Answers to conversations (each ending with the user turn to answer), in order.
 
@@ -30,6 +31,7 @@ def generate_answers(
     the same answers). Prompts are left-padded and batched; generation stops at any of the
     model's EOS ids. With ``max_prompt_tokens``, longer prompts keep their last tokens.
     ``tools`` (one list per conversation) are declared to the model as in training.
+    ``on_batch`` is called with the number of prompts answered after each batch (progress bars).
     """
     model.eval()
     declared = tools if tools is not None else [[]] * len(conversations)
@@ -54,6 +56,8 @@ def generate_answers(
                 )
             new_tokens = output[:, encoded["input_ids"].shape[1] :]
             answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            if on_batch is not None:
+                on_batch(len(new_tokens))
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = padding_side, truncation_side
     return answers

@@ -31,6 +31,7 @@ from typing import Any, Generic, TypeVar
 from tunelab.errors import TunelabError
 from tunelab.generation.backends import BackendError, BatchBackend, GenerationBackend, Sampling
 from tunelab.generation.cache import CACHE_VERSION, ReplyCache, request_key
+from tunelab.progress import progress_bar
 
 T = TypeVar("T")
 PROGRESS_MIN_CALLS = 16  # jobs with fewer calls show no progress bar
@@ -278,16 +279,9 @@ class Generator:
 
     @contextmanager
     def _progress_bar(self, total: int, description: str) -> Iterator[Callable[[], None]]:
-        if not self.progress or total < PROGRESS_MIN_CALLS:
-            yield lambda: None
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-            task = progress.add_task(description, total=total)
-            yield lambda: progress.advance(task)
+        with progress_bar(f"{description} ({self.backend.name})", total,
+                          enabled=self.progress and total >= PROGRESS_MIN_CALLS) as advance:
+            yield advance
 
 
 def _unchanged(text: str) -> str:

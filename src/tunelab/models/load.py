@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +18,7 @@ from transformers import (
 
 from tunelab.config import ModelConfig
 from tunelab.errors import TunelabError
+from tunelab.hub import hub_unavailable, looks_like_hub_id
 from tunelab.models.attention import register_packed_sdpa
 from tunelab.models.quant import quantization_config
 from tunelab.models.weight_files import adapter_fit, check_adapter_dir, check_safetensors_dir
@@ -69,17 +69,24 @@ def resolve_load_dtype(model_cfg: ModelConfig, method_type: str, device: torch.d
     return torch.float32
 
 
-def _looks_like_hub_id(path: str) -> bool:
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None and not path.startswith(".")
-
-
 def _check_local(path: str, markers: tuple[str, ...] = ("config.json",)) -> None:
+    """A local model directory with one of ``markers``, or a Hub id the Hub (or the local cache) can serve.
+
+    Raises:
+        TunelabError: at once, naming the path: a missing local path (never tried on the Hub), a
+            directory that is not a model, or a Hub id while the Hub is unreachable or offline mode is
+            on and the id is not cached (see :mod:`tunelab.hub`).
+    """
     local = Path(path).expanduser()
-    if local.exists() or not _looks_like_hub_id(path):
+    if local.exists() or not looks_like_hub_id(path):
         if not local.is_dir():
             raise TunelabError(f"model.path {path}: no such model directory")
         if not any((local / marker).is_file() for marker in markers):
             raise TunelabError(f"model.path {path}: not a Hugging Face model directory (no {markers[0]})")
+        return
+    problem = hub_unavailable(path, "model.path", markers)
+    if problem:
+        raise TunelabError(problem)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedTokenizerBase:

@@ -133,6 +133,47 @@ def weight_memory(model: torch.nn.Module) -> WeightMemory:
     return WeightMemory(actual, bf16)
 
 
+CPU_KERNEL_OUT_MULTIPLE = 32
+"""bitsandbytes' fused 4-bit CPU kernel repacks weights in groups of 32 output rows."""
+
+
+def route_unfit_cpu_4bit_layers(model: torch.nn.Module) -> list[str]:
+    """Send 4-bit layers that bitsandbytes' fused CPU kernel cannot take to its generic path; return them.
+
+    On a CPU with AVX512-BF16, bitsandbytes runs a 4-bit layer outside training (evaluation,
+    generation) through a fused kernel that first repacks the weight; the repacking needs the
+    input size to be a multiple of the quantization block size (64) and the output size a
+    multiple of 32, and fails with "shape '[128, 5]' is invalid" otherwise (the quickstart's
+    352-wide MLP). Those layers are switched to the generic path that training uses (slower, same
+    results); the others keep the fast kernel.
+
+    Returns:
+        ``name (in -> out)`` of each layer switched.
+
+    Raises:
+        TunelabError: such a layer exists and this bitsandbytes has no switch for the kernel (names them).
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return []
+    unfit = []
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or module.weight.device.type != "cpu":
+            continue
+        state = module.weight.quant_state
+        blocksize = state.blocksize if state is not None else 64
+        if module.in_features % blocksize == 0 and module.out_features % CPU_KERNEL_OUT_MULTIPLE == 0:
+            continue
+        unfit.append(f"{name} ({module.in_features} -> {module.out_features})")
+        if "support_avx512bf16_for_cpu" not in vars(module):
+            raise TunelabError(
+                f"model.quantization 4bit on a CPU: bitsandbytes' 4-bit CPU kernel needs layer input sizes that are "
+                f"multiples of {blocksize} and output sizes that are multiples of {CPU_KERNEL_OUT_MULTIPLE}; "
+                f"{', '.join(unfit)} are not. Use model.quantization: 8bit, no quantization, or a GPU")
+        module.support_avx512bf16_for_cpu = False
+    return unfit
+
+
 def prepare_kbit_model(model: torch.nn.Module) -> torch.nn.Module:
     """PEFT's preparation of a quantized base for training (frozen weights; norms, embeddings and
     head upcast to float32 for stable training). Gradient checkpointing is left to the engine

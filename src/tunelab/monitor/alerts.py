@@ -152,12 +152,13 @@ def bucket_value(requests: Requests, metric: str, bucket_s: float) -> tuple[floa
     if metric == "error_rate":
         return (float(requests.failed.mean()) if len(requests) else float("nan")), len(requests)
     ok = requests.select(requests.succeeded)
-    column = {"latency_p50": ok.latency_s, "latency_p95": ok.latency_s, "ttft_p50": ok.time_to_first_token_s,
+    column = {"latency_p50": ok.latency_s, "latency_p95": ok.latency_s, "latency_p99": ok.latency_s,
+              "ttft_p50": ok.time_to_first_token_s,
               "perplexity_median": ok.perplexity}[metric]
     column = column[np.isfinite(column)]
     if not len(column):
         return float("nan"), 0
-    return float(np.quantile(column, 0.95 if metric == "latency_p95" else 0.5)), len(column)
+    return float(np.quantile(column, {"latency_p95": 0.95, "latency_p99": 0.99}.get(metric, 0.5))), len(column)
 
 
 def bucket_series(requests: Requests, metric: str, start: float, bucket_s: float, count: int) -> tuple[np.ndarray, np.ndarray]:

@@ -41,13 +41,11 @@ def _cmd_drift(args: argparse.Namespace) -> int:
 
 
 def _drift(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from tunelab.monitor.drift import FEATURES, DriftReport, compare_samples, embedding_drift, load_reference, \
         sample_from_requests
     from tunelab.monitor.durations import parse_duration
     from tunelab.monitor.store import MonitorError, read_requests, write_drift_checks
+    from tunelab.tables import print_table
 
     window_s = parse_duration(args.since, "--since")
     features = tuple(f.strip() for f in args.features.split(",")) if args.features else FEATURES
@@ -77,22 +75,22 @@ def _drift(args: argparse.Namespace) -> int:
         else:
             report.embedding = embedding_drift(reference.texts, recent.texts, args.embedding_model, args.alpha)
 
-    table = Table(title=f"drift: {recent.label} vs {reference.label}")
-    for header in ("feature", "n ref", "n recent", "median ref", "median recent", "KS D", "KS p", "PSI", "drift"):
-        table.add_column(header, justify="left" if header == "feature" else "right")
     show = lambda v, f="{:.4g}": "" if v is None else f.format(v)  # noqa: E731
-    for f in report.features:
-        verdict = "[bold red]DRIFT[/]" if f.drift else (f.note or "no")
-        table.add_row(f.feature, str(f.n_reference), str(f.n_recent), show(f.reference_median), show(f.recent_median),
-                      show(f.ks_statistic, "{:.3f}"), show(f.ks_pvalue, "{:.2e}"), show(f.psi, "{:.3f}"), verdict)
+    rows = [[f.feature, f.n_reference, f.n_recent, show(f.reference_median), show(f.recent_median),
+             show(f.ks_statistic, "{:.3f}"), show(f.ks_pvalue, "{:.2e}"), show(f.psi, "{:.3f}"),
+             "DRIFT" if f.drift else (f.note or "no")] for f in report.features]
     if report.embedding:
         e = report.embedding
-        table.add_row("prompt embedding centroid", str(e.n_reference), str(e.n_recent), "", "",
-                      f"dist {e.distance:.4f}", f"{e.pvalue:.2e}", "", "[bold red]DRIFT[/]" if e.drift else "no")
-    Console(soft_wrap=True).print(table)
+        rows.append(["prompt embedding centroid", e.n_reference, e.n_recent, "", "", f"dist {e.distance:.4f}",
+                     f"{e.pvalue:.2e}", "", "DRIFT" if e.drift else "no"])
+    print_table(("feature", "n ref", "n recent", "median ref", "median recent", "KS D", "KS p", "PSI", "drift"), rows,
+                args.format, title=f"drift: {recent.label} vs {reference.label}", records=report.to_json(),
+                row_styles=["bold red" if row[-1] == "DRIFT" else None for row in rows],
+                right_align=("n ref", "n recent", "median ref", "median recent", "KS D", "KS p", "PSI"))
     drifted = [f.feature for f in report.features if f.drift] + (["embedding"] if report.embedding and
                                                                 report.embedding.drift else [])
-    print(f"drift in {', '.join(drifted)}" if drifted else "no drift")
+    print(f"drift in {', '.join(drifted)}" if drifted else "no drift",
+          file=sys.stdout if args.format == "table" else sys.stderr)
     if args.json:
         _write_json(args.json, report.to_json(), "drift results")
     if not args.no_save:
@@ -135,6 +133,8 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
 
 def add_monitor_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``tunelab monitor ...`` on the top-level subcommands."""
+    from tunelab.tables import add_format_option
+
     monitor = commands.add_parser("monitor", help="drift checks, alerts and reports over a server's request store")
     actions = monitor.add_subparsers(dest="monitor_command", metavar="ACTION", required=True)
 
@@ -158,6 +158,7 @@ def add_monitor_commands(commands: argparse._SubParsersAction) -> None:
     drift.add_argument("--embedding-model", metavar="DIR",
                        help="local sentence-embedding model: also test the prompt-embedding centroid distance")
     drift.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_format_option(drift)
     drift.add_argument("--no-save", action="store_true", help="do not save the results into the store")
     drift.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     drift.set_defaults(func=_cmd_drift)

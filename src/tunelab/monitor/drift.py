@@ -5,7 +5,7 @@ Features are per-request numbers: ``input_length`` (prompt tokens), ``output_len
 (seconds). A feature drifts when the two-sample Kolmogorov–Smirnov test rejects equality
 (``p < alpha``) *and* the population stability index shows a material shift (``PSI >=
 psi_threshold``): the KS test alone flags tiny, harmless shifts once windows hold thousands of
-requests. With an embedding model, the distance between the prompt-embedding centroids of the
+requests. Against a constant reference (every prompt the same length, say) PSI alone decides. With an embedding model, the distance between the prompt-embedding centroids of the
 two samples is tested too, by a seeded permutation test.
 
 References (:func:`load_reference`): an earlier window of the same store (``window:7d``), another
@@ -106,12 +106,25 @@ def sample_from_requests(requests: Requests, label: str, successful_only: bool =
 def psi(reference: np.ndarray, recent: np.ndarray, bins: int = 10) -> float:
     """Population stability index of ``recent`` against ``reference``.
 
-    Bins are the reference's deciles (fewer when values repeat, as token counts do); counts get
-    half a count of smoothing so that an empty bin gives a large but finite value.
+    Bins are the reference's deciles. A reference with ``bins`` distinct values or fewer (a
+    constant, a few token counts) gets one bin per value and one per gap between, below and
+    above them instead: with deciles, every value of a constant reference and every larger
+    recent value share one bin, and an upward shift scores 0. Counts get half a count of
+    smoothing so that an empty bin gives a large but finite value.
     """
-    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1))[1:-1])
-    ref_counts = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=len(edges) + 1) + 0.5
-    new_counts = np.bincount(np.searchsorted(edges, recent, side="right"), minlength=len(edges) + 1) + 0.5
+    values = np.unique(reference)
+    if len(values) <= bins:
+        def bin_of(x: np.ndarray) -> np.ndarray:  # 2i: below values[i] (after values[i-1]); 2i+1: equal to it
+            index = np.searchsorted(values, x, side="left")
+            exact = values[np.minimum(index, len(values) - 1)] == x
+            return 2 * index + (exact & (index < len(values)))
+        ref_bins, new_bins, count = bin_of(reference), bin_of(recent), 2 * len(values) + 1
+    else:
+        edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1))[1:-1])
+        ref_bins, new_bins = np.searchsorted(edges, reference, side="right"), np.searchsorted(edges, recent, side="right")
+        count = len(edges) + 1
+    ref_counts = np.bincount(ref_bins, minlength=count) + 0.5
+    new_counts = np.bincount(new_bins, minlength=count) + 0.5
     expected, actual = ref_counts / ref_counts.sum(), new_counts / new_counts.sum()
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
@@ -145,7 +158,10 @@ def compare_samples(reference: Sample, recent: Sample, alpha: float = 0.01, psi_
         result.reference_median, result.recent_median = float(np.median(ref)), float(np.median(new))
         result.ks_statistic, result.ks_pvalue = float(test.statistic), float(test.pvalue)
         result.psi = psi(ref, new)
-        result.drift = result.ks_pvalue < alpha and result.psi >= psi_threshold
+        if np.ptp(ref) == 0:  # one reference value: the KS test's p-value assumes continuous data; PSI decides
+            result.drift = result.psi >= psi_threshold
+        else:
+            result.drift = result.ks_pvalue < alpha and result.psi >= psi_threshold
         results.append(result)
     return results
 
@@ -248,36 +264,36 @@ def _run_reference(reference: str) -> tuple[list[str], str | None]:
 def sample_from_data(files: list[str], tokenizer_dir: str | None, label: str) -> Sample:
     """Input and output lengths of data records, in tokens, as the server would count them.
 
-    A conversation's prompt is everything before its last assistant turn, rendered with the
-    model's chat template; its output is that turn plus the stop token. Plain text records give
-    an input length only.
+    A record's prompt is everything before its last assistant turn (or the whole conversation
+    when it has no answer: prompt-only files serve the prompt features), rendered with the
+    model's chat template; its output is that answer plus the stop token. Plain text records
+    give an input length only.
 
     Raises:
-        MonitorError: no tokenizer; DataError: an unreadable file.
+        MonitorError: no tokenizer; DataError: an unreadable file or one without usable records.
     """
-    from tunelab.data.records import Conversation, load_records
+    from tunelab.data.records import Text, load_prompts, load_records
     from tunelab.data.templates import render_prompt, resolve_template
+    from tunelab.errors import DataError
     from tunelab.models.load import load_tokenizer
 
     if not tokenizer_dir:
         raise MonitorError(f"{label}: no tokenizer to count tokens with; pass --tokenizer MODEL_DIR")
     tokenizer = load_tokenizer(tokenizer_dir)
     template = resolve_template(tokenizer, "auto", fallback="chatml")
-    records, _ = load_records(files, on_error="skip")
-    inputs, outputs, texts = [], [], []
-    for record in records:
-        if isinstance(record, Conversation):
-            last = max((i for i, m in enumerate(record.messages) if m["role"] == "assistant"), default=None)
-            if last is None or last == 0:
-                continue
-            prompt = render_prompt(tokenizer, template, record.messages[:last], record.tools)
-            answer = record.messages[last]["content"]
-            outputs.append(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1)
-        else:
-            prompt = record.text
-        inputs.append(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
-        texts.append(prompt)
-    values = {"input_length": np.asarray(inputs, dtype=np.float64)}
+    try:
+        prompts, _ = load_prompts(files, on_error="skip")
+    except DataError:
+        prompts = []  # not conversations or instructions: plain text, read below
+    if prompts:
+        texts = [render_prompt(tokenizer, template, p.messages, p.tools) for p in prompts]
+        outputs = [len(tokenizer(p.reference, add_special_tokens=False)["input_ids"]) + 1
+                   for p in prompts if p.reference is not None]
+    else:
+        records, _ = load_records(files, on_error="skip")
+        texts, outputs = [r.text for r in records if isinstance(r, Text)], []
+    values = {"input_length": np.asarray([len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts],
+                                         dtype=np.float64)}
     if outputs:
         values["output_length"] = np.asarray(outputs, dtype=np.float64)
     return Sample(label, values, texts)

@@ -94,7 +94,8 @@ def line_chart(title: str, times: np.ndarray, series: dict[str, np.ndarray], uni
 
 def _series(requests: Requests, start: float, bucket_s: float, count: int) -> dict[str, list[float | None]]:
     bounds = np.searchsorted(requests.time, start + bucket_s * np.arange(count + 1), side="left")
-    metrics = ("requests_per_min", "error_rate", "latency_p50", "latency_p95", "ttft_p50", "perplexity_median")
+    metrics = ("requests_per_min", "error_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50",
+               "perplexity_median")
     out: dict[str, list[float]] = {name: [] for name in metrics}
     out |= {"input_length_median": [], "output_length_median": []}
     out |= {f"psi_{feature}": [] for feature in FEATURES}
@@ -145,6 +146,41 @@ th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 """
 
 
+def report_summary(db: str | Path, since: float | None = None, until: float | None = None,
+                   bucket_s: float | None = None, model: str | None = None) -> dict[str, Any]:
+    """The numbers of a report (``summary.json``; ``tunelab ui`` shows the same): totals, latency
+    quantiles, per-bucket series, alerts and saved drift checks of a store between ``since`` and ``until``.
+
+    Raises:
+        MonitorError: the store cannot be read or holds no requests in the period.
+    """
+    requests = read_requests(db, since=since, until=until, model=model)
+    if not len(requests):
+        raise MonitorError(f"--db {db}: no requests{' for ' + model if model else ''} in the chosen period; "
+                           "widen --since or check that the server records into this file")
+    meta = read_meta(db)
+    start = float(requests.time[0]) if since is None else since
+    end = max(float(requests.time[-1]) + 1e-6, until if until is not None else 0.0)
+    bucket_s = bucket_s or choose_bucket(end - start)
+    start = math.floor(start / bucket_s) * bucket_s
+    count = max(1, math.ceil((end - start) / bucket_s))
+    ok = requests.select(requests.succeeded)
+
+    def quantile(q: float) -> float | None:
+        return float(np.quantile(ok.latency_s, q)) if len(ok) else None
+
+    return {
+        "db": str(db), "model": model, "from": _when(start), "to": _when(end), "bucket_s": bucket_s,
+        "requests": len(requests), "succeeded": len(ok), "failed": int(requests.failed.sum()),
+        "latency_p50_s": quantile(0.5), "latency_p95_s": quantile(0.95), "latency_p99_s": quantile(0.99),
+        "prompt_tokens": int(requests.prompt_tokens.sum()), "completion_tokens": int(requests.completion_tokens.sum()),
+        "served_model": meta.get("model_path"), "serve_run": meta.get("serve_run_id"),
+        "bucket_start": [float(t) for t in start + bucket_s * np.arange(count)],
+        "series": _series(requests, start, bucket_s, count),
+        "alerts": read_table(db, "alerts", since=start), "drift_checks": read_table(db, "drift_checks", since=start),
+    }
+
+
 def build_report(db: str | Path, out_dir: str | Path, since: float | None = None, until: float | None = None,
                  bucket_s: float | None = None, model: str | None = None) -> Path:
     """Write ``report.html`` and ``summary.json`` for a store's requests between ``since`` and ``until``.
@@ -163,48 +199,29 @@ def build_report(db: str | Path, out_dir: str | Path, since: float | None = None
     Raises:
         MonitorError: the store cannot be read or holds no requests in the period.
     """
-    requests = read_requests(db, since=since, until=until, model=model)
-    if not len(requests):
-        raise MonitorError(f"--db {db}: no requests{' for ' + model if model else ''} in the chosen period; "
-                           "widen --since or check that the server records into this file")
-    meta = read_meta(db)
-    start = float(requests.time[0]) if since is None else since
-    end = max(float(requests.time[-1]) + 1e-6, until if until is not None else 0.0)
-    bucket_s = bucket_s or choose_bucket(end - start)
-    start = math.floor(start / bucket_s) * bucket_s
-    count = max(1, math.ceil((end - start) / bucket_s))
-    series = _series(requests, start, bucket_s, count)
+    summary = report_summary(db, since, until, bucket_s, model)
+    bucket_s, series = summary["bucket_s"], summary["series"]
+    start, count = summary["bucket_start"][0], len(summary["bucket_start"])
     times = start + bucket_s * (np.arange(count) + 0.5)
-    alerts = read_table(db, "alerts", since=start)
-    checks = read_table(db, "drift_checks", since=start)
+    alerts, checks = summary["alerts"], summary["drift_checks"]
 
     def plot(title: str, names: dict[str, str], unit: str = "") -> str:
         return line_chart(title, times, {label: np.array([math.nan if v is None else v for v in series[name]])
                                          for label, name in names.items()}, unit, x_range=(start, start + count * bucket_s))
 
-    ok = requests.select(requests.succeeded)
-    summary = {
-        "db": str(db), "model": model, "from": _when(start), "to": _when(end), "bucket_s": bucket_s,
-        "requests": len(requests), "succeeded": len(ok), "failed": int(requests.failed.sum()),
-        "latency_p50_s": float(np.quantile(ok.latency_s, 0.5)) if len(ok) else None,
-        "latency_p95_s": float(np.quantile(ok.latency_s, 0.95)) if len(ok) else None,
-        "prompt_tokens": int(requests.prompt_tokens.sum()), "completion_tokens": int(requests.completion_tokens.sum()),
-        "served_model": meta.get("model_path"), "serve_run": meta.get("serve_run_id"),
-        "bucket_start": [float(t) for t in start + bucket_s * np.arange(count)], "series": series,
-        "alerts": alerts, "drift_checks": checks,
-    }
-    overview = [["requests", len(requests)], ["answered 200", len(ok)], ["failed (5xx, 429)", summary["failed"]],
-                ["latency p50 s", summary["latency_p50_s"]], ["latency p95 s", summary["latency_p95_s"]],
+    overview = [["requests", summary["requests"]], ["answered 200", summary["succeeded"]],
+                ["failed (5xx, 429)", summary["failed"]], ["latency p50 s", summary["latency_p50_s"]],
+                ["latency p95 s", summary["latency_p95_s"]], ["latency p99 s", summary["latency_p99_s"]],
                 ["prompt tokens", summary["prompt_tokens"]], ["completion tokens", summary["completion_tokens"]],
-                ["model", meta.get("model_path", "")], ["serve run", meta.get("serve_run_id", "")]]
+                ["model", summary["served_model"] or ""], ["serve run", summary["serve_run"] or ""]]
     sections = [
         f"<h1>tunelab monitoring report</h1><p>{html.escape(str(db))}{' · model ' + html.escape(model) if model else ''}"
-        f" · {_when(start)} to {_when(end)} · one point per {format_duration(bucket_s)}</p>",
+        f" · {summary['from']} to {summary['to']} · one point per {format_duration(bucket_s)}</p>",
         _table(["", "value"], overview),
         "<h2>Traffic and latency</h2><div class='grid2'>",
         plot("requests per minute", {"requests/min": "requests_per_min"}),
         plot("error rate (5xx and 429)", {"error rate": "error_rate"}),
-        plot("latency (s)", {"p50": "latency_p50", "p95": "latency_p95"}),
+        plot("latency (s)", {"p50": "latency_p50", "p95": "latency_p95", "p99": "latency_p99"}),
         plot("time to first token p50 (s)", {"ttft p50": "ttft_p50"}),
         "</div><h2>Outputs and inputs</h2><div class='grid2'>",
         plot("output perplexity (median)", {"perplexity": "perplexity_median"}),

@@ -16,31 +16,22 @@ def _registry(args: argparse.Namespace):
     return Registry(args.registry)
 
 
-def _short(value: Any, width: int = 60) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _cmd_list(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from tunelab.tables import print_table
 
     runs = _registry(args).list(args.kind, args.limit)
-    if args.json:
-        print(json.dumps(runs, indent=2))
-        return 0
-    if not runs:
+    fmt = "json" if args.json else args.format
+    if not runs and fmt == "table":
         print(f"no runs in {_registry(args).path}")
         return 0
-    table = Table(title=f"runs in {_registry(args).path}")
-    for header in ("id", "kind", "status", "started", "parent", "path", "metrics"):
-        table.add_column(header, overflow="fold", no_wrap=header in ("id", "kind"))
+    rows = []
     for run in runs:
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in (run.get("metrics") or {}).items()
                             if isinstance(v, int | float) and k != "step")
-        table.add_row(run["run_id"], run["kind"], run["status"], run["started_at"][:16].replace("T", " "),
-                      run.get("parent") or "", run.get("path") or "", _short(metrics, 40))
-    Console(soft_wrap=True).print(table)
+        rows.append([run["run_id"], run["kind"], run["status"], run["started_at"][:16].replace("T", " "),
+                     run.get("parent") or "", run.get("path") or "", metrics])
+    print_table(("id", "kind", "status", "started", "parent", "path", "metrics"), rows, fmt,
+                title=f"runs in {_registry(args).path}", records=runs)
     return 0
 
 
@@ -98,24 +89,18 @@ def diff_runs(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from tunelab.tables import print_table
 
     registry = _registry(args)
     a, b = registry.get(args.a), registry.get(args.b)
     rows = diff_runs(a, b)
-    if args.json:
-        print(json.dumps([{"key": k, "a": x, "b": y} for k, x, y in rows], indent=2, default=str))
-        return 0
-    if not rows:
+    fmt = "json" if args.json else args.format
+    if not rows and fmt == "table":
         print(f"{a['run_id']} and {b['run_id']} have the same config, data, versions and metrics")
         return 0
-    table = Table(title=f"{a['run_id']} vs {b['run_id']}")
-    for header in ("key", a["run_id"], b["run_id"]):
-        table.add_column(header, overflow="fold")
-    for key, x, y in rows:
-        table.add_row(key, "" if x is None else _short(x), "" if y is None else _short(y))
-    Console(soft_wrap=True).print(table)
+    cell = lambda v: "" if v is None else v if isinstance(v, str) else json.dumps(v, default=str)  # noqa: E731
+    print_table(("key", a["run_id"], b["run_id"]), [(k, cell(x), cell(y)) for k, x, y in rows], fmt,
+                title=f"{a['run_id']} vs {b['run_id']}", records=[{"key": k, "a": x, "b": y} for k, x, y in rows])
     return 0
 
 
@@ -129,6 +114,8 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
 
 def add_runs_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``tunelab runs ...`` on the top-level subcommands."""
+    from tunelab.tables import add_format_option
+
     runs = commands.add_parser("runs", help="the run registry: list, show, diff and lineage of runs")
     runs.add_argument("--registry", help="registry file (default $TUNELAB_REGISTRY or ~/.tunelab/runs.db)")
     actions = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
@@ -136,7 +123,8 @@ def add_runs_commands(commands: argparse._SubParsersAction) -> None:
     listing = actions.add_parser("list", help="the newest runs")
     listing.add_argument("--kind", choices=["train", "eval", "merge", "export", "serve"])
     listing.add_argument("--limit", type=int, default=50)
-    listing.add_argument("--json", action="store_true", help="print the runs' records as JSON")
+    listing.add_argument("--json", action="store_true", help="print the runs' records as JSON (= --format json)")
+    add_format_option(listing)
     listing.set_defaults(func=_cmd_list)
 
     show = actions.add_parser("show", help="one run: inputs, outputs, metrics, versions, config")
@@ -147,7 +135,8 @@ def add_runs_commands(commands: argparse._SubParsersAction) -> None:
     diff = actions.add_parser("diff", help="what differs between two runs (config, data, versions, metrics)")
     diff.add_argument("a", help="run id")
     diff.add_argument("b", help="run id")
-    diff.add_argument("--json", action="store_true")
+    diff.add_argument("--json", action="store_true", help="= --format json")
+    add_format_option(diff)
     diff.set_defaults(func=_cmd_diff)
 
     lineage = actions.add_parser("lineage", help="dataset → training run → adapter → merged model → export/serve")

@@ -33,6 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import TunelabConfig
 from tunelab.data.packing import Batch, packed_lengths_tensor
+from tunelab.data.kinds import check_data_kind
 from tunelab.data.templates import resolve_template
 from tunelab.data.tokenize import default_cache_dir, prepare_data
 from tunelab.errors import TrainingError
@@ -54,14 +55,16 @@ from tunelab.models.load import (
     stop_token_ids,
 )
 from tunelab.models.attention import VARLEN_NAME
-from tunelab.models.quant import is_quantized, weight_memory
+from tunelab.models.quant import is_quantized, route_unfit_cpu_4bit_layers, weight_memory
 from tunelab.models.tiny import create_tiny_model
 from tunelab.outputs import remove, replace_with, temporary_sibling, write_errors
 from tunelab.train.batches import MicroBatches, eval_batches
 from tunelab.train.checkpoint import latest_checkpoint, save_model_dir
 from tunelab.train.speed import apply_speed_switches
+from tunelab.train.stop import StopOnSignal, TrainingStopped
 from tunelab.train.distributed import Parallel, Processes, parallelize, start_processes, stop_processes
 from tunelab.train.objectives import build_objective, objective_spec
+from tunelab.train.objectives.registry import objective_data_kinds
 from tunelab.train.objectives.base import add_metrics
 from tunelab.train.objectives.sft import SFTObjective
 from tunelab.train.reference import attach_reference_logps, frozen_copy
@@ -180,6 +183,7 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision)
     stop_ids = stop_token_ids(cfg.model.path, tokenizer, cfg.model.trust_remote_code)
     data = prompts = held_prompts = reward = None
+    check_data_kind([*cfg.data.train, *(cfg.data.eval or [])], cfg.train.objective, objective_data_kinds())
     if spec.online:  # prompts, answered by the policy itself; each process reads them (cheap)
         template = resolve_template(tokenizer, cfg.data.template)
         prompts, held_prompts = load_prompt_sets(cfg, tokenizer, template)
@@ -208,6 +212,9 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
     model = load_model(model_cfg, load_dtype, device, attention, spec.score_head)
     if is_quantized(model):
         console.print(f"model: {cfg.model.quantization} base, {weight_memory(model)}")
+        if unfit := route_unfit_cpu_4bit_layers(model):
+            console.print(f"model: {len(unfit)} 4-bit layers have sizes bitsandbytes' fused CPU kernel cannot take "
+                          f"(e.g. {unfit[0]}): they run on its generic path outside training too")
     if spec.score_head:
         model.config.pad_token_id = tokenizer.pad_token_id  # transformers' pooling finds the last token by it
     if packing and not packing_supported(model, device):
@@ -319,6 +326,7 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
 
     window_start = time.perf_counter()
     last_eval: dict[str, Any] = state["last_eval"]
+    stop = StopOnSignal(enabled=not processes.distributed)  # SIGTERM/SIGINT: checkpoint, then stop
     try:
         start_eval = run_evaluation(0) if cfg.train.eval_at_start and start_step == 0 else {}
         log = state["log_window"]  # sums since the last metrics row, saved with every checkpoint
@@ -378,11 +386,17 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
                 last_eval = run_evaluation(done)
             if due_before_end(cfg.train.save_every, done, total_steps):
                 checkpoint_now(done)
+            if stop.requested and done < total_steps:
+                if not due_before_end(cfg.train.save_every, done, total_steps):
+                    checkpoint_now(done)
+                raise TrainingStopped(f"stopped by {stop.requested} after step {done} of {total_steps}; checkpoint "
+                                      f"{latest_checkpoint(out)}; continue with: tunelab train CONFIG --resume")
         if total_steps > start_step or not last_eval:
             last_eval = run_evaluation(total_steps)
         if total_steps > start_step:  # resumed from the last step's checkpoint: it is already there
             checkpoint_now(total_steps)
     finally:
+        stop.restore()
         reporter.close()
         if neftune is not None:
             neftune.remove()

@@ -4,7 +4,8 @@ Notation: ``pc``/``pr`` are the policy's summed log-probs of the chosen and reje
 continuations, ``rc``/``rr`` the reference model's, ``nc``/``nr`` their token counts.
 
 - DPO (Rafailov et al. 2023): ``-log sigmoid(beta * ((pc - rc) - (pr - rr)))``; with label
-  smoothing eps (cDPO) ``-(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d)``.
+  smoothing eps (cDPO) ``-(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d)``; with
+  ``rpo_alpha`` (RPO, Pang et al. 2024) plus ``rpo_alpha`` x the chosen answers' NLL per token.
 - IPO (Azar et al. 2023, eq. 17): ``((pc - rc)/nc - (pr - rr)/nr - 1/(2 beta))^2`` (log-ratios
   averaged per token, as the IPO authors and TRL do).
 - hinge (SLiC, Zhao et al. 2023): ``relu(1 - beta d)``.
@@ -83,12 +84,14 @@ class PreferenceObjective:
         beta: objective strength (see :class:`tunelab.config.TrainConfig`).
         reference: frozen reference model for DPO with full/freeze fine-tuning; None for LoRA
             (adapters switched off), SimPO/ORPO (no reference) or precomputed log-probs.
+        rpo_alpha: DPO only: weight of the chosen answers' NLL (mean over their tokens in the window).
     """
 
     def __init__(self, kind: str, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 gamma: float = 0.5, reference: torch.nn.Module | None = None) -> None:
+                 gamma: float = 0.5, reference: torch.nn.Module | None = None, rpo_alpha: float = 0.0) -> None:
         self.kind, self.beta, self.loss_type = kind, beta, loss_type
         self.label_smoothing, self.gamma, self.reference = label_smoothing, gamma, reference
+        self.rpo_alpha = rpo_alpha if kind == "dpo" else 0.0
         self.chunk_tokens: int | None = None  # set by train.chunked_loss (see SFTObjective)
 
     @property
@@ -101,9 +104,9 @@ class PreferenceObjective:
         return {}
 
     def window_totals(self, window: Sequence[Batch]) -> dict[str, int]:
-        """Pairs (the loss is their mean) and, for ORPO's NLL term, chosen tokens in the window."""
+        """Pairs (the loss is their mean) and, for ORPO's and RPO's NLL term, chosen tokens in the window."""
         totals = {"units": sum(batch.num_sequences // 2 for batch in window)}
-        if self.kind == "orpo":
+        if self.kind == "orpo" or self.rpo_alpha:
             totals["chosen_tokens"] = sum(_chosen_tokens(batch) for batch in window)
         return totals
 
@@ -116,7 +119,12 @@ class PreferenceObjective:
             rc, rr = first_and_second(reference_logps(model, self.reference, batch, self.chunk_tokens))
             losses = dpo_losses(pc, pr, rc, rr, nc, nr, self.beta, self.loss_type, self.label_smoothing)
             chosen_rewards, rejected_rewards = self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()
-            return losses.sum() / totals["units"], pair_metrics(chosen_rewards, rejected_rewards, pc, pr)
+            metrics = pair_metrics(chosen_rewards, rejected_rewards, pc, pr)
+            if not self.rpo_alpha:
+                return losses.sum() / totals["units"], metrics
+            nll = -pc.sum() / totals["chosen_tokens"]
+            metrics["nll"] = (float(-pc.detach().sum()), _chosen_tokens(batch))  # mean per chosen token
+            return losses.sum() / totals["units"] + self.rpo_alpha * nll, metrics
         chosen_rewards = self.beta * (pc / nc.clamp_min(1)).detach()
         rejected_rewards = self.beta * (pr / nr.clamp_min(1)).detach()
         if self.kind == "simpo":
@@ -143,14 +151,15 @@ def _chosen_tokens(batch: Batch) -> int:
 def _builder(kind: str, default_beta: float):
     def build(train, reference: torch.nn.Module | None, model: torch.nn.Module) -> PreferenceObjective:
         beta = train.beta if train.beta is not None else default_beta
-        return PreferenceObjective(kind, beta, train.loss_type, train.label_smoothing, train.gamma, reference)
+        return PreferenceObjective(kind, beta, train.loss_type, train.label_smoothing, train.gamma, reference,
+                                   train.rpo_alpha)
     return build
 
 
 register(ObjectiveSpec(
     name="dpo", summary="DPO (sigmoid), IPO or hinge loss on preference pairs against a reference", data="pairs",
-    build=_builder("dpo", 0.1), settings=("beta", "loss_type", "label_smoothing", "precompute_reference"),
-    reference="always", default_beta=0.1))
+    build=_builder("dpo", 0.1), settings=("beta", "loss_type", "label_smoothing", "precompute_reference", "rpo_alpha"),
+    reference="always", default_beta=0.1, own_settings={"rpo_alpha": "an NLL term on the chosen answer"}))
 register(ObjectiveSpec(
     name="simpo", summary="SimPO: length-normalised preference optimisation without a reference", data="pairs",
     build=_builder("simpo", 2.0), settings=("beta", "gamma", "label_smoothing"), default_beta=2.0))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -48,6 +48,8 @@ class ObjectiveSpec:
             NEFTune apply to.
         default_beta: ``train.beta`` when the config leaves it unset (None: no beta).
         check: a rule over the whole config; returns an error message or None.
+        own_settings: ``train.*`` keys only this objective reads, each with a few words on what it
+            is; setting one for another objective is a config error.
     """
 
     name: str
@@ -62,6 +64,7 @@ class ObjectiveSpec:
     token_level: bool = False
     default_beta: float | None = None
     check: Callable[[TunelabConfig], str | None] | None = None
+    own_settings: dict[str, str] = field(default_factory=dict)
 
     def uses_reference(self, train: TrainConfig) -> bool:
         """Whether a run with these ``train`` settings compares the policy with a reference model."""
@@ -101,6 +104,11 @@ def objective_specs() -> dict[str, ObjectiveSpec]:
     """Every registered objective by name, in registration order (a module registers its own in order)."""
     _discover()
     return dict(_REGISTRY)
+
+
+def objective_data_kinds() -> dict[str, DataKind]:
+    """Every objective's data kind, by name (what the data layer's checks need, without importing train)."""
+    return {name: spec.data for name, spec in objective_specs().items()}
 
 
 def objective_spec(name: str) -> ObjectiveSpec:
