@@ -71,22 +71,22 @@ def test_tokenized_data_is_cached_by_fingerprint(tmp_path, tiny_model):
     stops = stop_token_ids(str(tiny_model), tokenizer)
     config = config_from_dict(make_config(tmp_path, tiny_model, ALPACA_DEMO, data={"val_ratio": 0.1,
                                                                                     "cache_dir": str(tmp_path / "c")}))
-    first = prepare_data(config.data, "sft", 0, tokenizer, stops)
-    second = prepare_data(config.data, "sft", 0, tokenizer, stops)
+    first = prepare_data(config.data, "conversations", 0, tokenizer, stops)
+    second = prepare_data(config.data, "conversations", 0, tokenizer, stops)
     assert not first.train_report.from_cache and second.train_report.from_cache
     assert second.train["input_ids"] == first.train["input_ids"] and second.train["labels"] == first.train["labels"]
     assert second.eval_records == first.eval_records
     assert second.train_report.truncated == first.train_report.truncated > 0
     # Anything that changes the tokens changes the fingerprint.
     changed = config.data.model_copy(update={"max_length": 128})
-    assert not prepare_data(changed, "sft", 0, tokenizer, stops).train_report.from_cache
-    assert not prepare_data(config.data, "sft", 1, tokenizer, stops).train_report.from_cache
+    assert not prepare_data(changed, "conversations", 0, tokenizer, stops).train_report.from_cache
+    assert not prepare_data(config.data, "conversations", 1, tokenizer, stops).train_report.from_cache
     data_copy = tmp_path / "alpaca.json"
     records = json.loads(ALPACA_DEMO.read_text())
     records[0]["output"] += " (edited)"
     data_copy.write_text(json.dumps(records))
     edited = config.data.model_copy(update={"train": [str(data_copy)]})
-    assert not prepare_data(edited, "sft", 0, tokenizer, stops).train_report.from_cache
+    assert not prepare_data(edited, "conversations", 0, tokenizer, stops).train_report.from_cache
 
 
 def test_missing_model_directory_is_a_clear_error(tmp_path):
@@ -113,7 +113,7 @@ def test_multi_process_tokenization_gives_the_same_data(tmp_path, tiny_model):
     for procs in (1, 2):
         config = config_from_dict(make_config(tmp_path, tiny_model, ARITHMETIC_TRAIN,
                                               data={"num_proc": procs, "cache_dir": str(tmp_path / f"c{procs}")}))
-        results[procs] = prepare_data(config.data, "sft", 0, tokenizer, stops)
+        results[procs] = prepare_data(config.data, "conversations", 0, tokenizer, stops)
     assert len(results[2].train) == 4000
     assert results[2].train["input_ids"] == results[1].train["input_ids"]
     assert results[2].train["labels"] == results[1].train["labels"]

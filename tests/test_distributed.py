@@ -259,9 +259,9 @@ def test_combinations_the_engines_cannot_run_are_errors():
     with pytest.raises(ConfigError, match="prompt with DeepSpeed ZeRO-3"):
         config_from_dict({**base, "method": {"type": "prompt"},
                           "distributed": {"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}})
-    with pytest.raises(ConfigError, match="runs in one process"):
+    with pytest.raises(ConfigError, match=r"\(online RL\) runs with distributed.strategy none, ddp or fsdp"):
         config_from_dict({**base, "train": {"objective": "grpo", "reward_fn": ["format"]},
-                          "distributed": {"strategy": "ddp"}})
+                          "distributed": {"strategy": "deepspeed"}})
 
 
 def test_deepspeed_config_is_built_from_train_and_merged_with_the_users_file(tmp_path):

@@ -135,12 +135,16 @@ def test_dpo_on_sft_data_says_the_data_does_not_match_the_objective(tmp_path, ti
 
 def test_grpo_on_preference_data_says_the_data_does_not_match(tmp_path, tiny_model):
     from tunelab.data.kinds import check_data_kind
+    from tunelab.train.objectives.registry import objective_data_kinds
 
+    kinds = objective_data_kinds()  # objective -> data kind, from the objective registry
     pairs = REPO / "examples" / "data" / "arithmetic_prefs_test.jsonl"
-    with pytest.raises(DataError, match="preference pairs.*grpo trains on prompts.*reward, dpo, simpo, orpo"):
-        check_data_kind([str(pairs)], "grpo")
-    check_data_kind([str(ARITHMETIC_TEST)], "grpo")  # conversations: the answer is the reference
-    check_data_kind([str(pairs)], "dpo")
+    with pytest.raises(DataError, match="preference pairs.*grpo trains on prompts") as caught:
+        check_data_kind([str(pairs)], "grpo", kinds)
+    readers = str(caught.value).rsplit("objective for this data: ", 1)[1].split(", ")
+    assert sorted(readers) == sorted(["reward", "dpo", "simpo", "orpo"])
+    check_data_kind([str(ARITHMETIC_TEST)], "grpo", kinds)  # conversations: the answer is the reference
+    check_data_kind([str(pairs)], "dpo", kinds)
 
 
 def test_every_subcommand_has_an_example_and_shows_its_defaults(capsys):

@@ -34,8 +34,8 @@ def conversations() -> list[list[dict]]:
 def test_cut_record_gives_the_tokens_truncation_keeps(tokenizer, train_on: str, overlong: str) -> None:
     template = resolve_template(tokenizer, "auto")
     stop = {tokenizer.eos_token_id}
-    cut = _Tokenizer(tokenizer, template, train_on, 128, overlong, stop, "sft")
-    whole = _Tokenizer(tokenizer, template, train_on, 128, overlong, stop, "sft")
+    cut = _Tokenizer(tokenizer, template, train_on, 128, overlong, stop, "conversations")
+    whole = _Tokenizer(tokenizer, template, train_on, 128, overlong, stop, "conversations")
     whole.byte_limit = 10**12  # never cut
     for messages in conversations():
         assert len(str(messages).encode()) > cut.byte_limit  # each one is cut
@@ -62,7 +62,7 @@ def test_a_30_mb_record_is_never_tokenized_whole(tokenizer, monkeypatch: pytest.
         seen.append(len(text))
         return original(self, text, *args, **kwargs)
 
-    fn = _Tokenizer(tokenizer, template, "assistant", 128, "truncate", {tokenizer.eos_token_id}, "sft")
+    fn = _Tokenizer(tokenizer, template, "assistant", 128, "truncate", {tokenizer.eos_token_id}, "conversations")
     messages = [{"role": "user", "content": "Write a long text."}, {"role": "assistant", "content": "x" * 30_000_000}]
     monkeypatch.setattr(type(tokenizer), "__call__", spy)
     (ids, labels, flag), = fn._conversation(messages)

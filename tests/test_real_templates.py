@@ -157,15 +157,15 @@ def test_gemma3_base_without_template_gets_a_clear_choice(gemma3, tmp_path):
     chat.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n')
     cache = str(tmp_path / "cache")
     with pytest.raises(DataError) as refused:
-        prepare_data(DataConfig(train=[str(chat)], cache_dir=cache), "sft", 0, tokenizer, stop_ids)
+        prepare_data(DataConfig(train=[str(chat)], cache_dir=cache), "conversations", 0, tokenizer, stop_ids)
     message = str(refused.value)
     assert "no chat template" in message and "data.template: chatml|gemma|" in message
     assert "train.objective: pretrain" in message
     # The two ways out: a named template, or continued pretraining on plain text.
-    named = prepare_data(DataConfig(train=[str(chat)], template="gemma", cache_dir=cache), "sft", 0, tokenizer,
+    named = prepare_data(DataConfig(train=[str(chat)], template="gemma", cache_dir=cache), "conversations", 0, tokenizer,
                          stop_ids)
     assert tokenizer.convert_tokens_to_ids("<end_of_turn>") in named.train[0]["labels"]
     text = tmp_path / "text.txt"
     text.write_text("Paris is the capital of France.\n")
-    plain = prepare_data(DataConfig(train=[str(text)], cache_dir=cache), "pretrain", 0, tokenizer, stop_ids)
+    plain = prepare_data(DataConfig(train=[str(text)], cache_dir=cache), "text", 0, tokenizer, stop_ids)
     assert plain.template is None and plain.train_report.examples == 1

@@ -198,7 +198,8 @@ def test_data_page_shows_the_sequences_training_sees(world, page):
     a = world["runs"]["a"]
     config = load_config(a["config"])
     tokenizer = load_tokenizer(config.model.path)
-    data = prepare_data(config.data, "sft", config.train.seed, tokenizer, stop_token_ids(config.model.path, tokenizer))
+    data = prepare_data(config.data, "conversations", config.train.seed, tokenizer,
+                        stop_token_ids(config.model.path, tokenizer))
     goto(page, f"{world['url']}/#/data?config={a['config']}")
     page.locator(".example").first.wait_for(timeout=120_000)
     first = page.locator(".example").first

@@ -91,7 +91,12 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     style = args.style if args.style != "auto" else ("color" if console.is_terminal else "brackets")
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code, config.model.revision)
     stop_ids = stop_token_ids(config.model.path, tokenizer, config.model.trust_remote_code)
-    data = prepare_data(config.data, config.train.objective, config.train.seed, tokenizer, stop_ids)
+    from tunelab.data.kinds import check_data_kind
+    from tunelab.train.objectives.registry import objective_data_kinds, objective_spec
+
+    check_data_kind([*config.data.train, *(config.data.eval or [])], config.train.objective, objective_data_kinds())
+    data = prepare_data(config.data, objective_spec(config.train.objective).data, config.train.seed, tokenizer,
+                        stop_ids)
     legend = "trained tokens in [bold green]green[/], masked tokens dim" if style == "color" else \
         "trained tokens inside [[...]], masked tokens plain"
     console.print(f"{args.config}: {legend}", highlight=False)

@@ -20,6 +20,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tunelab.errors import ConfigError, read_user_text
 
 
+def objective_specs() -> dict[str, Any]:
+    """The registered objectives (imported on first use: every file of tunelab.train.objectives declares one)."""
+    from tunelab.train.objectives.registry import objective_specs as registered
+
+    return registered()
+
+
+def objective_spec(name: str) -> Any:
+    """The registered objective ``name`` (see :func:`objective_specs`)."""
+    return objective_specs()[name]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -231,12 +243,12 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """The training loop: objective, optimisation, precision, evaluation, checkpoints, logging."""
 
-    objective: Literal["sft", "pretrain", "reward", "dpo", "simpo", "orpo", "kto", "grpo", "ppo"] = Field(
+    objective: str = Field(
         "sft",
-        description="sft: chat fine-tuning; pretrain: continued pretraining on text; reward: a Bradley-Terry "
-        "reward model on preference pairs; dpo, simpo, orpo: preference optimisation on pairs; kto: on "
-        "records labelled desirable or undesirable; grpo, ppo: online RL on prompts with a reward. "
-        "See docs/alignment.md.",
+        description="What the run optimises: one of the registered objectives (each file in "
+        "src/tunelab/train/objectives/ declares one, with its data, reference and settings). sft: chat "
+        "fine-tuning; pretrain: continued pretraining on text; reward: a reward model on preference pairs; the "
+        "preference, feedback and online RL objectives are listed in docs/alignment.md.",
     )
     beta: float | None = Field(
         None, gt=0,
@@ -260,32 +272,45 @@ class TrainConfig(_Section):
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on undesirable records.")
     reward_fn: list[str] = Field(
         default_factory=list,
-        description="grpo/ppo: reward functions, built-in (exact_match, gsm8k, format, length) or "
+        description="online RL: reward functions, built-in (exact_match, gsm8k, format, length) or "
         "module:function / path/file.py:function; several are summed with reward_weights.",
     )
-    reward_weights: list[float] | None = Field(None, description="grpo/ppo: one weight per reward_fn (default 1 each).")
+    reward_weights: list[float] | None = Field(None, description="online RL: one weight per reward_fn (default 1 each).")
     reward_model: str | None = Field(
-        None, description="grpo/ppo: a reward model directory (tunelab train.objective: reward output) scoring answers."
+        None, description="online RL: a reward model directory (tunelab train.objective: reward output) scoring answers."
     )
-    num_generations: int = Field(4, ge=1, description="grpo: answers sampled per prompt (the group size, at least 2); ppo: per prompt.")
-    prompts_per_step: int = Field(8, ge=1, description="grpo/ppo: prompts per rollout phase (one RL step).")
-    max_new_tokens: int = Field(64, ge=1, description="grpo/ppo: longest sampled answer.")
-    temperature: float = Field(1.0, ge=0.0, description="grpo/ppo: sampling temperature.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="grpo/ppo: nucleus sampling mass.")
-    generation_batch_size: int = Field(32, ge=1, description="grpo/ppo: sequences per generate call.")
+    num_generations: int = Field(4, ge=1, description="online RL: answers sampled per prompt (the group size of the group-relative objectives, at least 2 there).")
+    prompts_per_step: int = Field(8, ge=1, description="online RL: prompts per rollout phase (one RL step).")
+    max_new_tokens: int = Field(64, ge=1, description="online RL: longest sampled answer.")
+    temperature: float = Field(1.0, ge=0.0, description="online RL: sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="online RL: nucleus sampling mass.")
+    generation_batch_size: int = Field(
+        32, ge=1, description="online RL: sequences per generate call, and rows per micro-batch of the update.")
+    rollout_generator: Literal["batched", "one_by_one", "vllm"] = Field(
+        "batched",
+        description="online RL: what samples the rollouts. batched: the policy in memory, generation_batch_size "
+        "sequences per generate call; one_by_one: one sequence per call (slow; for comparison); vllm: a vLLM "
+        "engine in the training process on the same GPU (pip install vllm; CUDA), synced with the policy after "
+        "every update.",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, lt=1.0,
+        description="rollout_generator vllm: the share of the GPU's memory vLLM may take (its weights and KV "
+        "cache); the rest is the training's.",
+    )
     kl_coef: float = Field(
-        0.04, ge=0.0, description="grpo/ppo: weight of the KL penalty to the reference model (ppo: its start value)."
+        0.04, ge=0.0, description="online RL: weight of the KL penalty to the reference model (ppo: its start value)."
     )
     kl_target: float | None = Field(None, gt=0, description="ppo: adapt kl_coef towards this KL per sequence (null: fixed).")
-    clip_range: float = Field(0.2, gt=0, description="grpo/ppo: clip range of the policy ratio.")
+    clip_range: float = Field(0.2, gt=0, description="online RL: clip range of the policy ratio.")
     clip_range_high: float | None = Field(None, gt=0, description="grpo: upper clip range (DAPO clip-higher; null: clip_range).")
-    update_epochs: int = Field(1, ge=1, description="grpo/ppo: optimisation passes over each rollout batch.")
-    minibatches: int = Field(1, ge=1, description="grpo/ppo: optimizer steps per pass (the rollout batch is split).")
+    update_epochs: int = Field(1, ge=1, description="online RL: optimisation passes over each rollout batch.")
+    minibatches: int = Field(1, ge=1, description="online RL: optimizer steps per pass (the rollout batch is split).")
     discount: float = Field(1.0, gt=0, le=1.0, description="ppo: discount gamma of GAE.")
     gae_lambda: float = Field(0.95, ge=0, le=1.0, description="ppo: lambda of GAE.")
     value_coef: float = Field(0.1, ge=0, description="ppo: weight of the value loss.")
     value_clip_range: float = Field(0.2, gt=0, description="ppo: clip range of the value update.")
-    entropy_coef: float = Field(0.0, ge=0, description="grpo/ppo: entropy bonus weight.")
+    entropy_coef: float = Field(0.0, ge=0, description="online RL: entropy bonus weight.")
     whiten_advantages: bool = Field(True, description="ppo: normalise advantages over the batch.")
     precompute_reference: bool = Field(
         False,
@@ -331,6 +356,16 @@ class TrainConfig(_Section):
         "sharded strategies.",
     )
     loss_chunk_tokens: int = Field(4096, ge=16, description="Trained positions per chunk of the chunked loss.")
+
+    @field_validator("objective")
+    @classmethod
+    def _registered_objective(cls, name: str) -> str:
+        names = objective_specs()
+        if name not in names:
+            close = difflib.get_close_matches(name, list(names), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown objective (registered: {', '.join(names)}){hint}")
+        return name
 
     @field_validator("adam_betas")
     @classmethod
@@ -533,9 +568,12 @@ class TunelabConfig(_Section):
         strategy = self.distributed.strategy
         if strategy == "none":
             return self
-        if self.train.objective in ("grpo", "ppo"):
-            raise ValueError(f"train.objective {self.train.objective} runs in one process; "
-                             "set distributed.strategy none")
+        if strategy == "deepspeed" and objective_spec(self.train.objective).online:
+            raise ValueError(f"train.objective {self.train.objective} (online RL) runs with distributed.strategy "
+                             "none, ddp or fsdp")
+        if self.train.rollout_generator == "vllm" and strategy == "fsdp":
+            raise ValueError("train.rollout_generator vllm loads the whole policy into each process's engine; use "
+                             "distributed.strategy ddp or none with it (or rollout_generator batched with fsdp)")
         sharded = strategy == "fsdp" or (strategy == "deepspeed" and self.distributed.deepspeed.zero_stage == 3)
         if strategy in ("fsdp", "deepspeed") and self.train.precision == "fp16":
             raise ValueError(f"train.precision fp16 with distributed.strategy {strategy}: use bf16 (fp16 needs a "
@@ -556,30 +594,24 @@ class TunelabConfig(_Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TunelabConfig:
-        if self.train.objective == "pretrain" and self.data.train_on != "all":
+        spec = objective_spec(self.train.objective)
+        if spec.data == "text" and self.data.train_on != "all":
             # Continued pretraining trains every token by definition.
             self.data.train_on = "all"
         train = self.train
-        uses_reference = train.objective in ("dpo", "kto") or (train.objective in ("grpo", "ppo") and train.kl_coef > 0)
-        if self.method.init == "pissa" and uses_reference and not (
-                train.precompute_reference and train.objective in ("dpo", "kto")):
+        if self.method.init == "pissa" and spec.uses_reference(train) and not (
+                train.precompute_reference and spec.reference == "always"):
             # PiSSA moves the principal components into the adapter: adapters off is not the base.
             raise ValueError(f"method.init pissa with train.objective {train.objective}: switching the adapters off "
                              "does not give the base model back, so it cannot be the reference; use "
                              "train.precompute_reference: true (dpo/kto) or the default LoRA init")
-        if train.objective in ("grpo", "ppo"):
-            if not train.reward_fn and not train.reward_model:
-                raise ValueError(f"train.objective {train.objective} needs a reward: set train.reward_fn "
-                                 "(e.g. [gsm8k] or module:function) and/or train.reward_model")
-            if train.reward_weights is not None and len(train.reward_weights) != len(train.reward_fn):
-                raise ValueError(f"train.reward_weights has {len(train.reward_weights)} weights for "
-                                 f"{len(train.reward_fn)} reward functions")
-            if train.objective == "grpo" and train.num_generations < 2:
-                raise ValueError("train.num_generations must be at least 2 for grpo (advantages compare "
-                                 "the answers to the same prompt)")
-        per_row = 2 if self.train.objective in ("reward", "dpo", "simpo", "orpo", "kto") else 1
-        if train.objective in ("grpo", "ppo"):
-            per_row = 0  # rollouts are batched by generation_batch_size, not by tokens
+        if spec.check is not None and (problem := spec.check(self)) is not None:
+            raise ValueError(problem)
+        if spec.online and train.grad_accum != 1:
+            raise ValueError(f"train.grad_accum does not apply to train.objective {train.objective} (online RL): an "
+                             "optimizer step takes one minibatch of the step's rollouts (train.minibatches), run "
+                             "generation_batch_size rows at a time")
+        per_row = spec.rows_per_example  # rollouts are batched by generation_batch_size, not by tokens
         if self.data.packing and self.train.batch_tokens < per_row * self.data.max_length:
             what = "twice data.max_length" if per_row == 2 else "data.max_length"
             raise ValueError(
@@ -604,13 +636,17 @@ class TunelabConfig(_Section):
                 f"model.quantization {self.model.quantization}: quantized weights cannot be trained by method "
                 f"{self.method.type}; use qlora, lora, prefix or prompt, or model.quantization none"
             )
-        if self.train.objective not in ("sft", "pretrain"):
+        if not spec.token_level:
+            token_level = " or ".join(name for name, other in objective_specs().items() if other.token_level)
             if self.method.uses_virtual_tokens:
-                raise ValueError(f"method.type {self.method.type} trains with train.objective sft or pretrain only")
+                raise ValueError(f"method.type {self.method.type} trains with train.objective {token_level} only")
             if self.train.neftune_alpha is not None:
-                raise ValueError("train.neftune_alpha (NEFTune) applies to train.objective sft or pretrain only")
-        if self.train.rpo_alpha and self.train.objective != "dpo":
-            raise ValueError("train.rpo_alpha (an NLL term on the chosen answer) applies to train.objective dpo only")
+                raise ValueError(f"train.neftune_alpha (NEFTune) applies to train.objective {token_level} only")
+        for name, other in objective_specs().items():
+            for key, what in other.own_settings.items():
+                if name != self.train.objective and key in self.train.model_fields_set and \
+                        getattr(self.train, key) != TrainConfig.model_fields[key].default:
+                    raise ValueError(f"train.{key} ({what}) applies to train.objective {name} only")
         return self
 
 

@@ -63,6 +63,21 @@ def _section(model: type[BaseModel], prefix: str) -> list[str]:
     return lines
 
 
+def _objectives() -> list[str]:
+    from tunelab.config import objective_specs
+
+    lines = ["## Objectives (`train.objective`)", "",
+             "Each file in `src/tunelab/train/objectives/` registers one; this table is read from the registry.", "",
+             "| objective | trains on | reference model | packing | online | its `train.*` settings | what it is |",
+             "|---|---|---|---|---|---|---|"]
+    for name, spec in sorted(objective_specs().items()):
+        reference = {"none": "no", "always": "yes", "kl": "when kl_coef > 0"}[spec.reference]
+        settings = ", ".join(f"`{key}`" for key in spec.settings) or "-"
+        lines.append(f"| `{name}` | {spec.data} | {reference} | {'yes' if spec.packing else 'no'} | "
+                     f"{'yes' if spec.online else 'no'} | {settings} | {spec.summary} |")
+    return [*lines, ""]
+
+
 def config_reference() -> str:
-    """The Markdown reference of every config key: type, default and meaning."""
-    return HEADER + "\n" + "\n".join(_section(TunelabConfig, "")) + "\n"
+    """The Markdown reference of every config key: type, default and meaning; then the registered objectives."""
+    return HEADER + "\n" + "\n".join(_section(TunelabConfig, "")) + "\n" + "\n".join(_objectives()) + "\n"

@@ -8,19 +8,19 @@ one, with the objectives that do read it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from tunelab.data.convert import detect_kind
 from tunelab.data.files import read_rows
 from tunelab.errors import DataError
 
-# objective -> the record kinds it trains on
-OBJECTIVE_KINDS: dict[str, tuple[str, ...]] = {
-    "sft": ("conversation",),
-    "pretrain": ("text", "conversation"),
-    "reward": ("preference",), "dpo": ("preference",), "simpo": ("preference",), "orpo": ("preference",),
-    "kto": ("feedback",),
-    "grpo": ("prompt", "conversation"), "ppo": ("prompt", "conversation"),
+# an objective's data kind (its registry entry, tunelab.train.objectives.registry) -> the record kinds it reads
+RECORD_KINDS: dict[str, tuple[str, ...]] = {
+    "conversations": ("conversation",),
+    "text": ("text", "conversation"),
+    "pairs": ("preference",),
+    "feedback": ("feedback",),
+    "prompts": ("prompt", "conversation"),
 }
 DESCRIPTIONS = {
     "conversation": "conversations (messages, alpaca or sharegpt records with an answer)",
@@ -31,13 +31,16 @@ DESCRIPTIONS = {
 }
 
 
-def objectives_for(kind: str) -> list[str]:
-    """The objectives that train on records of ``kind``."""
-    return [objective for objective, kinds in OBJECTIVE_KINDS.items() if kind in kinds]
+def objectives_for(kind: str, data_kinds: Mapping[str, str]) -> list[str]:
+    """The objectives that train on records of ``kind`` (``data_kinds``: objective -> its data kind)."""
+    return [objective for objective, data in data_kinds.items() if kind in RECORD_KINDS[data]]
 
 
-def check_data_kind(files: Iterable[str], objective: str, sample: int = 100) -> None:
+def check_data_kind(files: Iterable[str], objective: str, data_kinds: Mapping[str, str], sample: int = 100) -> None:
     """Fail when none of a file's first ``sample`` readable records is of a kind ``objective`` trains on.
+
+    ``data_kinds`` maps every objective to its data kind (the caller has the registry: data does not
+    import train).
 
     Only the kind is checked; bad records are left to the loaders (and ``data.on_error``): one
     record of the right kind among them (an alpaca record without its output reads as a prompt)
@@ -47,9 +50,7 @@ def check_data_kind(files: Iterable[str], objective: str, sample: int = 100) -> 
         DataError: naming the file and line of the first record, the kind found, the kind needed and
             the objectives that read this data.
     """
-    wanted = OBJECTIVE_KINDS.get(objective)
-    if wanted is None:
-        return
+    wanted = RECORD_KINDS[data_kinds[objective]]
     for name in files:
         first: tuple[str, str] | None = None  # (source, kind) of the first record of a kind not wanted
         seen = 0
@@ -74,4 +75,4 @@ def check_data_kind(files: Iterable[str], objective: str, sample: int = 100) -> 
                 f"{source}: this file holds {DESCRIPTIONS[kind]}, but train.objective {objective} trains on "
                 f"{' or '.join(DESCRIPTIONS[k] for k in wanted)}: the data does not match the objective "
                 f"(data.on_error: skip would drop every record). Use data of that kind, or an objective for this "
-                f"data: {', '.join(objectives_for(kind))}")
+                f"data: {', '.join(objectives_for(kind, data_kinds))}")

@@ -27,7 +27,6 @@ from tunelab.config import DataConfig
 from tunelab.data.files import file_fingerprint
 from tunelab.data.oversize import cut_messages, message_bytes, raw_byte_limit
 from tunelab.data.pair_tokenize import PairTokenizer, feedback_rows, preference_rows
-from tunelab.data.kinds import check_data_kind
 from tunelab.data.preferences import load_feedback, load_preferences
 from tunelab.data.records import Conversation, LoadReport, Text, load_records
 from tunelab.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, NO_TEMPLATE, render_conversation, resolve_template
@@ -35,8 +34,10 @@ from tunelab.errors import DataError
 from tunelab.outputs import write_errors
 
 CACHE_VERSION = 2  # bump when tokenization output changes for the same inputs
-PAIR_OBJECTIVES = {"reward", "dpo", "simpo", "orpo"}  # trained on preference pairs
-FEEDBACK_OBJECTIVES = {"kto"}  # trained on records labelled desirable or not
+DATA_KINDS = ("conversations", "text", "pairs", "feedback", "prompts")
+"""What an objective trains on (its registry entry says which): chats with trained assistant turns,
+text trained on every token, preference pairs, labelled feedback records, or prompts (tokenized as
+conversations here; online RL renders them itself)."""
 
 
 @dataclass
@@ -105,14 +106,14 @@ def _record_to_row(record: Conversation | Text) -> dict[str, Any]:
 class _Tokenizer:
     """The picklable map function (datasets runs it in worker processes)."""
 
-    def __init__(self, tokenizer, template, train_on, max_length, overlong, stop_ids, objective):
+    def __init__(self, tokenizer, template, train_on, max_length, overlong, stop_ids, kind):
         self.tokenizer = tokenizer
         self.template = template
         self.train_on = train_on
         self.max_length = max_length
         self.overlong = overlong
         self.stop_ids = set(stop_ids)
-        self.objective = objective
+        self.kind = kind
         self.byte_limit = raw_byte_limit(tokenizer, max_length)
 
     def _text(self, text: str) -> list[tuple[list[int], list[int], str]]:
@@ -151,8 +152,9 @@ class _Tokenizer:
         tools_column = batch.get("tools") or [""] * len(batch["source"])
         for messages, text, source, tools in zip(batch["messages"], batch["text"], batch["source"], tools_column):
             try:
-                if not messages and self.objective == "sft":
-                    raise DataError("a plain-text record cannot be used for train.objective: sft (use pretrain)")
+                if not messages and self.kind != "text":
+                    raise DataError("a plain-text record cannot be used for conversation data (train.objective: "
+                                    "pretrain trains on plain text)")
                 pieces = self._text(text) if not messages else self._conversation(messages, json.loads(tools or "[]"))
             except DataError as exc:
                 pieces = [([], [], f"error: {exc}")]
@@ -224,7 +226,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab")) / "data"
 
 
-def data_fingerprint(cfg: DataConfig, objective: str, seed: int, tokenizer, template: str | None,
+def data_fingerprint(cfg: DataConfig, kind: str, seed: int, tokenizer, template: str | None,
                      stop_ids: set[int]) -> str:
     """Fingerprint of everything that decides the tokenized data."""
     parts = {
@@ -232,7 +234,7 @@ def data_fingerprint(cfg: DataConfig, objective: str, seed: int, tokenizer, temp
         "train": [file_fingerprint(f) for f in cfg.train],
         "eval": [file_fingerprint(f) for f in cfg.eval or []],
         "data": cfg.model_dump(exclude={"packing", "num_proc", "cache_dir"}),
-        "objective": objective,
+        "kind": kind,
         "seed": seed,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template,
@@ -255,21 +257,24 @@ def split_records(records: list, val_ratio: float, seed: int) -> tuple[list, lis
 
 
 def prepare_data(
-    cfg: DataConfig, objective: str, seed: int, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]
+    cfg: DataConfig, kind: str, seed: int, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]
 ) -> TokenizedData:
     """Read, split, render, tokenize and cache the train and eval data.
+
+    ``kind`` is the objective's data kind (one of :data:`DATA_KINDS`).
 
     Raises:
         DataError: unreadable files, bad records (with ``on_error: fail``), or nothing usable.
     """
-    check_data_kind([*cfg.train, *(cfg.eval or [])], objective)
     try:
         template: str | None = resolve_template(tokenizer, cfg.template)
     except DataError:
-        if objective != "pretrain" or cfg.template != "auto":
+        if kind != "text" or cfg.template != "auto":
             raise
         template = None  # plain text needs no template; a conversation record is refused when it is met
-    fingerprint = data_fingerprint(cfg, objective, seed, tokenizer, template, stop_ids)
+    if kind not in DATA_KINDS:
+        raise ValueError(f"unknown data kind {kind!r}; one of {', '.join(DATA_KINDS)}")
+    fingerprint = data_fingerprint(cfg, kind, seed, tokenizer, template, stop_ids)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     target = cache / fingerprint
     if (target / "meta.json").is_file():
@@ -281,16 +286,16 @@ def prepare_data(
         return TokenizedData(train, evaluation, train_report, eval_report, meta["eval_records"], template, fingerprint)
 
     fn: _Tokenizer | PairTokenizer
-    if objective in PAIR_OBJECTIVES | FEEDBACK_OBJECTIVES:
+    if kind in ("pairs", "feedback"):
         fn = PairTokenizer(tokenizer, template, cfg.max_length, cfg.overlong, stop_ids)
-        pairs = objective in PAIR_OBJECTIVES
+        pairs = kind == "pairs"
         to_rows = preference_rows if pairs else feedback_rows
 
         def load(files: list[str], limit: int | None = None) -> tuple[list, LoadReport]:
             loader = load_preferences if pairs else load_feedback
             return loader(files, cfg.on_error, cfg.system_prompt, limit)
     else:
-        fn = _Tokenizer(tokenizer, template, cfg.train_on, cfg.max_length, cfg.overlong, stop_ids, objective)
+        fn = _Tokenizer(tokenizer, template, cfg.train_on, cfg.max_length, cfg.overlong, stop_ids, kind)
 
         def to_rows(records: list) -> list[dict[str, Any]]:
             return [_record_to_row(r) for r in records]

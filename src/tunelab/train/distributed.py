@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -168,6 +169,7 @@ class LossModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, objective: Objective, device: torch.device) -> None:
         super().__init__()
         self.model = model
+        self.heads = torch.nn.ModuleDict(objective.heads())  # trained beside the model (PPO's value head)
         self.objective = objective
         self.device = device
 
@@ -200,7 +202,20 @@ class Parallel:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Take the optimizer (DeepSpeed wraps it); called once after it is built."""
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable = [p for p in self.module.parameters() if p.requires_grad]  # the model's, then the heads'
+
+    @property
+    def heads(self) -> torch.nn.ModuleDict:
+        """The objective's own trained modules (after sharding: their parameters are the optimizer's)."""
+        return self.module.heads
+
+    def head_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every head's whole state dict, by file name (every process must call this: sharded heads gather)."""
+        from torch.distributed.tensor import DTensor
+
+        return {f"{name}.safetensors": {key: (value.full_tensor() if isinstance(value, DTensor) else value).detach()
+                                        for key, value in head.state_dict().items()}
+                for name, head in self.heads.items()}
 
     # -- one optimizer step ------------------------------------------------------------------
 
@@ -225,7 +240,7 @@ class Parallel:
             The objective's metrics over the whole window are added to ``metrics``.
         """
         plan = window_share(len(window), self.processes.rank, self.world_size)
-        step_loss = torch.zeros((), device=self.device)
+        step_loss = torch.zeros((), device=self.device, dtype=torch.float64)  # summed as exactly as the parts allow
         local: dict[str, list[float]] = {}
         for number, index in enumerate(plan):
             with self._accumulating(last=number == len(plan) - 1):
@@ -234,7 +249,7 @@ class Parallel:
                 # Gradients are averaged over processes; scaling by W makes them the window's sum.
                 self._backward(loss, 0.0 if index is None else float(self.world_size), scaler)
             if index is not None:
-                step_loss += loss.detach()
+                step_loss += loss.detach().double()
                 add_metrics(local, batch_metrics)
         return self._combine(step_loss, local, metrics)
 
@@ -313,9 +328,10 @@ class Parallel:
                         optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                         scaler: torch.amp.GradScaler | None, trainer_state: dict[str, Any], keep: int) -> None:
         """Write ``checkpoints/step-N`` atomically (every process calls this)."""
+        heads = self.head_states()
         if not self.processes.distributed:
             checkpoints.save_checkpoint(output_dir, step, self.model, tokenizer, optimizer, scheduler, scaler,
-                                        trainer_state, keep)
+                                        trainer_state, keep, extra_tensors=heads)
             return
         root = checkpoints.checkpoint_root(output_dir)
         staging = root / f".tmp-step-{step}-{SHARDED_DIR}"
@@ -325,13 +341,15 @@ class Parallel:
         self.processes.barrier()
         if not self.processes.is_main:
             torch.save(_rng_state(), staging / f"rng-rank{self.processes.rank}.pt")
+        self.processes.barrier()  # written before rank 0 moves the staging directory into the checkpoint
         self._save_sharded_state(staging, optimizer)
         state = {**trainer_state, "strategy": self.processes.strategy, "world_size": self.world_size}
         with self.full_weights() as weights:
             if self.processes.is_main:
                 checkpoints.save_checkpoint(
                     output_dir, step, self.model, tokenizer, self._replicated_optimizer(optimizer), scheduler,
-                    scaler, state, keep, state_dict=weights, extra=lambda tmp: staging.rename(tmp / SHARDED_DIR))
+                    scaler, state, keep, extra_tensors=heads, state_dict=weights,
+                    extra=lambda tmp: staging.rename(tmp / SHARDED_DIR))
         self.processes.barrier()
 
     def _save_sharded_state(self, directory: Path, optimizer: torch.optim.Optimizer) -> None:
@@ -349,6 +367,9 @@ class Parallel:
         sharded = self._load_sharded_state(path / SHARDED_DIR, optimizer, saved_world)
         model, whole_optimizer = (None, None) if sharded else (self.model, optimizer)
         state = checkpoints.load_checkpoint(path, model, whole_optimizer, scheduler, scaler)
+        if not sharded:  # sharded heads came back with the module's sharded state
+            for name, head in self.heads.items():
+                head.load_state_dict(load_file(path / f"{name}.safetensors", device=str(self.device)))
         own_rng = path / SHARDED_DIR / f"rng-rank{self.processes.rank}.pt"
         if self.processes.rank > 0 and own_rng.is_file():
             _set_rng_state(torch.load(own_rng, weights_only=True))
@@ -424,7 +445,10 @@ class FSDPParallel(Parallel):
     @contextmanager
     def _root_unsharded(self) -> Iterator[None]:
         # The root's parameters (embeddings, head, virtual tokens) are gathered by its forward only;
-        # generation calls the model directly. The layers gather their own in their hooks.
+        # generation calls the model directly. The layers gather their own in their hooks, which
+        # needs the root initialised first (its first forward does that; generation can come first:
+        # an evaluation at step 0, online RL's rollouts). FSDP2 has no public call for it.
+        self.module._get_fsdp_state()._lazy_init()
         self.module.unshard()
         try:
             yield

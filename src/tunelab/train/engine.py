@@ -2,8 +2,13 @@
 
 Reads top to bottom: set up (output dir, seed, device, tokenizer, data, model, method, optimizer,
 resume), train (accumulate, clip, step, log, evaluate, checkpoint), save (final model, run.json).
-The loss of a step is the summed token loss of its micro-batches divided by the trained tokens
-of the whole accumulation window, so accumulation equals one big batch exactly. How the passes,
+A step's work comes from a source: the offline one reads ``grad_accum`` micro-batches of the
+tokenized data (:mod:`tunelab.train.steps`); the online one samples, scores and hands rollouts to
+an online objective, whose step is ``update_epochs × minibatches`` optimizer steps
+(:mod:`tunelab.train.rl.source`). Which objective and what it needs (data kind, reference,
+packing, online) comes from the registry (:mod:`tunelab.train.objectives.registry`).
+The loss of an optimizer step is the summed loss of its micro-batches divided by the trained units
+of the whole window, so accumulation equals one big batch exactly. How the passes,
 steps, evaluations and checkpoints run across processes (one process, DDP, FSDP2, DeepSpeed ZeRO)
 is :mod:`tunelab.train.distributed`'s job; the loop is the same for all.
 """
@@ -23,10 +28,13 @@ import datasets
 import numpy as np
 import torch
 from peft import PeftModel
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import TunelabConfig
 from tunelab.data.packing import Batch, packed_lengths_tensor
+from tunelab.data.kinds import check_data_kind
+from tunelab.data.templates import resolve_template
 from tunelab.data.tokenize import default_cache_dir, prepare_data
 from tunelab.errors import TrainingError
 from tunelab.faults import crash_point
@@ -55,16 +63,19 @@ from tunelab.train.checkpoint import latest_checkpoint, save_model_dir
 from tunelab.train.speed import apply_speed_switches
 from tunelab.train.stop import StopOnSignal, TrainingStopped
 from tunelab.train.distributed import Parallel, Processes, parallelize, start_processes, stop_processes
-from tunelab.train.objectives import REFERENCE_OBJECTIVES, build_objective
+from tunelab.train.objectives import build_objective, objective_spec
+from tunelab.train.objectives.registry import objective_data_kinds
+from tunelab.train.objectives.base import add_metrics
 from tunelab.train.objectives.sft import SFTObjective
 from tunelab.train.reference import attach_reference_logps, frozen_copy
 from tunelab.train.neftune import NEFTune
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.reporting import Reporter, console
+from tunelab.train.rl.generators import build_generator
+from tunelab.train.rl.source import Reward, RolloutSource, load_prompt_sets, prompts_fingerprint
 from tunelab.train.run_dir import RunDirectory
 from tunelab.train.run_info import write_run_json
-
-ONLINE_OBJECTIVES = {"grpo", "ppo"}  # trained on their own rollouts (train/rl/trainer.py)
+from tunelab.train.steps import OfflineSource
 
 # An evaluator scores the model on held-out conversations (e.g. generation exact match).
 Evaluator = Callable[[torch.nn.Module, PreTrainedTokenizerBase, str, list[dict]], dict[str, float]]
@@ -134,13 +145,14 @@ def train(
     overwrite: bool = False,
     evaluators: Sequence[Evaluator] = (),
 ) -> TrainResult:
-    """Run a fine-tune from a validated config.
+    """Run a fine-tune from a validated config: any registered objective, offline or online.
 
     Args:
         config: the run configuration.
         resume: continue from the newest checkpoint in ``output_dir`` (a fresh start if none).
         overwrite: delete an earlier run in ``output_dir`` instead of refusing to start.
-        evaluators: extra held-out metrics, called at every evaluation.
+        evaluators: extra held-out metrics, called at every evaluation (online objectives give
+            them the held-out prompts as records).
 
     Returns:
         The output locations and final metrics.
@@ -148,10 +160,6 @@ def train(
     Raises:
         TunelabError: bad config, data or model; TrainingError when the loss becomes NaN/inf.
     """
-    if config.train.objective in ONLINE_OBJECTIVES:
-        from tunelab.train.rl.trainer import train_online
-
-        return train_online(config, resume, overwrite, evaluators)
     started = time.perf_counter()
     processes, device = start_processes(config)  # one process, or this one's place among torchrun's
     run_dir = RunDirectory(config, resume, overwrite, main=processes.is_main)  # only rank 0 writes the run's files
@@ -166,6 +174,7 @@ def train(
 def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_dir: RunDirectory,
            evaluators: Sequence[Evaluator], started: float) -> TrainResult:
     out = run_dir.path
+    spec = objective_spec(cfg.train.objective)
     precision = resolve_precision(cfg.train.precision, device)
     with processes.node_main_first():
         ensure_tiny_model(cfg)
@@ -173,41 +182,49 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
     # Data first: a bad file fails before any weights load.
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.revision)
     stop_ids = stop_token_ids(cfg.model.path, tokenizer, cfg.model.trust_remote_code)
-    with processes.node_main_first():  # tokenized once per node and cached; the other processes read the cache
-        data = prepare_data(cfg.data, cfg.train.objective, cfg.train.seed, tokenizer, stop_ids)
-    tokenizer.chat_template = data.template  # saved with every checkpoint and the final model
-    for line in data.train_report.lines():
-        console.print(f"[dim]train data:[/dim] {line}", highlight=False)
-    if data.train_report.from_cache:
-        console.print(f"[dim]train data: loaded tokenized cache {data.fingerprint}[/dim]")
-    for line in data.eval_report.lines() if data.eval_report else []:
-        console.print(f"[dim]eval data:[/dim] {line}", highlight=False)
+    data = prompts = held_prompts = reward = None
+    check_data_kind([*cfg.data.train, *(cfg.data.eval or [])], cfg.train.objective, objective_data_kinds())
+    if spec.online:  # prompts, answered by the policy itself; each process reads them (cheap)
+        template = resolve_template(tokenizer, cfg.data.template)
+        prompts, held_prompts = load_prompt_sets(cfg, tokenizer, template)
+        fingerprint = prompts_fingerprint(cfg.data.train)
+        reward = Reward(cfg.train, device)
+    else:
+        with processes.node_main_first():  # tokenized once per node and cached; the other processes read the cache
+            data = prepare_data(cfg.data, spec.data, cfg.train.seed, tokenizer, stop_ids)
+        template, fingerprint = data.template, data.fingerprint
+        for line in data.train_report.lines():
+            console.print(f"[dim]train data:[/dim] {line}", highlight=False)
+        if data.train_report.from_cache:
+            console.print(f"[dim]train data: loaded tokenized cache {data.fingerprint}[/dim]")
+        for line in data.eval_report.lines() if data.eval_report else []:
+            console.print(f"[dim]eval data:[/dim] {line}", highlight=False)
+    tokenizer.chat_template = template  # saved with every checkpoint and the final model
 
     model_path = str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).exists() else cfg.model.path
     model_cfg = cfg.model.model_copy(update={"path": model_path})
     load_dtype = resolve_load_dtype(cfg.model, cfg.method.type, device)
-    reward_head = cfg.train.objective == "reward"
-    packing = cfg.data.packing
+    packing = cfg.data.packing and spec.packing
     if packing and (conflict := packing_conflict(cfg.method)):
         console.print(f"[yellow]data.packing off: {conflict}; using padded batches")
         packing = False
     attention = attention_for(cfg.model, packing)
-    model = load_model(model_cfg, load_dtype, device, attention, reward_head)
+    model = load_model(model_cfg, load_dtype, device, attention, spec.score_head)
     if is_quantized(model):
         console.print(f"model: {cfg.model.quantization} base, {weight_memory(model)}")
         if unfit := route_unfit_cpu_4bit_layers(model):
             console.print(f"model: {len(unfit)} 4-bit layers have sizes bitsandbytes' fused CPU kernel cannot take "
                           f"(e.g. {unfit[0]}): they run on its generic path outside training too")
-    if reward_head:
+    if spec.score_head:
         model.config.pad_token_id = tokenizer.pad_token_id  # transformers' pooling finds the last token by it
     if packing and not packing_supported(model, device):
         console.print(f"[yellow]{type(model).__name__} does not support padding-free packing; using padded batches")
         packing = False
     precision_context = autocast_factory(device, precision)
     reference = None
-    if cfg.train.objective in REFERENCE_OBJECTIVES:
-        if cfg.train.precompute_reference:  # the model is still the reference: no adapters, no updates yet
-            cache = (Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()) / data.fingerprint
+    if spec.uses_reference(cfg.train):
+        if cfg.train.precompute_reference and spec.reference == "always":  # the model is still the reference
+            cache = (Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()) / fingerprint
 
             def with_reference(split: datasets.Dataset, name: str) -> datasets.Dataset:
                 return attach_reference_logps(model, split, cache / f"reference-{name}", model_path, packing,
@@ -223,46 +240,66 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
             console.print("[dim]reference model: a frozen copy of the starting weights[/dim]")
         else:
             console.print("[dim]reference model: the base with LoRA adapters switched off (no second copy)[/dim]")
-    model = apply_method(model, cfg.method, "SEQ_CLS" if reward_head else "CAUSAL_LM")
-    pissa_init = out / "pissa_init" if cfg.method.init == "pissa" else None  # final/ becomes a LoRA of the base
+    model = apply_method(model, cfg.method, "SEQ_CLS" if spec.score_head else "CAUSAL_LM")
+    pissa_init = out / "pissa_init" if cfg.method.init == "pissa" else None  # final/ is saved as a LoRA of the base
     if pissa_init is not None and processes.is_main:
         save_initial_adapter(model, pissa_init)
-    if reward_head and cfg.method.type == "freeze":
+    if spec.score_head and cfg.method.type == "freeze":
         model.score.requires_grad_(True)  # a new head always trains
-    objective = build_objective(cfg.train, reference)
+    objective = build_objective(cfg.train, reference, model)
+    for head in objective.heads().values():
+        head.to(device)
     activations = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, load_dtype)
     apply_speed_switches(cfg, model, objective, device, packing and attention == VARLEN_NAME, activations)
     neftune = NEFTune(model, cfg.train.neftune_alpha) if cfg.train.neftune_alpha else None
     params = count_parameters(model)
     console.print(f"model: {type(model).__name__} on {device}, weights {load_dtype}, autocast {precision}; {params}")
 
-    pad_id = tokenizer.pad_token_id
-    stream = MicroBatches(data.train, packing, cfg.train.batch_tokens, cfg.train.batch_size, pad_id, cfg.train.seed)
-    grad_accum = cfg.train.grad_accum * processes.world_size  # micro-batches per optimizer step, all processes
-    total_micro = None if cfg.train.max_steps else stream.count(cfg.train.epochs)
-    total_steps = cfg.train.max_steps or math.ceil(total_micro / grad_accum)
-    held_out = (
-        eval_batches(data.eval, packing, cfg.train.batch_tokens, cfg.train.batch_size, pad_id) if data.eval else []
-    )
-
     parallel = parallelize(model, objective, processes, device, cfg)  # FSDP shards here: before the optimizer
+    autocast = precision_context
+    reporter: Reporter | None = None
+    source: OfflineSource | RolloutSource
+    if spec.online:
+        generator = build_generator(cfg, tokenizer, stop_ids, model_path, device, activations)
+        source = RolloutSource(cfg, objective, generator, tokenizer, prompts, held_prompts, reward, model, device,
+                               autocast, cfg.eval.generate_samples or 64, parallel.generation_context,
+                               lambda text: reporter.phase(text) if reporter else None)
+        eval_records = source.held_out_records()
+        steps_per_step = objective.optimizer_steps_per_step  # optimizer steps of one RL step
+        grad_accum = None
+    else:
+        pad_id = tokenizer.pad_token_id
+        stream = MicroBatches(data.train, packing, cfg.train.batch_tokens, cfg.train.batch_size, pad_id, cfg.train.seed)
+        grad_accum = cfg.train.grad_accum * processes.world_size  # micro-batches per optimizer step, all processes
+        held_out = (eval_batches(data.eval, packing, cfg.train.batch_tokens, cfg.train.batch_size, pad_id)
+                    if data.eval else [])
+        source = OfflineSource(stream, objective, grad_accum, cfg.train.epochs, cfg.train.max_steps, held_out,
+                               token_loss=spec.token_level)
+        eval_records, steps_per_step = data.eval_records, 1
+    total_steps = source.total_steps()
+
     optimizer = build_optimizer(model, cfg.train, cfg.method.lora_plus_ratio if cfg.method.uses_lora else None)
-    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    for head in parallel.heads.values():  # after sharding: the parameters the strategy trains
+        optimizer.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps * steps_per_step)
     parallel.attach(optimizer)  # DeepSpeed wraps the optimizer here
     if processes.distributed:
-        console.print(f"training: {parallel.describe()}; {grad_accum} micro-batches per optimizer step "
-                      f"({cfg.train.grad_accum} per process)")
+        split = (f"{grad_accum} micro-batches per optimizer step ({cfg.train.grad_accum} per process)"
+                 if grad_accum else "every process samples the step's rollouts; the update is split")
+        console.print(f"training: {parallel.describe()}; {split}")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    autocast = precision_context
 
     # The open logging window and the last evaluation are part of the state, so a resumed run logs
     # exactly what the uninterrupted one logs whatever log_every and save_every are.
-    state: dict[str, Any] = {"micro": 0, "tokens": 0, "elapsed": 0.0, "log_window": new_log_window(), "last_eval": {}}
+    state: dict[str, Any] = {"tokens": 0, "elapsed": 0.0, "log_window": new_log_window(), "last_eval": {}}
     start_step = 0
     checkpoint = run_dir.checkpoint()
     if checkpoint is not None:
         state = {**state, **parallel.load_checkpoint(checkpoint, optimizer, scheduler, scaler)}
         start_step = state["step"]
+        source.load_state_dict(state)
+        if spec.online:
+            objective.load_state_dict(state)
         console.print(f"resumed from {checkpoint} (step {start_step})")
     elif run_dir.resume:
         console.print("--resume: no checkpoint to resume from, starting from the beginning")
@@ -271,19 +308,17 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
     reporter = Reporter(out, total_steps, start_step, cfg.train.tensorboard, processes.is_main)
 
     def run_evaluation(step: int) -> dict[str, Any]:
-        row: dict[str, Any] = {"step": step}
-        if held_out:
-            row.update(parallel.evaluate(held_out, autocast, token_loss=isinstance(objective, SFTObjective)))
+        row: dict[str, Any] = {"step": step, **source.evaluate(parallel, autocast)}
         for evaluator in evaluators:
             with autocast(), parallel.generation_context():
-                row.update(evaluator(model, tokenizer, data.template, data.eval_records))
+                row.update(evaluator(model, tokenizer, template, eval_records))
         if len(row) > 1:
             reporter.log(row)
         return row
 
     def checkpoint_now(step: int) -> None:
-        trainer_state = {**state, "elapsed": state["elapsed"] + time.perf_counter() - window_start,
-                         "last_eval": last_eval}
+        trainer_state = {**state, **source.state_dict(), **(objective.state_dict() if spec.online else {}),
+                         "elapsed": state["elapsed"] + time.perf_counter() - window_start, "last_eval": last_eval}
         with write_errors(out / "checkpoints" / f"step-{step}", f"checkpoint of step {step}",
                           kept=lambda: kept_checkpoint(out)):
             parallel.save_checkpoint(out, step, tokenizer, optimizer, scheduler, scaler, trainer_state,
@@ -298,32 +333,35 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
         log_tokens, log_start = 0, time.perf_counter()  # this process's throughput only
         for step in range(start_step, total_steps):
             model.train()
-            end = state["micro"] + grad_accum if total_micro is None else min(state["micro"] + grad_accum, total_micro)
-            window = [stream.get(m) for m in range(state["micro"], end)]
-            totals = objective.window_totals(window)
-            window_units = totals["units"]
-            loss_value = parallel.backward_window(window, totals, autocast, scaler, log["metrics"])
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"loss became {loss_value} at step {step + 1}; stopped without updating the weights. "
-                    f"Last good checkpoint: {latest_checkpoint(out) or 'none'}. Try a lower train.lr, "
-                    "train.precision: fp32 or bf16 instead of fp16, or check the data."
-                )
-            lr = scheduler.get_last_lr()[0]
-            grad_norm = parallel.clip_and_step(optimizer, scaler, cfg.train.max_grad_norm)  # skips a non-finite step
-            if not math.isfinite(grad_norm) and scaler is None:
-                raise TrainingError(
-                    f"gradient norm became {grad_norm} at step {step + 1}; stopped without updating the weights. "
-                    f"Last good checkpoint: {latest_checkpoint(out) or 'none'}."
-                )
-            scheduler.step()
-
-            state["micro"] = end
-            step_tokens = sum(batch.num_tokens for batch in window)
-            state["tokens"] += step_tokens
-            log["loss"] += loss_value * window_units
-            log["units"] += window_units
-            log_tokens += step_tokens
+            work = source.step(step)  # online: rollouts, rewards and advantages first
+            losses, grad_norms = [], []
+            for window in work.windows:  # one optimizer step each
+                totals = objective.window_totals(window)
+                loss_value = parallel.backward_window(window, totals, autocast, scaler, log["metrics"])
+                if not math.isfinite(loss_value):
+                    raise TrainingError(
+                        f"loss became {loss_value} at step {step + 1}; stopped without updating the weights. "
+                        f"Last good checkpoint: {latest_checkpoint(out) or 'none'}. Try a lower train.lr, "
+                        "train.precision: fp32 or bf16 instead of fp16, or check the data."
+                    )
+                lr = scheduler.get_last_lr()[0]
+                grad_norm = parallel.clip_and_step(optimizer, scaler, cfg.train.max_grad_norm)  # skips a non-finite step
+                if not math.isfinite(grad_norm) and scaler is None:
+                    raise TrainingError(
+                        f"gradient norm became {grad_norm} at step {step + 1}; stopped without updating the weights. "
+                        f"Last good checkpoint: {latest_checkpoint(out) or 'none'}."
+                    )
+                scheduler.step()
+                losses.append(loss_value)
+                grad_norms.append(grad_norm)
+            source.updated()
+            step_loss = losses[0] if len(losses) == 1 else float(np.mean(losses))
+            grad_norm = grad_norms[0] if len(grad_norms) == 1 else float(np.mean(grad_norms))
+            state["tokens"] += work.tokens
+            log["loss"] += step_loss * work.weight
+            log["units"] += work.weight
+            add_metrics(log["metrics"], {name: (value, 1) for name, value in work.metrics.items()})
+            log_tokens += work.tokens
             done = step + 1
             reporter.advance(done)
             crash_point(f"step {done}")
@@ -331,7 +369,7 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
                 now = time.perf_counter()
                 reporter.log({
                     "step": done,
-                    "epoch": round(stream.progress(state["micro"]), 4),
+                    "epoch": round(source.progress(done), 4),
                     "loss": log["loss"] / log["units"],
                     **{name: total / max(count, 1) for name, (total, count) in log["metrics"].items()},
                     "lr": lr,
@@ -364,19 +402,27 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
             neftune.remove()
 
     final_dir = out / "final"
+    heads = parallel.head_states()  # gathered from the shards in a sharded run (every process)
     with parallel.full_weights() as weights:  # gathered from the shards in a sharded run
         if processes.is_main:
             with write_errors(final_dir, "final model", kept=f"checkpoints/step-{total_steps} holds the trained "
                               "weights; free space and run again with --resume to write final/"):
-                save_final(model, tokenizer, stop_ids, final_dir, pissa_init, weights)
+                save_final(model, tokenizer, stop_ids, final_dir, pissa_init, weights,
+                           extra=(lambda tmp: save_heads(tmp, heads)) if heads else None)
     elapsed = state["elapsed"] + time.perf_counter() - window_start
     if processes.is_main:
         with write_errors(out / "run.json", "run record", kept=f"{final_dir} and the checkpoints are complete"):
-            write_run_json(out, cfg, data.fingerprint, device, precision, params, total_steps, elapsed,
+            write_run_json(out, cfg, fingerprint, device, precision, params, total_steps, elapsed,
                            time.perf_counter() - started, last_eval)
     stop_processes(processes)
     console.print(f"saved {final_dir}")
     return TrainResult(out, final_dir, total_steps, last_eval, start_eval, model, tokenizer)
+
+
+def save_heads(directory: Path, heads: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Write the objective's own trained modules (e.g. ``value_head.safetensors``) beside the model."""
+    for name, tensors in heads.items():
+        save_file({key: tensor.detach().contiguous().cpu() for key, tensor in tensors.items()}, str(directory / name))
 
 
 def kept_checkpoint(out: Path) -> str:

@@ -18,6 +18,7 @@ from tunelab.config import TunelabConfig
 from tunelab.errors import TunelabError
 from tunelab.models.adapters import decoder_layers, enable_gradient_checkpointing
 from tunelab.models.attention import packed_kernel
+from tunelab.train.objectives import objective_spec
 from tunelab.train.objectives.base import Objective
 from tunelab.train.objectives.chunked_loss import chunked_loss_supported
 from tunelab.train.reporting import console
@@ -78,6 +79,8 @@ def compile_blocker(cfg: TunelabConfig, device: torch.device) -> str | None:
         return "train.compile is off"
     if cfg.distributed.strategy == "deepspeed":
         return "DeepSpeed wraps the model itself"
+    if setting == "auto" and objective_spec(cfg.train.objective).online:
+        return "auto does not compile online RL (its rollouts change the shapes at every step)"
     if setting == "auto":
         if device.type != "cuda":
             return f"auto compiles on CUDA only (this run is on {device.type}; set train.compile: on to force it)"

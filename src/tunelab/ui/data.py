@@ -77,7 +77,12 @@ def preview(body: PreviewBody) -> dict[str, Any]:
         raise ConfigError("\n".join(e["message"] for e in errors))
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code, config.model.revision)
     stop_ids = stop_token_ids(config.model.path, tokenizer, config.model.trust_remote_code)
-    data = prepare_data(config.data, config.train.objective, config.train.seed, tokenizer, stop_ids)
+    from tunelab.data.kinds import check_data_kind
+    from tunelab.train.objectives.registry import objective_data_kinds, objective_spec
+
+    check_data_kind([*config.data.train, *(config.data.eval or [])], config.train.objective, objective_data_kinds())
+    data = prepare_data(config.data, objective_spec(config.train.objective).data, config.train.seed, tokenizer,
+                        stop_ids)
     split = data.eval if body.split == "eval" else data.train
     if split is None:
         raise ConfigError("this config has no eval split (set data.eval or data.val_ratio)")

@@ -67,6 +67,10 @@ def schema_sections(model: type[BaseModel] = TunelabConfig, prefix: str = "") ->
             sections += schema_sections(nested, f"{prefix}{name}.")
             continue
         kind, choices, nullable = _field_kind(field.annotation)
+        if f"{prefix}{name}" == "train.objective":  # the registered objectives (a str in the schema)
+            from tunelab.config import objective_specs
+
+            kind, choices = "choice", list(objective_specs())
         default = None if field.is_required() else field.get_default(call_default_factory=True)
         top["fields"].append({"key": f"{prefix}{name}", "kind": kind, "choices": choices, "nullable": nullable,
                               "required": field.is_required(), "default": default,

@@ -1,7 +1,7 @@
 """Objectives: each turns micro-batches into its share of a step's loss (see :mod:`.base`).
 
-``sft``/``pretrain``: next-token loss; ``reward``: Bradley-Terry; ``dpo``/``simpo``/``orpo``:
-preference pairs; ``kto``: labelled records.
+Every objective is declared by its own file here through :mod:`.registry` (name, data kind,
+reference need, packing support, settings); :func:`build_objective` builds the one a config names.
 """
 
 from __future__ import annotations
@@ -10,31 +10,21 @@ import torch
 
 from tunelab.config import TrainConfig
 from tunelab.train.objectives.base import Metrics, Objective
-from tunelab.train.objectives.kto import KTOObjective
-from tunelab.train.objectives.preference import PreferenceObjective
-from tunelab.train.objectives.reward import RewardObjective
-from tunelab.train.objectives.sft import SFTObjective
+from tunelab.train.objectives.registry import ObjectiveSpec, objective_spec, objective_specs, register
 
-DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "simpo": 2.0, "orpo": 0.1}
-REFERENCE_OBJECTIVES = {"dpo", "kto"}  # compare the policy with a frozen reference model
-
-__all__ = ["Metrics", "Objective", "REFERENCE_OBJECTIVES", "build_objective"]
+__all__ = ["Metrics", "Objective", "ObjectiveSpec", "build_objective", "objective_spec", "objective_specs",
+           "register"]
 
 
-def build_objective(train: TrainConfig, reference: torch.nn.Module | None = None) -> Objective:
+def build_objective(train: TrainConfig, reference: torch.nn.Module | None = None,
+                    model: torch.nn.Module | None = None) -> Objective:
     """The objective a training config asks for.
 
     Args:
-        train: the ``train`` section (objective, beta, loss_type, ...).
-        reference: the frozen reference model for DPO/KTO with full or freeze fine-tuning; None
-            for LoRA (adapters switched off) or precomputed reference log-probs.
+        train: the ``train`` section (objective and its settings).
+        reference: the frozen reference model when the objective needs one and the method has no
+            adapters to switch off; None for LoRA (adapters switched off), precomputed reference
+            log-probs, or an objective without a reference.
+        model: the policy, for objectives whose own modules fit it (PPO's value head).
     """
-    beta = train.beta if train.beta is not None else DEFAULT_BETA.get(train.objective, 0.1)
-    if train.objective in ("sft", "pretrain"):
-        return SFTObjective()
-    if train.objective == "reward":
-        return RewardObjective()
-    if train.objective == "kto":
-        return KTOObjective(beta, train.desirable_weight, train.undesirable_weight, reference)
-    return PreferenceObjective(train.objective, beta, train.loss_type, train.label_smoothing, train.gamma, reference,
-                               train.rpo_alpha)
+    return objective_spec(train.objective).build(train, reference, model)

@@ -34,6 +34,13 @@ class Objective(Protocol):
         """Counts over the whole window that normalise the loss (``units`` at least)."""
         ...
 
+    def heads(self) -> dict[str, torch.nn.Module]:
+        """Modules the objective trains besides the model (PPO's value head), by file name stem; often none.
+
+        The engine trains, distributes and checkpoints them with the model, and saves them in ``final/``.
+        """
+        ...
+
     def loss(self, model: torch.nn.Module, batch: Batch, totals: dict[str, int]) -> tuple[torch.Tensor, Metrics]:
         """This micro-batch's share of the window's loss, and metrics as (sum, count)."""
         ...

@@ -14,6 +14,7 @@ import torch
 
 from tunelab.data.packing import Batch
 from tunelab.train.objectives.base import Metrics
+from tunelab.train.objectives.registry import ObjectiveSpec, register
 from tunelab.train.objectives.sequence import first_and_second, reference_logps, sequence_logps
 
 
@@ -44,6 +45,10 @@ class KTOObjective:
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         self.chunk_tokens: int | None = None  # set by train.chunked_loss (see SFTObjective)
 
+    def heads(self) -> dict[str, torch.nn.Module]:
+        """No modules besides the model."""
+        return {}
+
     def window_totals(self, window: Sequence[Batch]) -> dict[str, int]:
         """Records in the window (the loss is their mean)."""
         return {"units": sum(batch.num_sequences // 2 for batch in window)}
@@ -64,3 +69,11 @@ class KTOObjective:
         if n_bad:
             metrics["rewards/rejected"] = (float(rewards[~desirable].sum()), n_bad)
         return losses.sum() / totals["units"], metrics
+
+
+register(ObjectiveSpec(
+    name="kto", summary="KTO: preference learning from records labelled desirable or undesirable", data="feedback",
+    build=lambda train, reference, model: KTOObjective(train.beta if train.beta is not None else 0.1, train.desirable_weight,
+                                                train.undesirable_weight, reference),
+    settings=("beta", "desirable_weight", "undesirable_weight", "precompute_reference"), reference="always",
+    default_beta=0.1))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tunelab.data.packing import Batch
 from tunelab.data.templates import IGNORE_INDEX
 from tunelab.train.objectives.base import Metrics
+from tunelab.train.objectives.registry import ObjectiveSpec, register
 from tunelab.train.objectives.sequence import first_and_second, reference_logps, sequence_logps
 
 
@@ -98,6 +99,10 @@ class PreferenceObjective:
         """Whether the loss compares with a reference model (DPO does; SimPO and ORPO do not)."""
         return self.kind == "dpo"
 
+    def heads(self) -> dict[str, torch.nn.Module]:
+        """No modules besides the model."""
+        return {}
+
     def window_totals(self, window: Sequence[Batch]) -> dict[str, int]:
         """Pairs (the loss is their mean) and, for ORPO's and RPO's NLL term, chosen tokens in the window."""
         totals = {"units": sum(batch.num_sequences // 2 for batch in window)}
@@ -141,3 +146,23 @@ def _chosen_tokens(batch: Batch) -> int:
     starts = [sum(lengths[:k]) for k in range(len(lengths))]
     targets = batch.targets[0]
     return int(sum((targets[s : s + n] != IGNORE_INDEX).sum() for s, n in zip(starts[0::2], lengths[0::2])))
+
+
+def _builder(kind: str, default_beta: float):
+    def build(train, reference: torch.nn.Module | None, model: torch.nn.Module) -> PreferenceObjective:
+        beta = train.beta if train.beta is not None else default_beta
+        return PreferenceObjective(kind, beta, train.loss_type, train.label_smoothing, train.gamma, reference,
+                                   train.rpo_alpha)
+    return build
+
+
+register(ObjectiveSpec(
+    name="dpo", summary="DPO (sigmoid), IPO or hinge loss on preference pairs against a reference", data="pairs",
+    build=_builder("dpo", 0.1), settings=("beta", "loss_type", "label_smoothing", "precompute_reference", "rpo_alpha"),
+    reference="always", default_beta=0.1, own_settings={"rpo_alpha": "an NLL term on the chosen answer"}))
+register(ObjectiveSpec(
+    name="simpo", summary="SimPO: length-normalised preference optimisation without a reference", data="pairs",
+    build=_builder("simpo", 2.0), settings=("beta", "gamma", "label_smoothing"), default_beta=2.0))
+register(ObjectiveSpec(
+    name="orpo", summary="ORPO: chosen NLL plus an odds-ratio preference term, no reference", data="pairs",
+    build=_builder("orpo", 0.1), settings=("beta",), default_beta=0.1))

@@ -17,6 +17,7 @@ from peft import PeftModel
 from tunelab.data.packing import Batch
 from tunelab.train.objectives.base import Metrics
 from tunelab.train.objectives.preference import pair_metrics
+from tunelab.train.objectives.registry import ObjectiveSpec, register
 from tunelab.train.objectives.sequence import first_and_second, sequence_index
 
 
@@ -62,6 +63,10 @@ class RewardObjective:
     needs_reference = False
     reference = None
 
+    def heads(self) -> dict[str, torch.nn.Module]:
+        """No modules besides the model."""
+        return {}
+
     def window_totals(self, window: Sequence[Batch]) -> dict[str, int]:
         """Pairs in the window."""
         return {"units": sum(batch.num_sequences // 2 for batch in window)}
@@ -73,3 +78,8 @@ class RewardObjective:
         metrics = pair_metrics(chosen.detach(), rejected.detach(), chosen.detach(), rejected.detach())
         metrics = {k: v for k, v in metrics.items() if k.startswith("rewards/")}
         return losses.sum() / totals["units"], metrics
+
+
+register(ObjectiveSpec(
+    name="reward", summary="a Bradley-Terry reward model (a score head) on preference pairs", data="pairs",
+    build=lambda train, reference, model: RewardObjective(), score_head=True))

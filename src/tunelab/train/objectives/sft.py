@@ -15,6 +15,7 @@ from tunelab.data.packing import Batch
 from tunelab.data.templates import IGNORE_INDEX
 from tunelab.train.objectives.base import Metrics
 from tunelab.train.objectives.chunked_loss import chunked_causal_lm_loss
+from tunelab.train.objectives.registry import ObjectiveSpec, register
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -53,6 +54,10 @@ class SFTObjective:
     def __init__(self, chunk_tokens: int | None = None) -> None:
         self.chunk_tokens = chunk_tokens
 
+    def heads(self) -> dict[str, torch.nn.Module]:
+        """No modules besides the model."""
+        return {}
+
     def window_totals(self, window: Sequence[Batch]) -> dict[str, int]:
         """Trained tokens of the window."""
         return {"units": sum(batch.num_trained for batch in window)}
@@ -62,3 +67,11 @@ class SFTObjective:
         if self.chunk_tokens:
             return chunked_causal_lm_loss(model, batch, self.chunk_tokens) / totals["units"], {}
         return causal_lm_loss(model, batch) / totals["units"], {}
+
+
+register(ObjectiveSpec(
+    name="sft", summary="chat fine-tuning: next-token loss on the assistant turns", data="conversations",
+    build=lambda train, reference, model: SFTObjective(), token_level=True))
+register(ObjectiveSpec(
+    name="pretrain", summary="continued pretraining: next-token loss on every token of plain text or chats",
+    data="text", build=lambda train, reference, model: SFTObjective(), token_level=True))

@@ -338,9 +338,8 @@ class ValueHead(torch.nn.Module):
         if not path.is_file():
             raise TunelabError(f"{directory}: no {VALUE_HEAD_FILE} (a PPO checkpoint saves its value head there)")
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            hidden_size = int(handle.metadata()["hidden_size"])
             state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - safe_open has no iterator
-        head = cls(hidden_size).to(device)
+        head = cls(state["linear.weight"].shape[1]).to(device)
         head.load_state_dict(state)
         return head
 

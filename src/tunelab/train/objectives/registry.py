@@ -1,0 +1,123 @@
+"""The objectives tunelab knows, each declared by its own file.
+
+An objective file in this package calls :func:`register` with an :class:`ObjectiveSpec`: its
+name, the data it trains on, whether it needs a reference model, whether its batches can be
+packed, whether it learns from its own rollouts (online RL), the ``train.*`` settings it reads,
+the cross-section rules it adds to the config, and how to build it. Nothing else in tunelab names
+an objective: the config, the data pipeline and the engine ask the registry. Adding an objective
+is adding a file here (the registry imports every module of the package on first use).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from tunelab.config import TrainConfig, TunelabConfig
+
+DataKind = Literal["conversations", "text", "pairs", "feedback", "prompts"]
+"""What an objective trains on: chat conversations (trained assistant turns), plain text (every
+token), preference pairs (chosen/rejected), labelled feedback records (KTO), or prompts answered
+by the policy itself (online RL)."""
+
+ReferenceNeed = Literal["none", "always", "kl"]
+"""``always``: compares the policy with a frozen reference (DPO, KTO); ``kl``: only when
+``train.kl_coef`` is not 0 or ``train.kl_target`` is set (online RL's KL penalty)."""
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """What the rest of tunelab needs to know about an objective.
+
+    Attributes:
+        name: the value of ``train.objective``.
+        summary: one line for the docs and error messages.
+        data: the data kind it trains on (see :data:`DataKind`).
+        build: ``build(train_config, reference_model_or_None, policy_model) -> objective``.
+        settings: the ``train.*`` keys it reads besides the loop's own (its config section until
+            the config is split by objective).
+        reference: its reference-model need (see :data:`ReferenceNeed`).
+        packing: whether its micro-batches can be padding-free packed rows.
+        online: learns from its own rollouts (generate, score, advantages) instead of a dataset.
+        score_head: trains a scalar score head (a reward model) instead of the language-model head.
+        token_level: a next-token loss over whole sequences, which prompt/prefix tuning and
+            NEFTune apply to.
+        default_beta: ``train.beta`` when the config leaves it unset (None: no beta).
+        check: a rule over the whole config; returns an error message or None.
+        own_settings: ``train.*`` keys only this objective reads, each with a few words on what it
+            is; setting one for another objective is a config error.
+    """
+
+    name: str
+    summary: str
+    data: DataKind
+    build: Callable[[TrainConfig, Any, Any], Any]
+    settings: tuple[str, ...] = ()
+    reference: ReferenceNeed = "none"
+    packing: bool = True
+    online: bool = False
+    score_head: bool = False
+    token_level: bool = False
+    default_beta: float | None = None
+    check: Callable[[TunelabConfig], str | None] | None = None
+    own_settings: dict[str, str] = field(default_factory=dict)
+
+    def uses_reference(self, train: TrainConfig) -> bool:
+        """Whether a run with these ``train`` settings compares the policy with a reference model."""
+        if self.reference == "kl":
+            return train.kl_coef > 0 or train.kl_target is not None
+        return self.reference == "always"
+
+    @property
+    def rows_per_example(self) -> int:
+        """Sequences one example becomes in a batch (2 for pairs and feedback with its KL pair; 0: not token-batched)."""
+        return {"pairs": 2, "feedback": 2, "prompts": 0}.get(self.data, 1)
+
+
+_REGISTRY: dict[str, ObjectiveSpec] = {}
+_discovered = False
+
+
+def register(spec: ObjectiveSpec) -> ObjectiveSpec:
+    """Add an objective (called by its module at import time); a second one of the same name is an error."""
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+        raise ValueError(f"objective {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    package = importlib.import_module("tunelab.train.objectives")
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+
+
+def objective_specs() -> dict[str, ObjectiveSpec]:
+    """Every registered objective by name, in registration order (a module registers its own in order)."""
+    _discover()
+    return dict(_REGISTRY)
+
+
+def objective_data_kinds() -> dict[str, DataKind]:
+    """Every objective's data kind, by name (what the data layer's checks need, without importing train)."""
+    return {name: spec.data for name, spec in objective_specs().items()}
+
+
+def objective_spec(name: str) -> ObjectiveSpec:
+    """The spec of ``train.objective`` ``name``.
+
+    Raises:
+        KeyError: no such objective (the message lists the known ones).
+    """
+    specs = objective_specs()
+    if name not in specs:
+        raise KeyError(f"unknown objective {name!r}; choose from {', '.join(specs)}")
+    return specs[name]
