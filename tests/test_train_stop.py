@@ -48,12 +48,17 @@ def test_sigterm_checkpoints_the_current_step_and_resume_matches_the_uninterrupt
 
 
 def test_sigint_asks_to_stop_and_a_second_one_stops_at_once():
-    stop = StopOnSignal()
+    # A shell starts background jobs with SIGINT ignored; the test needs Python's own handler, as in a terminal.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        signal.raise_signal(signal.SIGINT)
-        assert stop.requested == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
+        stop = StopOnSignal()
+        try:
             signal.raise_signal(signal.SIGINT)
+            assert stop.requested == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        finally:
+            stop.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        stop.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, outer)
