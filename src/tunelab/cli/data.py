@@ -1,4 +1,4 @@
-"""``tunelab data preview|convert|build|cot|clean|stats|split`` (and ``augment|synth``, :mod:`.data_generate`).
+"""``tunelab data preview|convert|build|cot|clean|stats|split`` (``augment|synth``: :mod:`.data_generate`).
 
 ``preview`` shows a training config's data as the run tokenizes it. The other commands read positional input files and writes canonical JSONL to ``--out`` (``split``
 writes ``--out DIR/{train,val,test}.jsonl``, ``stats`` a report directory). The work is done in

@@ -32,8 +32,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.eval.report import markdown_table
 
     job = EvalJob(
-        model=args.model, adapter=args.adapter, config=load_config(args.config, args.overrides) if args.config else None,
-        data=args.data or [], out=args.out,
+        model=args.model, adapter=args.adapter, data=args.data or [], out=args.out,
+        config=load_config(args.config, args.overrides) if args.config else None,
         metrics=[m.strip() for m in args.metrics.split(",")] if args.metrics else None,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, max_length=args.max_length, packing=not args.no_packing,

@@ -1,4 +1,4 @@
-"""``tunelab merge``, ``tunelab export`` and ``tunelab verify``: ship a trained model and check that it answers alike."""
+"""``tunelab merge``, ``tunelab export`` and ``tunelab verify``: ship a model, check that it answers alike."""
 
 from __future__ import annotations
 

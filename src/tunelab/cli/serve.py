@@ -6,6 +6,7 @@ import argparse
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from tunelab.monitor.serving import start_serve_monitoring
     from tunelab.serve.run import ServeOptions, serve_model
 
     options = ServeOptions(
@@ -18,7 +19,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         monitor_max_age=args.monitor_max_age, monitor_max_rows=args.monitor_max_rows, alert_rules=args.alert_rules,
         request_log=args.request_log, record_text=args.record_text, engine=args.engine, device=args.device,
     )
-    serve_model(options, on_ready=lambda name, url: print(f"tunelab serve: {name} ready at {url}", flush=True))
+    serve_model(options, start_serve_monitoring,
+                on_ready=lambda name, url: print(f"tunelab serve: {name} ready at {url}", flush=True))
     return 0
 
 

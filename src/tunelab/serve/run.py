@@ -1,8 +1,9 @@
 """``tunelab serve``: the engine built, the app around it, monitoring, and the server run until stopped.
 
-Cheap checks come first (vLLM installed, ``NAME=DIR`` adapters, the monitoring store's path),
-then the model loads. The server returns after SIGTERM/SIGINT once the requests in flight are
-answered; the engine, the request log and monitoring are closed on the way out.
+Cheap checks come first (vLLM installed, ``NAME=DIR`` adapters, the monitoring store's path), then
+the model loads. The server returns after SIGTERM/SIGINT once the requests in flight are answered;
+the engine, the request log and monitoring are closed on the way out. The command passes the
+monitoring in (``monitor.serving``): monitor reads serve's request records, so serve does not import it.
 """
 
 from __future__ import annotations
@@ -86,14 +87,17 @@ def serving_engine(options: ServeOptions, adapters: dict[str, str]) -> tuple[Any
     return engine, tokenizer, generation_stop_ids(model.generation_config, tokenizer)
 
 
-def serve_model(options: ServeOptions, on_ready: Callable[[str, str], None] | None = None) -> None:
+def serve_model(options: ServeOptions, start_monitoring: Callable[..., Any],
+                on_ready: Callable[[str, str], None] | None = None) -> None:
     """Serve ``options.model`` (and its adapters) until SIGTERM/SIGINT.
 
     Args:
+        start_monitoring: opens the request store and alert thread before the model loads, with
+            the arguments of ``tunelab.monitor.serving.start_serve_monitoring`` (passed in: monitor
+            reads serve's request records, so serve does not import monitor).
         on_ready: called with the served name and the URL once the server listens.
     """
     from tunelab.data.templates import resolve_template
-    from tunelab.monitor.serving import start_serve_monitoring
     from tunelab.progress import progress_bar
     from tunelab.serve.app import ServeSettings, create_app
     from tunelab.serve.engine import model_context_length
@@ -106,7 +110,7 @@ def serve_model(options: ServeOptions, on_ready: Callable[[str, str], None] | No
         require_vllm()  # before anything slow: a missing vLLM fails at once
     adapters = parse_adapters(options.adapters)
     name = options.name or Path(options.model).resolve().name
-    monitoring = start_serve_monitoring(options.model, name, options.monitor_db, options.monitor,
+    monitoring = start_monitoring(options.model, name, options.monitor_db, options.monitor,
                                         options.monitor_max_age, options.monitor_max_rows,
                                         options.alert_rules)  # a bad path fails before loading
     settings = ServeSettings(
