@@ -1,9 +1,10 @@
 """``tunelab data preview|convert|build|cot|clean|stats|split`` (``augment|synth``: :mod:`.data_generate`).
 
-``preview`` shows a training config's data as the run tokenizes it. The other commands read positional input files and writes canonical JSONL to ``--out`` (``split``
-writes ``--out DIR/{train,val,test}.jsonl``, ``stats`` a report directory). The work is done in
-the modules named below; this one only parses arguments and prints reports, and imports nothing
-heavy until a command runs (``tunelab --help`` stays fast).
+``preview`` shows a training config's data as the run tokenizes it. The other commands read
+positional input files and write canonical JSONL to ``--out`` (``split`` writes
+``--out DIR/{train,val,test}.jsonl``, ``stats`` a report directory). The work is done in the
+modules named below; this one parses arguments, claims the outputs and prints reports, and
+imports nothing heavy until a command runs (``tunelab --help`` stays fast).
 """
 
 from __future__ import annotations
