@@ -148,11 +148,11 @@ def test_grpo_on_preference_data_says_the_data_does_not_match(tmp_path, tiny_mod
 
 
 def test_every_subcommand_has_an_example_and_shows_its_defaults(capsys):
-    from tunelab.cli_help import EXAMPLES, leaf_commands
+    from tunelab.cli.help import EXAMPLES, leaf_commands
 
     parser = build_parser()
     commands = leaf_commands(parser)
-    assert sorted(set(commands) - set(EXAMPLES)) == [], "add an example to tunelab.cli_help.EXAMPLES"
+    assert sorted(set(commands) - set(EXAMPLES)) == [], "add an example to tunelab.cli.help.EXAMPLES"
     for path, sub in commands.items():
         help_text = sub.format_help()
         assert f"example:\n  {EXAMPLES[path]}" in help_text, path
@@ -170,7 +170,7 @@ def test_example_commands_parse(monkeypatch):
     """Each help example is a valid command line for its parser."""
     import shlex
 
-    from tunelab.cli_help import EXAMPLES
+    from tunelab.cli.help import EXAMPLES
 
     parser = build_parser()
     for command in EXAMPLES.values():

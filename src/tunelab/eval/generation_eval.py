@@ -37,3 +37,8 @@ class GenerationEvaluator:
         answers = generate_answers(model, tokenizer, template, prompts, self.cfg.max_new_tokens, self.cfg.batch_size)
         scores = corpus_metrics(answers, references, self.cfg.metrics, self.cfg.answer_pattern)
         return {f"eval_{name}": scores[name] for name in self.cfg.metrics if scores[name] is not None}
+
+
+def training_evaluators(cfg: EvalConfig) -> list[GenerationEvaluator]:
+    """The evaluators ``tunelab train`` runs at each evaluation: held-out generation when ``eval.generate_samples``."""
+    return [GenerationEvaluator(cfg)] if cfg.generate_samples else []

@@ -8,6 +8,7 @@ as JSONL, one object per record with its source ``file:line``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,28 @@ def write_scores(rows: list[dict[str, Any]], out: str | Path) -> None:
     """Write score rows as JSONL."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def score_files(
+    model: str, paths: list[str], out: str | None = None, batch_size: int = 8, device: str = "auto",
+    skip_bad: bool = False, overwrite: bool = False,
+) -> Iterator[tuple[str, dict[str, float], Path | None]]:
+    """``tunelab reward score``: score each file with the reward model ``model``, one file at a time.
+
+    With ``out``, the scores go to that JSONL file (one input) or to ``out/STEM.scores.jsonl`` (several);
+    those files are claimed before the model loads. Yields each input, its summary and the file written.
+    """
+    from tunelab.models.load import resolve_device
+
+    outs: list[Path | None] = [None] * len(paths)
+    if out:
+        from tunelab.outputs import claim_files
+
+        outs = [Path(out)] if len(paths) == 1 else [Path(out) / f"{Path(p).stem}.scores.jsonl" for p in paths]
+        claim_files(outs, overwrite, "--out", paths)
+    scorer = RewardModelScorer(model, resolve_device(device), batch_size=batch_size)
+    for path, path_out in zip(paths, outs):
+        rows, summary = score_file(scorer, path, "skip" if skip_bad else "fail")
+        if path_out is not None:
+            write_scores(rows, path_out)
+        yield path, summary, path_out

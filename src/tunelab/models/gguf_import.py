@@ -319,3 +319,28 @@ def import_gguf(src: str, out: str | Path, dtype: str = "float32", name: str | N
         shutil.rmtree(staging / ".source", ignore_errors=True)
         (staging / "import.json").write_text(json.dumps({**asdict(result), "out_dir": str(out)}, indent=2) + "\n")
     return result
+
+
+def installed_models() -> list[list[str]]:
+    """``tunelab models list``: each installed package that ships a GGUF model and whether it imports.
+
+    Rows of package, GGUF file, size, architecture and verdict (``yes``, or ``no: why``).
+    """
+    from tunelab.models import gguf_source
+
+    rows = []
+    for name, source in gguf_source.installed_sources():
+        if isinstance(source, str):
+            rows.append([name, "-", "-", "-", f"no: {source}"])
+            continue
+        try:
+            architecture = read_header(source.parts).architecture
+        except (GgufFormatError, OSError):
+            architecture = "?"
+        try:
+            check_source(source)
+            verdict = "yes" + (f" ({len(source.parts)} parts)" if len(source.parts) > 1 else "")
+        except TunelabError as exc:
+            verdict = "no: " + str(exc).removeprefix(f"{source.label}: ")
+        rows.append([name, source.file_name, f"{source.size / 2**20:,.0f} MiB", architecture, verdict])
+    return rows

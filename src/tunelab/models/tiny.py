@@ -260,3 +260,17 @@ def create_tiny_model(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def write_tiny_model(out_dir: str | Path, overwrite: bool = False, **options: Any) -> Path:
+    """:func:`create_tiny_model` into a claimed ``out_dir``, written beside and renamed into place.
+
+    ``tunelab models tiny``: an existing ``out_dir`` is refused without ``overwrite`` and the
+    tokenizer corpus is never replaced; ``options`` are :func:`create_tiny_model`'s.
+    """
+    from tunelab.outputs import atomic_output, claim_output
+
+    out = claim_output(out_dir, overwrite, "OUT_DIR", [("tokenizer corpus", options.get("tokenizer_corpus"))])
+    with atomic_output(out, what="tiny model") as tmp:
+        create_tiny_model(tmp, **options)
+    return out

@@ -69,20 +69,12 @@ def preview(body: PreviewBody) -> dict[str, Any]:
     """Examples with trained tokens marked, token counts, the length histogram and the data report."""
     import pyarrow.compute as pc
 
-    from tunelab.data.tokenize import prepare_data
-    from tunelab.models.load import load_tokenizer, stop_token_ids
+    from tunelab.train.run_data import prepare_run_data
 
     config, _, errors = validated_config(body)
     if errors or config is None:
         raise ConfigError("\n".join(e["message"] for e in errors))
-    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code, config.model.revision)
-    stop_ids = stop_token_ids(config.model.path, tokenizer, config.model.trust_remote_code)
-    from tunelab.data.kinds import check_data_kind
-    from tunelab.train.objectives.registry import objective_data_kinds, objective_spec
-
-    check_data_kind([*config.data.train, *(config.data.eval or [])], config.train.objective, objective_data_kinds())
-    data = prepare_data(config.data, objective_spec(config.train.objective).data, config.train.seed, tokenizer,
-                        stop_ids)
+    tokenizer, data = prepare_run_data(config)
     split = data.eval if body.split == "eval" else data.train
     if split is None:
         raise ConfigError("this config has no eval split (set data.eval or data.val_ratio)")

@@ -18,7 +18,7 @@ import yaml
 from fastapi import APIRouter, Depends
 
 from tunelab.errors import TunelabError
-from tunelab.track.cli import diff_runs
+from tunelab.track.diff import diff_runs
 from tunelab.track.lineage import lineage_tree
 from tunelab.track.registry import TrackError
 from tunelab.ui.jobs import Job

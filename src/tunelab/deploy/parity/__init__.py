@@ -2,7 +2,8 @@
 
 Modules: ``specs`` (naming models: ``[NAME=][KIND:]LOCATION``), ``prompts`` (the prompt file),
 ``backends`` (running each kind of model), ``thresholds`` (the limits per precision class),
-``gate`` (:func:`run_gate`), ``report`` (the table), ``cli`` (the command and the export step).
+``gate`` (:func:`run_gate`), ``report`` (the table), ``verify`` (the gate as ``tunelab verify`` and
+``tunelab export --prompts`` run it: prompts read, report claimed, table printed, JSON written).
 
 Example::
 

@@ -1,9 +1,10 @@
-"""``tunelab data convert|build|cot|clean|stats|split``: the data-preparation subcommands.
+"""``tunelab data preview|convert|build|cot|clean|stats|split`` (``augment|synth``: :mod:`.data_generate`).
 
-Every command reads positional input files and writes canonical JSONL to ``--out`` (``split``
-writes ``--out DIR/{train,val,test}.jsonl``, ``stats`` a report directory). The work is done in
-the modules named below; this one only parses arguments and prints reports, and imports nothing
-heavy until a command runs (``tunelab --help`` stays fast).
+``preview`` shows a training config's data as the run tokenizes it. The other commands read
+positional input files and write canonical JSONL to ``--out`` (``split`` writes
+``--out DIR/{train,val,test}.jsonl``, ``stats`` a report directory). The work is done in the
+modules named below; this one parses arguments, claims the outputs and prints reports, and
+imports nothing heavy until a command runs (``tunelab --help`` stays fast).
 """
 
 from __future__ import annotations
@@ -74,6 +75,32 @@ def _with_rejects(args: argparse.Namespace) -> list[Path]:
     from tunelab.data.convert import rejects_path_for
 
     return [Path(args.out), Path(args.rejects) if args.rejects else rejects_path_for(args.out)]
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tunelab.config import load_config
+    from tunelab.data.preview import mark_trained
+    from tunelab.train.run_data import prepare_run_data
+
+    config = load_config(args.config, args.overrides)
+    console = Console(soft_wrap=True, force_terminal=True if args.style == "color" else None)
+    style = args.style if args.style != "auto" else ("color" if console.is_terminal else "brackets")
+    tokenizer, data = prepare_run_data(config)
+    legend = "trained tokens in [bold green]green[/], masked tokens dim" if style == "color" else \
+        "trained tokens inside [[...]], masked tokens plain"
+    console.print(f"{args.config}: {legend}", highlight=False)
+    for index in range(min(args.n, len(data.train))):
+        row = data.train[index]
+        console.rule(f"example {index + 1} ({len(row['input_ids'])} tokens)")
+        console.print(mark_trained(tokenizer, row["input_ids"], row["labels"], style), highlight=False)
+    console.rule("statistics")
+    for line in data.train_report.lines():
+        console.print(f"train: {line}", highlight=False)
+    for line in data.eval_report.lines() if data.eval_report else []:
+        console.print(f"eval: {line}", highlight=False)
+    return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -204,8 +231,18 @@ def _map_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="recompute instead of using the on-disk cache")
 
 
-def add_commands(data_commands: argparse._SubParsersAction) -> None:
-    """Add convert, build, cot, clean, stats and split to the ``tunelab data`` subparsers."""
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``tunelab data`` and its subcommands."""
+    from tunelab.cli.data_generate import add_generation_commands
+
+    data = commands.add_parser("data", help="data tools")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    preview = data_commands.add_parser("preview", help="print rendered examples with trained tokens marked")
+    preview.add_argument("config")
+    preview.add_argument("overrides", nargs="*", help="section.key=value")
+    preview.add_argument("-n", type=int, default=3, help="examples to show")
+    preview.add_argument("--style", choices=["auto", "color", "brackets"], default="auto")
+    preview.set_defaults(func=_cmd_preview)
     convert = data_commands.add_parser("convert", help="any supported format -> canonical JSONL, with a rejects report")
     _common(convert, "output JSONL file")
     _reading_options(convert)
@@ -293,3 +330,5 @@ def add_commands(data_commands: argparse._SubParsersAction) -> None:
                                                           "(dotted path: label, task, provenance.tool)")
     split.add_argument("--group", metavar="FIELD", help="keep records sharing this field's value in one split")
     split.set_defaults(func=_cmd_split)
+
+    add_generation_commands(data_commands)

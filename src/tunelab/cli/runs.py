@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 
 def _registry(args: argparse.Namespace):
@@ -68,28 +67,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-_SKIP_IN_DIFF = ("run_id", "started_at", "finished_at", "registry", "mlflow_run_id")
-
-
-def diff_runs(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """Keys (dotted) whose values differ between two runs, excluding ids and times."""
-    from tunelab.track.mlflow_log import flatten
-
-    def flat(run: dict[str, Any]) -> dict[str, Any]:
-        body = {k: v for k, v in run.items() if k not in _SKIP_IN_DIFF and k not in ("inputs", "outputs")}
-        for role in ("inputs", "outputs"):
-            for artifact in run.get(role) or []:
-                body[f"{role}.{artifact['kind']}"] = artifact["path"] + (
-                    f" ({artifact['fingerprint'][:12]})" if artifact.get("fingerprint") else "")
-        return flatten(body)
-
-    left, right = flat(a), flat(b)
-    return [(key, left.get(key), right.get(key)) for key in sorted(set(left) | set(right))
-            if left.get(key) != right.get(key) and not key.endswith(("_seconds", "elapsed_s"))]
-
-
 def _cmd_diff(args: argparse.Namespace) -> int:
     from tunelab.tables import print_table
+    from tunelab.track.diff import diff_runs
 
     registry = _registry(args)
     a, b = registry.get(args.a), registry.get(args.b)
@@ -112,8 +92,8 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_runs_commands(commands: argparse._SubParsersAction) -> None:
-    """Register ``tunelab runs ...`` on the top-level subcommands."""
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``tunelab runs list|show|diff|lineage``."""
     from tunelab.tables import add_format_option
 
     runs = commands.add_parser("runs", help="the run registry: list, show, diff and lineage of runs")

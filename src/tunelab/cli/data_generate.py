@@ -1,4 +1,4 @@
-"""``tunelab data augment`` and ``tunelab data synth``: the generation-backed data tools.
+"""``tunelab data augment`` and ``tunelab data synth``: the generation-backed data tools (part of :mod:`.data`).
 
 Both take ``--backend hf:MODEL_DIR`` (a local model, batched) or ``--backend openai:BASE_URL``
 with ``--backend-model NAME`` (any OpenAI-compatible server; the API key comes from the
@@ -55,8 +55,8 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-cache", action="store_true", help="keep no reply cache (a re-run asks again)")
 
 
-def add_commands(data_commands: Any) -> None:
-    """Add ``augment`` and ``synth`` to the ``tunelab data`` subcommands."""
+def add_generation_commands(data_commands: Any) -> None:
+    """Add ``augment`` and ``synth`` to the ``tunelab data`` subcommands (:func:`tunelab.cli.data.register`)."""
     augment = data_commands.add_parser(
         "augment", help="new records from existing ones: paraphrase, back-translation, restyling, constraints",
         description="Augment conversations, prompts or text with a generation backend; every new record links "

