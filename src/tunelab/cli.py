@@ -25,7 +25,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
     import torch
 
-    from tunelab.models.load import cpu_has_fast_bf16, resolve_device, resolve_precision
+    from tunelab.models.precision import cpu_has_fast_bf16, resolve_device, resolve_precision
     from tunelab.train.run_info import package_versions
 
     for name, version in package_versions().items():
@@ -114,7 +114,7 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
-    from tunelab.train.launch import check_engine_installed, check_launch, relaunch
+    from tunelab.train.parallel.launch import check_engine_installed, check_launch, relaunch
 
     config = load_config(args.config, args.overrides)
     from tunelab.train.run_dir import check_config_location
@@ -148,8 +148,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
     from tunelab.eval.report import markdown_table
-    from tunelab.eval.suite import EvalOptions, check_thresholds, device_dtype, run_eval
-    from tunelab.models.load import generation_stop_ids, load_for_inference, resolve_device
+    from tunelab.eval.suite import EvalOptions, check_thresholds, run_eval
+    from tunelab.models.precision import device_dtype, resolve_device
+    from tunelab.models.load import generation_stop_ids, load_for_inference
     from tunelab.progress import progress_bar
 
     defaults: dict = {}
@@ -260,8 +261,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_reward_score(args: argparse.Namespace) -> int:
     from tunelab.eval.reward_score import score_file, write_scores
-    from tunelab.models.load import resolve_device
-    from tunelab.train.rl.rewards import RewardModelScorer
+    from tunelab.models.precision import resolve_device
+    from tunelab.models.reward_scoring import RewardModelScorer
 
     if args.out:
         from tunelab.outputs import claim_files
@@ -345,8 +346,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _serving_engine(args: argparse.Namespace, adapters: dict[str, str]):
     """The engine ``tunelab serve`` asked for, the tokenizer the app uses and the stop ids (the model's EOS ids)."""
-    from tunelab.eval.suite import device_dtype
-    from tunelab.models.load import generation_stop_ids, load_with_adapters, resolve_device
+    from tunelab.models.precision import device_dtype, resolve_device
+    from tunelab.models.load import generation_stop_ids, load_with_adapters
 
     device = resolve_device(args.device)
     if args.engine == "vllm":

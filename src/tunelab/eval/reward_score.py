@@ -13,12 +13,11 @@ from typing import Any
 
 from rich.progress import track
 
-from tunelab.data.convert import detect_kind
+from tunelab.data.readers import detect_kind, load_preferences, load_records
 from tunelab.data.files import read_rows
-from tunelab.data.preferences import load_preferences
-from tunelab.data.records import Conversation, load_records
+from tunelab.data.records import Conversation
 from tunelab.errors import DataError
-from tunelab.train.rl.rewards import RewardModelScorer
+from tunelab.models.reward_scoring import RewardModelScorer
 
 
 def _answer(messages: list[dict[str, str]]) -> str:

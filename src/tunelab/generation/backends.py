@@ -290,7 +290,8 @@ class HFBackend:
         import torch
 
         from tunelab.data.templates import resolve_template
-        from tunelab.models.load import load_for_inference, resolve_device
+        from tunelab.models.load import load_for_inference
+        from tunelab.models.precision import resolve_device
 
         path = str(model_dir)
         self.device = resolve_device(device)
