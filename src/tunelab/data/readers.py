@@ -37,6 +37,12 @@ from tunelab.data.records import (
 )
 from tunelab.errors import DataError
 
+Kind = Literal["conversation", "prompt", "text", "preference", "feedback"]
+KINDS: tuple[str, ...] = ("conversation", "prompt", "text", "preference", "feedback")
+ConversationFormat = Literal["auto", "alpaca", "sharegpt", "messages", "qa", "text"]
+KEPT_KEYS = ("id", "task", "provenance", "metadata")  # extra keys a canonical record keeps through the tools
+
+
 def convert_rows(
     files: Iterable[str],
     detect: Callable[[str, Row], Any],
@@ -177,12 +183,6 @@ def load_feedback(
         DataError: a file cannot be read, or (``fail``) a record is bad, or none is usable.
     """
     return load_items(files, "feedback", on_error, limit, lambda row, _: to_feedback(row, system_prompt))
-
-
-Kind = Literal["conversation", "prompt", "text", "preference", "feedback"]
-KINDS: tuple[str, ...] = ("conversation", "prompt", "text", "preference", "feedback")
-ConversationFormat = Literal["auto", "alpaca", "sharegpt", "messages", "qa", "text"]
-KEPT_KEYS = ("id", "task", "provenance", "metadata")  # extra keys a canonical record keeps through the tools
 
 
 @dataclass
