@@ -99,7 +99,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tunelab-data-bench-"))
     os.environ["TUNELAB_CACHE"] = str(work / "cache")  # an empty cache: the first run is cold
     from tunelab.config import DataConfig
-    from tunelab.data.quality import CleanOptions, clean_files
+    from tunelab.datatools.quality import CleanOptions, clean_files
     from tunelab.data.tokenize import prepare_data
     from tunelab.models.load import load_tokenizer, stop_token_ids
     from tunelab.models.tiny import create_tiny_model

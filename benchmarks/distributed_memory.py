@@ -86,7 +86,7 @@ MEASURED: dict = {}
 def worker(config_path: str) -> None:
     """Run one training inside torchrun (or alone) and write this process's numbers."""
     from tunelab.config import load_config
-    from tunelab.train import distributed, engine
+    from tunelab.train import parallel as distributed, engine
 
     for name, cls in list(distributed.STRATEGIES.items()):
         distributed.STRATEGIES[name] = measuring(cls)

@@ -112,7 +112,7 @@ import json, sys
 from transformers import AutoTokenizer
 sys.path.insert(0, {str(BENCH_DIR)!r})
 from _hf_baseline import alpaca_messages
-from tunelab.models.load import cpu_has_fast_bf16, resolve_device, resolve_precision
+from tunelab.models.precision import cpu_has_fast_bf16, resolve_device, resolve_precision
 tokenizer = AutoTokenizer.from_pretrained({str(model)!r})
 kept, lengths, held = [], [], []
 for record in json.load(open({str(data)!r}, encoding="utf-8")):

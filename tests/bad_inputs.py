@@ -684,7 +684,7 @@ def unprivileged(w: Workspace):
     # What the commands import lazily: the Python installation may not be readable by that user.
     import optparse  # noqa: F401 - nltk's, through rouge_score
 
-    import tunelab.data.convert  # noqa: F401
+    import tunelab.datatools.convert  # noqa: F401
     import tunelab.eval.generation_eval  # noqa: F401
     import tunelab.eval.report  # noqa: F401
     import tunelab.eval.suite  # noqa: F401

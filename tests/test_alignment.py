@@ -20,7 +20,7 @@ import torch
 from conftest import ARITHMETIC_TEST, ARITHMETIC_TRAIN, SHARED_DATA, make_config, run_cli, write_config
 from tunelab.config import TunelabConfig
 from tunelab.data.packing import collate_packed, collate_padded
-from tunelab.data.preferences import load_feedback, load_preferences
+from tunelab.data.readers import load_feedback, load_preferences
 from tunelab.train.engine import train
 from tunelab.train.objectives.kto import kl_estimate, kto_losses
 from tunelab.train.objectives.preference import dpo_losses, orpo_log_odds_ratio, simpo_losses
@@ -327,7 +327,7 @@ def test_reward_model_learns_and_loads_in_plain_transformers(tmp_path, tiny_mode
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from tunelab.data.packing import collate_pairs
-    from tunelab.train.objectives.reward import sequence_rewards
+    from tunelab.models.reward_scoring import sequence_rewards
 
     train_file, test_file = preference_files
     config = TunelabConfig.model_validate(make_config(

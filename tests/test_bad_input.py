@@ -27,7 +27,7 @@ import pytest
 from bad_inputs import CASES as CLI_CASES
 from bad_inputs import GOOD_ROWS, Fixtures, Workspace, jsonl
 from conftest import make_config
-from tunelab.data.records import load_records
+from tunelab.data.readers import load_records
 from tunelab.errors import DataError
 
 SKIP_HINT = "(set data.on_error: skip"

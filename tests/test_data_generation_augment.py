@@ -18,7 +18,7 @@ from conftest import SHARED_DATA, read_jsonl
 from scripted_openai import ScriptedServer, user_text
 
 from tunelab.cli import main
-from tunelab.data.augment import AugmentOptions, augment_files, load_rewrite_prompts
+from tunelab.datatools.augment import AugmentOptions, augment_files, load_rewrite_prompts
 from tunelab.errors import ConfigError
 from tunelab.generation.backends import Sampling
 

@@ -21,7 +21,7 @@ from rouge_score import rouge_scorer
 from scripted_openai import ScriptedServer, user_text
 
 from tunelab.cli import main
-from tunelab.data.synth import (
+from tunelab.datatools.synth import (
     BLACKLIST,
     QAOptions,
     SelfInstructOptions,

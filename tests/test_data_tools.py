@@ -13,12 +13,11 @@ import pytest
 from conftest import ALPACA_DEMO, SHARED_DATA, read_jsonl, run_cli
 from tunelab.cli import main
 from tunelab.config import EvalConfig
-from tunelab.data.builders import build_files, load_template_library
-from tunelab.data.convert import convert_files, read_canonical
-from tunelab.data.cot import CotOptions, check_annotation, cot_files, evaluate_arithmetic
-from tunelab.data.preferences import load_feedback, load_preferences
-from tunelab.data.records import load_prompts, load_records
-from tunelab.data.split import allocate, parse_ratios, split_files
+from tunelab.datatools.builders import build_files, load_template_library
+from tunelab.datatools.convert import convert_files
+from tunelab.data.readers import load_feedback, load_preferences, load_prompts, load_records, read_canonical
+from tunelab.datatools.cot import CotOptions, check_annotation, cot_files, evaluate_arithmetic
+from tunelab.datatools.split import allocate, parse_ratios, split_files
 from tunelab.errors import ConfigError, DataError, TunelabError
 
 DEMO = SHARED_DATA / "llamafactory_demo"

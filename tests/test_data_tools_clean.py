@@ -14,8 +14,8 @@ import pytest
 
 from conftest import ALPACA_DEMO, SHARED_DATA, read_jsonl
 from tunelab.cli import main
-from tunelab.data.convert import read_canonical
-from tunelab.data.quality import (
+from tunelab.data.readers import read_canonical
+from tunelab.datatools.quality import (
     CleanOptions,
     _Features,
     clean_files,
@@ -28,7 +28,7 @@ from tunelab.data.quality import (
     redact_pii,
     shingle_hashes,
 )
-from tunelab.data.stats import histogram, stats_files, terminal_sketch
+from tunelab.datatools.stats import histogram, stats_files, terminal_sketch
 from tunelab.errors import TunelabError
 
 HH_RLHF = SHARED_DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"
@@ -75,7 +75,7 @@ def distinct_records(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str,
     dialogues. The two natural duplicates of this set are removed first, so every duplicate in
     the planted set is a planted one.
     """
-    from tunelab.data.builders import build_files
+    from tunelab.datatools.builders import build_files
 
     built = tmp_path_factory.mktemp("built") / "summaries.jsonl"
     build_files([str(DIALOGSUM)], built, "summarization", limit=200)

@@ -26,8 +26,8 @@ from conftest import ALPACA_DEMO, REPO, make_config, run_cli, write_config
 from tunelab.config import config_from_dict
 from tunelab.errors import ConfigError
 from tunelab.train.checkpoint import list_checkpoints
-from tunelab.train.distributed import deepspeed_config, window_share
-from tunelab.train.launch import LaunchError, check_launch
+from tunelab.train.parallel import deepspeed_config, window_share
+from tunelab.train.parallel.launch import LaunchError, check_launch
 from tunelab.train.reporting import read_metrics
 
 STEPS, KILL_AFTER = 4, 3
@@ -206,7 +206,7 @@ def test_a_proper_launch_passes_the_checks():
 def test_a_process_group_of_another_size_than_the_launch_is_refused(tmp_path, monkeypatch):
     import torch.distributed as dist
 
-    from tunelab.train.distributed import start_processes
+    from tunelab.train.parallel import start_processes
 
     config = config_from_dict({"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "output_dir": str(tmp_path),
                                "distributed": {"strategy": "ddp"}, "train": {"device": "cpu"}})

@@ -16,7 +16,7 @@ from tunelab.config import config_from_dict
 from tunelab.data.packing import collate_packed, collate_padded
 from tunelab.errors import ConfigError, TrainingError, TunelabError
 from tunelab.eval.generation_eval import GenerationEvaluator
-from tunelab.train.distributed import Parallel, Processes
+from tunelab.train.parallel import Parallel, Processes
 from tunelab.train.engine import train
 from tunelab.train.objectives.sft import SFTObjective
 from tunelab.train.reporting import read_metrics

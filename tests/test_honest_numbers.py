@@ -37,7 +37,7 @@ def test_report_bars_put_fractions_on_0_to_1_and_scores_on_0_to_100():
 
 
 def test_the_language_filter_keeps_short_english_prompts(tmp_path: Path):
-    from tunelab.data.quality import CleanOptions, clean_files
+    from tunelab.datatools.quality import CleanOptions, clean_files
 
     english = ["Sum 3 + 4", "Explain recursion", "Convert 25 degrees Celsius to Fahrenheit", "Translate: cat",
                "Solve: x + 5 = 12", "Give three tips for staying healthy."]

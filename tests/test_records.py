@@ -11,7 +11,8 @@ import pytest
 
 from conftest import ALPACA_DEMO, SHAREGPT_DEMO, SHARED_DATA
 from tunelab.data.files import read_rows
-from tunelab.data.records import Conversation, LoadReport, Text, detect_format, load_prompts, load_records, to_record
+from tunelab.data.records import Conversation, LoadReport, Text, detect_format, to_record
+from tunelab.data.readers import load_prompts, load_records
 from tunelab.errors import DataError
 
 C4_DEMO = SHARED_DATA / "llamafactory_demo" / "c4_demo.jsonl"

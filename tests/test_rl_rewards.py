@@ -14,16 +14,8 @@ from conftest import SHARED_DATA
 from tunelab.data.templates import render_conversation
 from tunelab.errors import ConfigError, DataError, TrainingError
 from tunelab.models.load import stop_token_ids
-from tunelab.train.rl.rewards import (
-    BUILTIN_REWARDS,
-    RewardModelScorer,
-    combine_rewards,
-    exact_match,
-    format_reward,
-    gsm8k,
-    length_penalty,
-    load_reward_fn,
-)
+from tunelab.train.rl.rewards import BUILTIN_REWARDS, combine_rewards, exact_match, format_reward, gsm8k, length_penalty, load_reward_fn
+from tunelab.models.reward_scoring import RewardModelScorer
 
 GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 

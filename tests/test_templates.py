@@ -12,7 +12,8 @@ import pytest
 
 from conftest import SHARED_DATA, SHAREGPT_DEMO
 from tunelab.data.packing import collate_padded
-from tunelab.data.records import Conversation, load_records
+from tunelab.data.records import Conversation
+from tunelab.data.readers import load_records
 from tunelab.data.templates import (
     BUILTIN_TEMPLATES,
     IGNORE_INDEX,

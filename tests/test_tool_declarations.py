@@ -9,7 +9,8 @@ import pytest
 
 from conftest import SHARED_DATA
 from tunelab.data.files import read_rows
-from tunelab.data.records import Conversation, load_prompts, load_records, record_to_json
+from tunelab.data.records import Conversation, record_to_json
+from tunelab.data.readers import load_prompts, load_records
 from tunelab.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, render_conversation
 from tunelab.data.tool_declarations import parse_tools
 from tunelab.errors import DataError

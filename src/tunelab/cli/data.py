@@ -72,7 +72,7 @@ def _claim(args: argparse.Namespace, *paths: str | Path) -> None:
 
 def _with_rejects(args: argparse.Namespace) -> list[Path]:
     """``--out`` and the rejects file written beside it."""
-    from tunelab.data.convert import rejects_path_for
+    from tunelab.datatools.convert import rejects_path_for
 
     return [Path(args.out), Path(args.rejects) if args.rejects else rejects_path_for(args.out)]
 
@@ -104,7 +104,7 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from tunelab.data.convert import convert_files
+    from tunelab.datatools.convert import convert_files
     from tunelab.progress import progress_bar
 
     _claim(args, *_with_rejects(args))
@@ -117,7 +117,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from tunelab.data.builders import build_files, builtin_templates_path, load_template_library
+    from tunelab.datatools.builders import build_files, builtin_templates_path, load_template_library
 
     if args.show_templates:
         library = load_template_library(args.templates)
@@ -143,7 +143,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_cot(args: argparse.Namespace) -> int:
-    from tunelab.data.cot import CotOptions, cot_files
+    from tunelab.datatools.cot import CotOptions, cot_files
 
     _claim(args, *_with_rejects(args))
     options = CotOptions(fmt=args.format, calculator=args.calculator, check_arithmetic=not args.no_check_arithmetic,
@@ -156,8 +156,8 @@ def _cmd_cot(args: argparse.Namespace) -> int:
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
-    from tunelab.data.convert import rejects_path_for
-    from tunelab.data.quality import CleanOptions, clean_files
+    from tunelab.datatools.convert import rejects_path_for
+    from tunelab.datatools.quality import CleanOptions, clean_files
 
     options = CleanOptions(
         exact_dedup=not args.no_dedup, near_dedup=not (args.no_dedup or args.no_near_dedup),
@@ -179,7 +179,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from tunelab.data.stats import stats_files
+    from tunelab.datatools.stats import stats_files
 
     _claim(args, *(Path(args.out) / name for name in ("stats.json", "report.md", "token_lengths.png")))
     report, sketch = stats_files(
@@ -195,7 +195,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from tunelab.data.split import SPLIT_NAMES, parse_ratios, split_files
+    from tunelab.datatools.split import SPLIT_NAMES, parse_ratios, split_files
     from tunelab.progress import progress_bar
 
     ratios = parse_ratios(args.ratios)  # the options first, then the outputs

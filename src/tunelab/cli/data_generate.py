@@ -170,7 +170,7 @@ def _cache(args: argparse.Namespace):
 def _claim(args: argparse.Namespace, suffixes: tuple[str, ...]) -> None:
     """Refuse to replace an earlier run's outputs (without --overwrite) or an input (ever), before any work."""
     from tunelab.data.files import check_inputs_exist
-    from tunelab.data.generation_jobs import side_path
+    from tunelab.datatools.generation_jobs import side_path
     from tunelab.outputs import claim_files
 
     check_inputs_exist(args.inputs)  # a mistyped input is named first
@@ -187,7 +187,7 @@ def _finish(result) -> int:
 
 
 def _cmd_augment(args: argparse.Namespace) -> int:
-    from tunelab.data.augment import CONSTRAINTS, STYLES, AugmentOptions, augment_files
+    from tunelab.datatools.augment import CONSTRAINTS, STYLES, AugmentOptions, augment_files
 
     constraints = tuple(CONSTRAINTS) if args.constraints is None else args.constraints
     if constraints == ("none",):
@@ -208,7 +208,7 @@ def _cmd_augment(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from tunelab.data.synth import QAOptions, SelfInstructOptions, self_instruct, synth_qa
+    from tunelab.datatools.synth import QAOptions, SelfInstructOptions, self_instruct, synth_qa
 
     if args.method == "qa":
         _refuse(args, _SELF_INSTRUCT_OPTIONS, "only for --method self-instruct")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from tunelab.data.convert import detect_kind
+from tunelab.data.readers import detect_kind
 from tunelab.data.files import read_rows
 from tunelab.errors import DataError
 

@@ -61,6 +61,12 @@ class Batch:
         return inputs
 
 
+def sequence_index(batch: Batch) -> torch.Tensor:
+    """For a packed batch, the sequence number of every position of its single row."""
+    lengths = torch.tensor(batch.seq_lens[0], device=batch.input_ids.device)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+
+
 def packed_lengths_tensor(seq_lens: list[list[int]]) -> torch.Tensor:
     """The ``packed_seq_lens`` model kwarg: every row's sequence lengths, flat, in a CPU int32 tensor.
 

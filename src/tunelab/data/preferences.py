@@ -16,12 +16,11 @@ A pair whose ``rejected`` is empty or equal to ``chosen`` teaches nothing and is
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from tunelab.data.files import Row
-from tunelab.data.records import ROLES, SHAREGPT_ROLES, LoadReport, _load, _text_field, check_roles
+from tunelab.data.records import ROLES, SHAREGPT_ROLES, _text_field, check_roles
 from tunelab.errors import DataError
 
 Messages = list[dict[str, str]]
@@ -186,34 +185,6 @@ def to_feedback(row: Row, system_prompt: str | None = None) -> Feedback:
     except DataError as exc:
         raise DataError(f"{row.source}: {exc}") from None
     return Feedback(prompt, completion, label, row.source)
-
-
-def load_preferences(
-    files: Iterable[str],
-    on_error: Literal["fail", "skip"] = "fail",
-    system_prompt: str | None = None,
-    limit: int | None = None,
-) -> tuple[list[Preference], LoadReport]:
-    """Read preference pairs from data files (every supported layout, see the module docstring).
-
-    Raises:
-        DataError: a file cannot be read, or (``fail``) a pair is bad, or no pair is usable.
-    """
-    return _load(files, "preference", on_error, limit, lambda row, _: to_preference(row, system_prompt))
-
-
-def load_feedback(
-    files: Iterable[str],
-    on_error: Literal["fail", "skip"] = "fail",
-    system_prompt: str | None = None,
-    limit: int | None = None,
-) -> tuple[list[Feedback], LoadReport]:
-    """Read KTO records (a conversation or prompt + completion, and a boolean label).
-
-    Raises:
-        DataError: a file cannot be read, or (``fail``) a record is bad, or none is usable.
-    """
-    return _load(files, "feedback", on_error, limit, lambda row, _: to_feedback(row, system_prompt))
 
 
 def preference_to_json(record: Preference) -> dict[str, Any]:

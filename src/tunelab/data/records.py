@@ -3,18 +3,18 @@
 Formats: ``alpaca`` (instruction/input/output/system/history), ``sharegpt`` (conversations of
 from/value), ``messages`` (OpenAI role/content) and ``text``; the conversation formats may carry
 ``tools`` (the functions the assistant could call). Each reader validates a row and
-raises :class:`DataError` for a row that cannot be used; :func:`load_records` either stops at the
-first bad row (``on_error: fail``) or skips it and counts why (``on_error: skip``).
+raises :class:`DataError` for a row that cannot be used; :mod:`tunelab.data.readers` reads files
+through them (stopping at the first bad row, or skipping it and counting why).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tunelab.data.files import Row, read_rows
+from tunelab.data.files import Row
 from tunelab.data.tool_declarations import parse_tools
 from tunelab.errors import DataError
 
@@ -318,115 +318,6 @@ def to_prompt(row: Row, fmt: Format, text_field: str = "text", system_prompt: st
     except DataError as exc:
         raise DataError(f"{row.source}: {exc}") from None
     return Prompt(messages, reference, row.source, conversation.tools)
-
-
-def convert_rows(
-    files: Iterable[str],
-    detect: Callable[[str, Row], Any],
-    convert: Callable[[Row, Any], Any],
-    on_error: Literal["fail", "skip"],
-    report: LoadReport,
-    fail_hint: str,
-    on_skip: Callable[[Row, str], None] | None = None,
-) -> Iterator[tuple[Row, Any]]:
-    """Read rows of data files and convert each, counting in ``report`` what was read and skipped.
-
-    Args:
-        files: data files (any type :func:`~tunelab.data.files.read_rows` reads).
-        detect: ``(file name, first readable row) -> layout``, called once per file.
-        convert: ``(row, layout) -> item``; raises DataError for a bad row.
-        on_error: ``fail`` raises at the first bad row (with ``fail_hint`` added); ``skip`` counts it.
-        report: updated as rows are read (``read`` and skips; ``kept`` is the caller's).
-        fail_hint: how to skip bad rows instead, for the ``fail`` message.
-        on_skip: also told of each skipped row and its reason.
-
-    Yields:
-        Each good row with its converted item.
-    """
-    for name in files:
-        layout = None
-        for row in read_rows(name):
-            report.read += 1
-            try:
-                if row.error is not None:
-                    raise DataError(f"{row.source}: {row.error}")
-                if layout is None:
-                    layout = detect(name, row)
-                item = convert(row, layout)
-            except DataError as exc:
-                if on_error == "fail":
-                    raise DataError(f"{exc}\n({fail_hint})") from None
-                reason = str(exc).removeprefix(f"{row.source}: ")
-                report.skip(reason, row.source)
-                if on_skip is not None:
-                    on_skip(row, reason)
-                continue
-            yield row, item
-
-
-def _load(
-    files: Iterable[str],
-    fmt: Literal["auto"] | Format,
-    on_error: Literal["fail", "skip"],
-    limit: int | None,
-    convert: Callable[[Row, Format], Any],
-) -> tuple[list, LoadReport]:
-    files = list(files)
-    items: list = []
-    report = LoadReport()
-    detect = (lambda _, row: detect_format(row.data, row.source)) if fmt == "auto" else (lambda _, row: fmt)
-    if limit is None or limit > 0:
-        for _, item in convert_rows(files, detect, convert, on_error, report,
-                                    "set data.on_error: skip to drop bad records and count them"):
-            items.append(item)
-            if limit is not None and len(items) >= limit:
-                break
-    report.kept = len(items)
-    if not items:
-        detail = f"\n{report.summary()}" if report.skipped else ""
-        raise DataError(f"{', '.join(files)}: no usable records{detail}")
-    return items, report
-
-
-def load_records(
-    files: Iterable[str],
-    fmt: Literal["auto"] | Format = "auto",
-    on_error: Literal["fail", "skip"] = "fail",
-    text_field: str = "text",
-    system_prompt: str | None = None,
-    limit: int | None = None,
-) -> tuple[list[Record], LoadReport]:
-    """Read data files into canonical records (conversations or texts) for training.
-
-    Args:
-        files: data files (or hub dataset ids).
-        fmt: record format, or ``auto`` to detect it per file from its first record.
-        on_error: ``fail`` raises at the first bad record; ``skip`` drops it and counts why.
-        text_field: the field holding text for ``text`` records in JSON/CSV/Parquet.
-        system_prompt: system message for conversations that have none.
-        limit: stop after this many records.
-
-    Returns:
-        The records and a report of what was read and skipped.
-
-    Raises:
-        DataError: a file cannot be read, or (``fail``) a record is bad, or no record is usable.
-    """
-    return _load(files, fmt, on_error, limit, lambda row, f: to_record(row, f, text_field, system_prompt))
-
-
-def load_prompts(
-    files: Iterable[str],
-    fmt: Literal["auto"] | Format = "auto",
-    on_error: Literal["fail", "skip"] = "skip",
-    system_prompt: str | None = None,
-    limit: int | None = None,
-) -> tuple[list[Prompt], LoadReport]:
-    """Read data files into prompts with optional references (evaluation, RL).
-
-    Same arguments as :func:`load_records`; bad records are skipped and counted by default.
-    """
-    return _load(files, fmt, on_error, limit, lambda row, f: to_prompt(row, f, system_prompt=system_prompt))
 
 
 def record_to_json(record: Conversation | Text | Prompt) -> dict[str, Any]:

@@ -27,8 +27,8 @@ from tunelab.config import DataConfig
 from tunelab.data.files import file_fingerprint
 from tunelab.data.oversize import cut_messages, message_bytes, raw_byte_limit
 from tunelab.data.pair_tokenize import PairTokenizer, feedback_rows, preference_rows
-from tunelab.data.preferences import load_feedback, load_preferences
-from tunelab.data.records import Conversation, LoadReport, Text, load_records
+from tunelab.data.readers import load_feedback, load_preferences, load_records
+from tunelab.data.records import Conversation, LoadReport, Text
 from tunelab.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, NO_TEMPLATE, render_conversation, resolve_template
 from tunelab.errors import DataError
 from tunelab.outputs import write_errors

@@ -11,14 +11,8 @@ from transformers import GenerationConfig
 
 from tunelab.config import ModelConfig
 from tunelab.errors import TunelabError
-from tunelab.models.load import (
-    DTYPES,
-    add_stop_ids,
-    generation_stop_ids,
-    is_adapter_dir,
-    load_model,
-    load_tokenizer,
-)
+from tunelab.models.precision import DTYPES
+from tunelab.models.load import add_stop_ids, generation_stop_ids, is_adapter_dir, load_model, load_tokenizer
 from tunelab.models.weight_files import adapter_fit, check_adapter_dir
 from tunelab.outputs import atomic_output, claim_output
 from tunelab.track.record import Artifact, record_run

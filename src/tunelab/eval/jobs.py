@@ -73,8 +73,10 @@ def run_eval_job(job: EvalJob) -> tuple[dict[str, Any], list[str]]:
     Returns:
         The results (``run_eval``'s) and the ``fail_below`` thresholds that failed.
     """
-    from tunelab.eval.suite import EvalOptions, check_thresholds, device_dtype, run_eval
-    from tunelab.models.load import generation_stop_ids, load_for_inference, resolve_device
+    from tunelab.eval.suite import EvalOptions, check_thresholds, run_eval
+    from tunelab.models.precision import device_dtype
+    from tunelab.models.load import generation_stop_ids, load_for_inference
+    from tunelab.models.precision import resolve_device
     from tunelab.outputs import write_errors
     from tunelab.progress import progress_bar
 

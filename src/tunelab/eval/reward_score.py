@@ -14,12 +14,11 @@ from typing import Any
 
 from rich.progress import track
 
-from tunelab.data.convert import detect_kind
+from tunelab.data.readers import detect_kind, load_preferences, load_records
 from tunelab.data.files import read_rows
-from tunelab.data.preferences import load_preferences
-from tunelab.data.records import Conversation, load_records
+from tunelab.data.records import Conversation
 from tunelab.errors import DataError
-from tunelab.train.rl.rewards import RewardModelScorer
+from tunelab.models.reward_scoring import RewardModelScorer
 
 
 def _answer(messages: list[dict[str, str]]) -> str:
@@ -81,7 +80,7 @@ def score_files(
     With ``out``, the scores go to that JSONL file (one input) or to ``out/STEM.scores.jsonl`` (several);
     those files are claimed before the model loads. Yields each input, its summary and the file written.
     """
-    from tunelab.models.load import resolve_device
+    from tunelab.models.precision import resolve_device
 
     outs: list[Path | None] = [None] * len(paths)
     if out:

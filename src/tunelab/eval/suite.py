@@ -19,11 +19,11 @@ from typing import Any
 
 import datasets
 import numpy as np
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import EvalConfig
-from tunelab.data.records import Prompt, load_prompts
+from tunelab.data.records import Prompt
+from tunelab.data.readers import load_prompts
 from tunelab.data.templates import render_conversation, render_prompt, resolve_template
 from tunelab.errors import DataError, TunelabError
 from tunelab.eval.generate import generate_answers
@@ -34,7 +34,8 @@ from tunelab.progress import progress_bar
 from tunelab.models.adapters import has_virtual_tokens
 from tunelab.track.provenance import files_fingerprint
 from tunelab.track.record import Artifact, model_artifact, record_run
-from tunelab.train.engine import eval_batches, evaluate_loss
+from tunelab.train.batches import eval_batches
+from tunelab.train.heldout import evaluate_loss
 
 LOSS_METRICS = ("perplexity", "loss")
 ALL_METRICS = (*LOSS_METRICS, *METRICS)
@@ -277,8 +278,3 @@ def check_thresholds(metrics: dict[str, Any], specs: list[str]) -> list[str]:
         if value is None or value < threshold:
             failures.append(f"{name} = {value} is below {threshold}")
     return failures
-
-
-def device_dtype(device: torch.device) -> torch.dtype:
-    """bf16 weights on a GPU that supports them, fp32 elsewhere (evaluation has no optimizer)."""
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32

@@ -287,16 +287,13 @@ class HFBackend:
     def __init__(
         self, model_dir: str | Path, device: str = "auto", max_new_tokens: int = 512, batch_size: int = 8
     ) -> None:
-        import torch
-
         from tunelab.data.templates import resolve_template
-        from tunelab.models.load import load_for_inference, resolve_device
+        from tunelab.models.load import load_for_inference
+        from tunelab.models.precision import device_dtype, resolve_device
 
         path = str(model_dir)
         self.device = resolve_device(device)
-        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        self.model, self.tokenizer = load_for_inference(path, device=self.device, dtype=dtype)
+        self.model, self.tokenizer = load_for_inference(path, device=self.device, dtype=device_dtype(self.device))
         self.template = resolve_template(self.tokenizer, "auto", fallback="chatml")
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size

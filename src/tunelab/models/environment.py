@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from tunelab.models.load import cpu_has_fast_bf16, resolve_device, resolve_precision
+from tunelab.models.precision import cpu_has_fast_bf16, resolve_device, resolve_precision
 from tunelab.track.provenance import package_versions
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import (
@@ -20,45 +19,9 @@ from tunelab.config import ModelConfig
 from tunelab.errors import TunelabError
 from tunelab.hub import hub_unavailable, looks_like_hub_id
 from tunelab.models.attention import register_packed_sdpa
+from tunelab.models.precision import DTYPES, resolve_device
 from tunelab.models.quant import quantization_config
 from tunelab.models.weight_files import adapter_fit, check_adapter_dir, check_safetensors_dir
-
-Precision = Literal["fp32", "bf16", "fp16"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; an unavailable device is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TunelabError(f"train.device: {name}, but no CUDA device is available (use auto or cpu)")
-    return device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX).
-
-    Without them bf16 autocast is emulated and measured 10-20x slower than fp32 (AVX2 EPYC, torch 2.13).
-    """
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_precision(precision: str, device: torch.device) -> Precision:
-    """``auto``: bf16 on a GPU that supports it and on CPUs with native bf16, else fp32.
-
-    Raises:
-        TunelabError: fp16 asked for on a CPU (no GradScaler support there that pays).
-    """
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise TunelabError("train.precision: fp16 needs a GPU; use bf16 or fp32 on a CPU")
-    return precision  # type: ignore[return-value]
-
 
 def resolve_load_dtype(model_cfg: ModelConfig, method_type: str, device: torch.device) -> torch.dtype:
     """Dtype of the weights as loaded. auto: fp32 where weights train; bf16 for an adapter method's frozen base on a GPU."""

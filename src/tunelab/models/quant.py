@@ -17,9 +17,9 @@ import torch
 
 from tunelab.config import ModelConfig
 from tunelab.errors import TunelabError
+from tunelab.models.precision import DTYPES, has_fast_bf16
 
 INSTALL_HINT = "pip install 'tunelab[qlora]' (bitsandbytes >= 0.45; CPU and CUDA builds are on PyPI)"
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def require_bitsandbytes() -> None:
@@ -34,12 +34,9 @@ def require_bitsandbytes() -> None:
 
 def resolve_compute_dtype(model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
     """The dtype 4-bit matmuls run in. auto: bf16 on a GPU or CPU that runs it fast, else fp32."""
-    from tunelab.models.load import cpu_has_fast_bf16
-
     if model_cfg.quant_compute_dtype != "auto":
-        return COMPUTE_DTYPES[model_cfg.quant_compute_dtype]
-    fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
-    return torch.bfloat16 if fast_bf16 else torch.float32
+        return DTYPES[model_cfg.quant_compute_dtype]
+    return torch.bfloat16 if has_fast_bf16(device) else torch.float32
 
 
 def quantization_config(model_cfg: ModelConfig, device: torch.device):

@@ -272,7 +272,8 @@ def sample_from_data(files: list[str], tokenizer_dir: str | None, label: str) ->
     Raises:
         MonitorError: no tokenizer; DataError: an unreadable file or one without usable records.
     """
-    from tunelab.data.records import Text, load_prompts, load_records
+    from tunelab.data.records import Text
+    from tunelab.data.readers import load_prompts, load_records
     from tunelab.data.templates import render_prompt, resolve_template
     from tunelab.errors import DataError
     from tunelab.models.load import load_tokenizer

@@ -65,8 +65,9 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
 
 def serving_engine(options: ServeOptions, adapters: dict[str, str]) -> tuple[Any, Any, set[int]]:
     """The engine ``options`` ask for, the tokenizer the app uses and the stop ids (the model's EOS ids)."""
-    from tunelab.eval.suite import device_dtype
-    from tunelab.models.load import generation_stop_ids, load_with_adapters, resolve_device
+    from tunelab.models.precision import device_dtype
+    from tunelab.models.load import generation_stop_ids, load_with_adapters
+    from tunelab.models.precision import resolve_device
 
     device = resolve_device(options.device)
     if options.engine == "vllm":

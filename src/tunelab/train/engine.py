@@ -10,7 +10,7 @@ packing, online) comes from the registry (:mod:`tunelab.train.objectives.registr
 The loss of an optimizer step is the summed loss of its micro-batches divided by the trained units
 of the whole window, so accumulation equals one big batch exactly. How the passes,
 steps, evaluations and checkpoints run across processes (one process, DDP, FSDP2, DeepSpeed ZeRO)
-is :mod:`tunelab.train.distributed`'s job; the loop is the same for all.
+is :mod:`tunelab.train.parallel`'s job; the loop is the same for all.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import TunelabConfig
-from tunelab.data.packing import Batch, packed_lengths_tensor
+from tunelab.data.packing import packed_lengths_tensor
 from tunelab.data.kinds import check_data_kind
 from tunelab.data.templates import resolve_template
 from tunelab.data.tokenize import default_cache_dir, prepare_data
@@ -45,15 +45,8 @@ from tunelab.models.adapters import (
     save_initial_adapter,
     save_pissa_as_lora,
 )
-from tunelab.models.load import (
-    add_stop_ids,
-    attention_for,
-    load_model,
-    load_tokenizer,
-    resolve_load_dtype,
-    resolve_precision,
-    stop_token_ids,
-)
+from tunelab.models.load import add_stop_ids, attention_for, load_model, load_tokenizer, resolve_load_dtype, stop_token_ids
+from tunelab.models.precision import autocast_dtype, resolve_precision
 from tunelab.models.attention import VARLEN_NAME
 from tunelab.models.quant import is_quantized, route_unfit_cpu_4bit_layers, weight_memory
 from tunelab.models.tiny import create_tiny_model
@@ -62,11 +55,10 @@ from tunelab.train.batches import MicroBatches, eval_batches
 from tunelab.train.checkpoint import latest_checkpoint, save_model_dir
 from tunelab.train.speed import apply_speed_switches
 from tunelab.train.stop import StopOnSignal, TrainingStopped
-from tunelab.train.distributed import Parallel, Processes, parallelize, start_processes, stop_processes
+from tunelab.train.parallel import Processes, parallelize, start_processes, stop_processes
 from tunelab.train.objectives import build_objective, objective_spec
 from tunelab.train.objectives.registry import objective_data_kinds
 from tunelab.train.objectives.base import add_metrics
-from tunelab.train.objectives.sft import SFTObjective
 from tunelab.train.reference import attach_reference_logps, frozen_copy
 from tunelab.train.neftune import NEFTune
 from tunelab.train.optim import build_optimizer, build_scheduler
@@ -132,11 +124,6 @@ def packing_supported(model: PreTrainedModel, device: torch.device) -> bool:
     model.train(was_training)
     error = (packed.float() - separate.float()).abs().max() / separate.float().abs().max().clamp_min(1e-6)
     return bool(error < 1e-2)
-
-
-def evaluate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device, autocast) -> dict[str, float]:
-    """Token-averaged held-out loss and its perplexity, computed as training's evaluation computes it."""
-    return Parallel(model, SFTObjective(), Processes(), device, None).evaluate(batches, autocast, token_loss=True)
 
 
 def train(
@@ -249,7 +236,7 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
     objective = build_objective(cfg.train, reference, model)
     for head in objective.heads().values():
         head.to(device)
-    activations = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, load_dtype)
+    activations = autocast_dtype(precision) or load_dtype
     apply_speed_switches(cfg, model, objective, device, packing and attention == VARLEN_NAME, activations)
     neftune = NEFTune(model, cfg.train.neftune_alpha) if cfg.train.neftune_alpha else None
     params = count_parameters(model)
@@ -444,7 +431,7 @@ def due_before_end(every: int, done: int, total: int) -> bool:
 
 def autocast_factory(device: torch.device, precision: str) -> Callable[[], Any]:
     """A function returning the autocast context for the run's precision (or a no-op)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = autocast_dtype(precision)
     return lambda: torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 

@@ -34,7 +34,7 @@ def start_training(
         The engine's ``TrainResult`` on rank 0, None on the other ranks (rank 0 reports for the run).
     """
     from tunelab.models.source import check_start_model
-    from tunelab.train.launch import check_engine_installed, check_launch, relaunch
+    from tunelab.train.parallel.launch import check_engine_installed, check_launch, relaunch
     from tunelab.train.run_dir import check_config_location
 
     check_config_location(config_file, config.output_dir)

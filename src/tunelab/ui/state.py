@@ -9,6 +9,7 @@ from fastapi import Request
 
 from tunelab.track.registry import Registry
 from tunelab.ui.jobs import JobManager
+from tunelab.ui.model_pool import ModelPool
 
 
 @dataclass
@@ -36,8 +37,6 @@ class UIState:
     """One per app: settings, jobs and loaded models."""
 
     def __init__(self, settings: UISettings) -> None:
-        from tunelab.ui.playground import ModelPool
-
         self.settings = settings
         self.jobs = JobManager(settings.state_dir, settings.registry, settings.workdir)
         self.models = ModelPool(settings.max_models)

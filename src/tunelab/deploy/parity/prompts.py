@@ -19,7 +19,7 @@ def load_parity_prompts(path: str | Path, limit: int | None = None) -> list[list
     Raises:
         TunelabError: the file is missing, empty or holds a record that is not a prompt (named by line).
     """
-    from tunelab.data.records import load_prompts
+    from tunelab.data.readers import load_prompts
 
     if limit is not None and limit < 1:
         raise TunelabError(f"--limit {limit}: must be at least 1")

@@ -11,15 +11,9 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
-from tunelab.data.packing import Batch
+from tunelab.data.packing import Batch, sequence_index
 from tunelab.data.templates import IGNORE_INDEX
 from tunelab.train.objectives.chunked_loss import chunked_token_logps
-
-
-def sequence_index(batch: Batch) -> torch.Tensor:
-    """For a packed batch, the sequence number of every position of its single row."""
-    lengths = torch.tensor(batch.seq_lens[0], device=batch.input_ids.device)
-    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
 
 
 def sequence_logps(model: torch.nn.Module, batch: Batch,

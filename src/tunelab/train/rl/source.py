@@ -26,14 +26,16 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.config import TrainConfig, TunelabConfig
 from tunelab.data.files import file_fingerprint
-from tunelab.data.records import Prompt, load_prompts
+from tunelab.data.records import Prompt
+from tunelab.data.readers import load_prompts
 from tunelab.data.templates import render_prompt
 from tunelab.data.tokenize import split_records
 from tunelab.errors import TunelabError
 from tunelab.train.reporting import console
 from tunelab.train.rl.generators import RolloutGenerator
 from tunelab.train.rl.online import OnlineObjective
-from tunelab.train.rl.rewards import RewardModelScorer, combine_rewards, load_reward_fn
+from tunelab.models.reward_scoring import RewardModelScorer
+from tunelab.train.rl.rewards import combine_rewards, load_reward_fn
 from tunelab.train.rl.rollout import Rollouts
 from tunelab.train.steps import StepWork
 

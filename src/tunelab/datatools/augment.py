@@ -44,9 +44,9 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from tunelab.data.convert import Kind
-from tunelab.data.generation_jobs import SourceItem, make_generator, read_sources, write_report, write_side_file
-from tunelab.data.jsonl_output import provenance, write_jsonl
+from tunelab.data.readers import Kind
+from tunelab.datatools.generation_jobs import SourceItem, make_generator, read_sources, write_report, write_side_file
+from tunelab.datatools.jsonl_output import provenance, write_jsonl
 from tunelab.errors import ConfigError, read_user_text
 from tunelab.failures import failure_reasons, reason_lines
 from tunelab.generation.backends import GenerationBackend, Sampling

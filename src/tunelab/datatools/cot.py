@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tunelab.data.cached_map import batch_rows, columns, fingerprint, map_cached
-from tunelab.data.convert import write_rejects
+from tunelab.datatools.cached_map import batch_rows, columns, fingerprint, map_cached
+from tunelab.datatools.convert import write_rejects
 from tunelab.data.files import file_fingerprint, read_rows
-from tunelab.data.jsonl_output import provenance, write_jsonl
+from tunelab.datatools.jsonl_output import provenance, write_jsonl
 from tunelab.data.records import LoadReport
 from tunelab.errors import DataError, TunelabError
 

@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tunelab.data.cached_map import columns, directory_fingerprint, fingerprint, map_cached
-from tunelab.data.convert import ConversationFormat, Kind, read_canonical
+from tunelab.datatools.cached_map import columns, directory_fingerprint, fingerprint, map_cached
+from tunelab.data.readers import ConversationFormat, Kind, read_canonical
 from tunelab.data.files import file_fingerprint
 from tunelab.data.records import detect_format
 from tunelab.errors import DataError, TunelabError

@@ -39,10 +39,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tunelab.data.cached_map import cache_root, columns, directory_fingerprint, fingerprint, map_cached, progress
-from tunelab.data.convert import ConversationFormat, Kind, ReadResult, check_read, iter_canonical, rejects_path_for
+from tunelab.datatools.cached_map import cache_root, columns, directory_fingerprint, fingerprint, map_cached, progress
+from tunelab.data.readers import ConversationFormat, Kind, ReadResult, check_read, iter_canonical
+from tunelab.datatools.convert import rejects_path_for
 from tunelab.data.files import file_fingerprint
-from tunelab.data.jsonl_output import provenance, write_jsonl
+from tunelab.datatools.jsonl_output import provenance, write_jsonl
 from tunelab.data.records import LoadReport
 from tunelab.errors import DataError, TunelabError
 

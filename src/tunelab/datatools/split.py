@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tunelab.data.convert import ConversationFormat, Kind, read_canonical
-from tunelab.data.jsonl_output import write_jsonl
+from tunelab.data.readers import ConversationFormat, Kind, read_canonical
+from tunelab.datatools.jsonl_output import write_jsonl
 from tunelab.data.records import LoadReport
 from tunelab.errors import DataError, TunelabError
 

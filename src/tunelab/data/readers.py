@@ -1,28 +1,35 @@
-"""Any supported data file -> canonical JSONL: ``tunelab data convert`` and the reader of the data tools.
+"""The one path from data files to records: every reader of tunelab goes through :func:`convert_rows`.
 
-Five kinds of canonical record (see :mod:`tunelab.data.jsonl_output`): ``conversation``
-(``{"messages"}``), ``prompt`` (``{"messages", "reference"}``), ``text`` (``{"text"}``),
-``preference`` (``{"prompt", "chosen", "rejected"}``) and ``feedback`` (KTO:
-``{"messages", "label"}``). ``kind: auto`` decides per file from its first readable record.
-Every record goes through the project's readers (records.py, preferences.py), so what
-``convert`` accepts is exactly what training accepts; a record they refuse is rejected with the
-reader's reason and its ``file:line``.
+A file is read row by row (:func:`~tunelab.data.files.read_rows`, each row with its ``file:line``),
+its layout is decided once from its first readable row, and each row is converted by the
+record readers of :mod:`tunelab.data.records` (conversations, prompts, text) and
+:mod:`tunelab.data.preferences` (pairs, KTO feedback). A bad row raises :class:`DataError` naming
+its place (``on_error: fail``) or is counted in a :class:`~tunelab.data.records.LoadReport`
+(``on_error: skip``). On this path sit training's loaders (:func:`load_records`,
+:func:`load_prompts`, :func:`load_preferences`, :func:`load_feedback`) and the data tools'
+canonical reader (:func:`iter_canonical`, :func:`read_canonical`), so what ``tunelab data``
+accepts is exactly what training accepts.
+
+Five kinds of canonical record: ``conversation`` (``{"messages"}``), ``prompt``
+(``{"messages", "reference"}``), ``text`` (``{"text"}``), ``preference`` (``{"prompt", "chosen",
+"rejected"}``) and ``feedback`` (KTO: ``{"messages", "label"}``). ``kind: auto`` decides per file
+from its first readable record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from tunelab.data.files import Row
-from tunelab.data.jsonl_output import provenance, write_jsonl
-from tunelab.data.preferences import feedback_to_json, preference_to_json, to_feedback, to_preference
+from tunelab.data.files import Row, read_rows
+from tunelab.data.preferences import Feedback, Preference, feedback_to_json, preference_to_json, to_feedback, to_preference
 from tunelab.data.records import (
     SHAREGPT_ROLES,
+    Format,
     LoadReport,
-    convert_rows,
+    Prompt,
+    Record,
     detect_format,
     record_to_json,
     to_prompt,
@@ -34,6 +41,148 @@ Kind = Literal["conversation", "prompt", "text", "preference", "feedback"]
 KINDS: tuple[str, ...] = ("conversation", "prompt", "text", "preference", "feedback")
 ConversationFormat = Literal["auto", "alpaca", "sharegpt", "messages", "qa", "text"]
 KEPT_KEYS = ("id", "task", "provenance", "metadata")  # extra keys a canonical record keeps through the tools
+
+
+def convert_rows(
+    files: Iterable[str],
+    detect: Callable[[str, Row], Any],
+    convert: Callable[[Row, Any], Any],
+    on_error: Literal["fail", "skip"],
+    report: LoadReport,
+    fail_hint: str,
+    on_skip: Callable[[Row, str], None] | None = None,
+) -> Iterator[tuple[Row, Any]]:
+    """Read rows of data files and convert each, counting in ``report`` what was read and skipped.
+
+    Args:
+        files: data files (any type :func:`~tunelab.data.files.read_rows` reads).
+        detect: ``(file name, first readable row) -> layout``, called once per file.
+        convert: ``(row, layout) -> item``; raises DataError for a bad row.
+        on_error: ``fail`` raises at the first bad row (with ``fail_hint`` added); ``skip`` counts it.
+        report: updated as rows are read (``read`` and skips; ``kept`` is the caller's).
+        fail_hint: how to skip bad rows instead, for the ``fail`` message.
+        on_skip: also told of each skipped row and its reason.
+
+    Yields:
+        Each good row with its converted item.
+    """
+    for name in files:
+        layout = None
+        for row in read_rows(name):
+            report.read += 1
+            try:
+                if row.error is not None:
+                    raise DataError(f"{row.source}: {row.error}")
+                if layout is None:
+                    layout = detect(name, row)
+                item = convert(row, layout)
+            except DataError as exc:
+                if on_error == "fail":
+                    raise DataError(f"{exc}\n({fail_hint})") from None
+                reason = str(exc).removeprefix(f"{row.source}: ")
+                report.skip(reason, row.source)
+                if on_skip is not None:
+                    on_skip(row, reason)
+                continue
+            yield row, item
+
+
+def load_items(
+    files: Iterable[str],
+    fmt: Literal["auto"] | Format,
+    on_error: Literal["fail", "skip"],
+    limit: int | None,
+    convert: Callable[[Row, Format], Any],
+) -> tuple[list, LoadReport]:
+    """Read up to ``limit`` items with ``convert(row, layout)``; the layout is ``fmt`` or detected per file.
+
+    Raises:
+        DataError: a file cannot be read, or (``fail``) a row is bad, or no item is usable.
+    """
+    files = list(files)
+    items: list = []
+    report = LoadReport()
+    detect = (lambda _, row: detect_format(row.data, row.source)) if fmt == "auto" else (lambda _, row: fmt)
+    if limit is None or limit > 0:
+        for _, item in convert_rows(files, detect, convert, on_error, report,
+                                    "set data.on_error: skip to drop bad records and count them"):
+            items.append(item)
+            if limit is not None and len(items) >= limit:
+                break
+    report.kept = len(items)
+    if not items:
+        detail = f"\n{report.summary()}" if report.skipped else ""
+        raise DataError(f"{', '.join(files)}: no usable records{detail}")
+    return items, report
+
+
+def load_records(
+    files: Iterable[str],
+    fmt: Literal["auto"] | Format = "auto",
+    on_error: Literal["fail", "skip"] = "fail",
+    text_field: str = "text",
+    system_prompt: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[Record], LoadReport]:
+    """Read data files into canonical records (conversations or texts) for training.
+
+    Args:
+        files: data files (or hub dataset ids).
+        fmt: record format, or ``auto`` to detect it per file from its first record.
+        on_error: ``fail`` raises at the first bad record; ``skip`` drops it and counts why.
+        text_field: the field holding text for ``text`` records in JSON/CSV/Parquet.
+        system_prompt: system message for conversations that have none.
+        limit: stop after this many records.
+
+    Returns:
+        The records and a report of what was read and skipped.
+
+    Raises:
+        DataError: a file cannot be read, or (``fail``) a record is bad, or no record is usable.
+    """
+    return load_items(files, fmt, on_error, limit, lambda row, f: to_record(row, f, text_field, system_prompt))
+
+
+def load_prompts(
+    files: Iterable[str],
+    fmt: Literal["auto"] | Format = "auto",
+    on_error: Literal["fail", "skip"] = "skip",
+    system_prompt: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[Prompt], LoadReport]:
+    """Read data files into prompts with optional references (evaluation, RL).
+
+    Same arguments as :func:`load_records`; bad records are skipped and counted by default.
+    """
+    return load_items(files, fmt, on_error, limit, lambda row, f: to_prompt(row, f, system_prompt=system_prompt))
+
+
+def load_preferences(
+    files: Iterable[str],
+    on_error: Literal["fail", "skip"] = "fail",
+    system_prompt: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[Preference], LoadReport]:
+    """Read preference pairs from data files (every supported layout, see the module docstring).
+
+    Raises:
+        DataError: a file cannot be read, or (``fail``) a pair is bad, or no pair is usable.
+    """
+    return load_items(files, "preference", on_error, limit, lambda row, _: to_preference(row, system_prompt))
+
+
+def load_feedback(
+    files: Iterable[str],
+    on_error: Literal["fail", "skip"] = "fail",
+    system_prompt: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[Feedback], LoadReport]:
+    """Read KTO records (a conversation or prompt + completion, and a boolean label).
+
+    Raises:
+        DataError: a file cannot be read, or (``fail``) a record is bad, or none is usable.
+    """
+    return load_items(files, "feedback", on_error, limit, lambda row, _: to_feedback(row, system_prompt))
 
 
 @dataclass
@@ -222,70 +371,3 @@ def check_read(files: list[str], result: ReadResult) -> None:
     if not result.records:
         detail = f"\n{result.report.summary()}" if result.report.skipped else ""
         raise DataError(f"{', '.join(files)}: no usable records{detail}")
-
-
-def rejects_path_for(out: str | Path) -> Path:
-    """Where the rejects of ``--out data.jsonl`` go by default: ``data.rejects.jsonl`` beside it."""
-    out = Path(out)
-    stem = out.name.removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json")
-    return out.with_name(f"{stem}.rejects.jsonl")
-
-
-def write_rejects(rejects: list[dict[str, Any]], out: str | Path, rejects_path: str | Path | None) -> Path | None:
-    """Write rejected rows beside ``out`` (or to ``rejects_path``); returns the file, or None if nothing was rejected.
-
-    With nothing rejected, a default rejects file left by an earlier run is removed: a stale list
-    would mislead.
-    """
-    rejects_file = Path(rejects_path) if rejects_path else rejects_path_for(out)
-    if rejects:
-        write_jsonl(rejects_file, rejects)
-        return rejects_file
-    if rejects_file.exists() and not rejects_path:
-        rejects_file.unlink()
-    return None
-
-
-@dataclass
-class ConvertResult:
-    """What ``convert`` wrote: records, their kind, the reader's report and the rejects file (if any)."""
-
-    written: int
-    kind: Kind
-    report: LoadReport
-    out: Path
-    rejects_path: Path | None
-
-
-def convert_files(
-    files: Iterable[str],
-    out: str | Path,
-    kind: Literal["auto"] | Kind = "auto",
-    fmt: ConversationFormat = "auto",
-    text_field: str = "text",
-    system_prompt: str | None = None,
-    on_error: Literal["fail", "skip"] = "skip",
-    rejects_path: str | Path | None = None,
-) -> ConvertResult:
-    """Convert data files to canonical JSONL at ``out``, each record with a ``provenance``.
-
-    Rejected rows (with their reason and ``file:line``) go to ``rejects_path`` (default
-    ``<out stem>.rejects.jsonl``), which is only written when something was rejected.
-
-    Raises:
-        DataError: see :func:`read_canonical`.
-    """
-    files = list(files)
-    result = ReadResult([], LoadReport())
-    result.records = list(iter_canonical(files, kind, fmt, text_field, system_prompt, on_error, result.report,
-                                         result.rejects, result.kinds))
-    rejects_file = write_rejects(result.rejects, out, rejects_path)
-    check_read(files, result)
-    rows = []
-    for record in result.records:
-        details: dict[str, Any] = {"kind": result.kind}
-        if record.data.get("provenance") is not None:
-            details["parent"] = record.data["provenance"]
-        rows.append({**record.data, "provenance": provenance("convert", record.source, **details)})
-    written = write_jsonl(out, rows)
-    return ConvertResult(written, result.kind, result.report, Path(out), rejects_file)

@@ -39,7 +39,7 @@ from typing import Any, Literal
 from rouge_score import rouge_scorer, tokenizers
 
 from tunelab.data.files import read_rows
-from tunelab.data.generation_jobs import (
+from tunelab.datatools.generation_jobs import (
     SourceItem,
     content_id,
     make_generator,
@@ -47,7 +47,7 @@ from tunelab.data.generation_jobs import (
     write_report,
     write_side_file,
 )
-from tunelab.data.jsonl_output import provenance, write_jsonl
+from tunelab.datatools.jsonl_output import provenance, write_jsonl
 from tunelab.data.records import LoadReport
 from tunelab.errors import ConfigError, DataError
 from tunelab.failures import failure_reasons, reason_lines

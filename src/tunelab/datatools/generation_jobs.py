@@ -1,6 +1,6 @@
 """What the generation-backed data tools (``data augment``, ``data synth``) share.
 
-Reading their inputs (through :func:`tunelab.data.convert.read_canonical`, the data tools'
+Reading their inputs (through :func:`tunelab.data.readers.read_canonical`, the data tools'
 reader), stable record ids, the generator with its default on-disk cache, and the files a job
 writes beside ``--out``: ``<stem>.report.json`` (always), ``<stem>.failed.jsonl`` (requests that
 gave no usable reply) and ``<stem>.rejects.jsonl`` (generated items a filter refused).
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tunelab.data.convert import Kind, read_canonical
-from tunelab.data.jsonl_output import write_jsonl
+from tunelab.data.readers import Kind, read_canonical
+from tunelab.datatools.jsonl_output import write_jsonl
 from tunelab.data.records import LoadReport
 from tunelab.errors import DataError
 from tunelab.generation.backends import GenerationBackend
