@@ -241,8 +241,8 @@ def test_sequence_logps_packed_equal_padded_equal_direct(tiny_model):
 # Training
 
 
-def parameter_memory(model, tokenizer, template, records) -> dict[str, float]:
-    """An evaluator that measures the bytes of all model parameters alive during training."""
+def alive_parameter_storages() -> dict[int, int]:
+    """Bytes of every parameter storage alive in the process, by address."""
     gc.collect()
     storages = {}
     for obj in gc.get_objects():
@@ -251,7 +251,22 @@ def parameter_memory(model, tokenizer, template, records) -> dict[str, float]:
                 storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
             except RuntimeError:  # a fake stand-in left by torch.compile in an earlier test: no memory
                 continue
-    return {"parameter_bytes": float(sum(storages.values()))}
+    return storages
+
+
+def parameter_memory():
+    """An evaluator that measures the bytes of the model parameters the training run holds.
+
+    Parameters alive before the run (models an earlier test keeps, e.g. in a cache) are not counted,
+    so the number does not depend on which tests ran first.
+    """
+    before = set(alive_parameter_storages())
+
+    def evaluator(model, tokenizer, template, records) -> dict[str, float]:
+        alive = alive_parameter_storages()
+        return {"parameter_bytes": float(sum(n for address, n in alive.items() if address not in before))}
+
+    return evaluator
 
 
 def base_bytes(model_dir: Path) -> int:
@@ -276,7 +291,7 @@ def test_dpo_learns_held_out_preferences_with_lora_and_no_second_model(tmp_path,
         train={"objective": "dpo", "max_steps": 30, "lr": 5e-3, "batch_tokens": 2048, "eval_at_start": True,
                "log_every": 10},
     ))
-    result = train(config, evaluators=[parameter_memory])
+    result = train(config, evaluators=[parameter_memory()])
     assert result.start_metrics["eval_rewards/accuracy"] < 0.6  # nothing learned yet
     assert result.final_metrics["eval_rewards/accuracy"] > 0.9
     assert result.final_metrics["eval_loss"] < result.start_metrics["eval_loss"] - 0.2
@@ -289,12 +304,12 @@ def test_full_dpo_keeps_a_frozen_reference_and_precompute_needs_none(tmp_path, t
     settings = dict(method={"type": "full"}, data={"eval": [str(test_file)], "max_length": 128},
                     train={"objective": "dpo", "max_steps": 3, "lr": 1e-4, "batch_tokens": 2048})
     copy = train(TunelabConfig.model_validate(make_config(tmp_path / "a", tiny_model, train_file, **settings)),
-                 evaluators=[parameter_memory])
+                 evaluators=[parameter_memory()])
     assert copy.final_metrics["parameter_bytes"] > 1.9 * base_bytes(tiny_model)  # policy + frozen copy
     del copy
     settings["train"]["precompute_reference"] = True
     cached = train(TunelabConfig.model_validate(make_config(tmp_path / "b", tiny_model, train_file, **settings)),
-                   evaluators=[parameter_memory])
+                   evaluators=[parameter_memory()])
     assert cached.final_metrics["parameter_bytes"] < 1.1 * base_bytes(tiny_model)  # log-probs cached instead
 
 
