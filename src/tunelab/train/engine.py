@@ -188,7 +188,7 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
         template = resolve_template(tokenizer, cfg.data.template)
         prompts, held_prompts = load_prompt_sets(cfg, tokenizer, template)
         fingerprint = prompts_fingerprint(cfg.data.train)
-        reward = Reward(cfg.train, device)
+        reward = Reward(cfg.objective_settings, device)
     else:
         with processes.node_main_first():  # tokenized once per node and cached; the other processes read the cache
             data = prepare_data(cfg.data, spec.data, cfg.train.seed, tokenizer, stop_ids)
@@ -202,7 +202,7 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
     tokenizer.chat_template = template  # saved with every checkpoint and the final model
 
     model_path = str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).exists() else cfg.model.path
-    model_cfg = cfg.model.model_copy(update={"path": model_path})
+    model_cfg = cfg.model.model_copy(update={"path": model_path, "quantization": cfg.base_quantization})
     load_dtype = resolve_load_dtype(cfg.model, cfg.method.type, device)
     packing = cfg.data.packing and spec.packing
     if packing and (conflict := packing_conflict(cfg.method)):
@@ -211,7 +211,7 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
     attention = attention_for(cfg.model, packing)
     model = load_model(model_cfg, load_dtype, device, attention, spec.score_head)
     if is_quantized(model):
-        console.print(f"model: {cfg.model.quantization} base, {weight_memory(model)}")
+        console.print(f"model: {cfg.base_quantization} base, {weight_memory(model)}")
         if unfit := route_unfit_cpu_4bit_layers(model):
             console.print(f"model: {len(unfit)} 4-bit layers have sizes bitsandbytes' fused CPU kernel cannot take "
                           f"(e.g. {unfit[0]}): they run on its generic path outside training too")
@@ -222,8 +222,8 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
         packing = False
     precision_context = autocast_factory(device, precision)
     reference = None
-    if spec.uses_reference(cfg.train):
-        if cfg.train.precompute_reference and spec.reference == "always":  # the model is still the reference
+    if spec.uses_reference(cfg.objective_settings):
+        if spec.reference_precomputed(cfg.objective_settings):  # the model is still the reference
             cache = (Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()) / fingerprint
 
             def with_reference(split: datasets.Dataset, name: str) -> datasets.Dataset:
@@ -246,7 +246,7 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
         save_initial_adapter(model, pissa_init)
     if spec.score_head and cfg.method.type == "freeze":
         model.score.requires_grad_(True)  # a new head always trains
-    objective = build_objective(cfg.train, reference, model)
+    objective = build_objective(cfg, reference, model)
     for head in objective.heads().values():
         head.to(device)
     activations = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, load_dtype)

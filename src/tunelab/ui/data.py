@@ -93,4 +93,5 @@ def preview(body: PreviewBody) -> dict[str, Any]:
     return {"split": body.split, "rows": len(split), "examples": examples, "histogram": length_histogram(lengths),
             "report": {"lines": report.lines(), "counts": {k: v for k, v in vars(report).items()}},
             "fingerprint": data.fingerprint, "template": data.template,
-            "objective": config.train.objective, "train_on": config.data.train_on}
+            "objective": config.train.objective,
+            "train_on": config.data.trained_tokens(objective_spec(config.train.objective).data)}

@@ -62,6 +62,8 @@ def schema_sections(model: type[BaseModel] = TunelabConfig, prefix: str = "") ->
     top: dict[str, Any] = {"key": prefix.rstrip(".") or "run", "doc": (model.__doc__ or "").strip(), "fields": []}
     sections = [top]
     for name, field in model.model_fields.items():
+        if field.exclude:  # the objective's settings: one section per objective below
+            continue
         nested = _nested_model(field.annotation)
         if nested is not None:
             sections += schema_sections(nested, f"{prefix}{name}.")
@@ -75,6 +77,11 @@ def schema_sections(model: type[BaseModel] = TunelabConfig, prefix: str = "") ->
         top["fields"].append({"key": f"{prefix}{name}", "kind": kind, "choices": choices, "nullable": nullable,
                               "required": field.is_required(), "default": default,
                               "description": field.description or ""})
+    if model is TunelabConfig:  # each objective's section, named after it (filled in for the chosen one only)
+        from tunelab.config import objective_specs
+
+        for objective, spec in objective_specs().items():
+            sections += schema_sections(spec.settings, f"{objective}.")
     return [s for s in sections if s["fields"]]
 
 
