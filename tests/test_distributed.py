@@ -260,7 +260,7 @@ def test_combinations_the_engines_cannot_run_are_errors():
         config_from_dict({**base, "method": {"type": "prompt"},
                           "distributed": {"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}})
     with pytest.raises(ConfigError, match=r"\(online RL\) runs with distributed.strategy none, ddp or fsdp"):
-        config_from_dict({**base, "train": {"objective": "grpo", "reward_fn": ["format"]},
+        config_from_dict({**base, "train": {"objective": "grpo"}, "grpo": {"reward_fn": ["format"]},
                           "distributed": {"strategy": "deepspeed"}})
 
 

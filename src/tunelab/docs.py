@@ -87,3 +87,9 @@ def _objectives() -> list[str]:
         if spec.settings.model_fields:
             lines += _section(spec.settings, f"{name}.")
     return lines
+
+
+def config_reference() -> str:
+    """The Markdown reference of every config key: type, default and meaning; then the registered objectives
+    and each one's section."""
+    return HEADER + "\n" + "\n".join(_section(TunelabConfig, "")) + "\n" + "\n".join(_objectives()) + "\n"

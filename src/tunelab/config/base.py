@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo
 
 
 class Section(BaseModel):
@@ -18,3 +18,9 @@ class ObjectiveSettings(Section):
     ``ObjectiveSpec``; an objective without settings of its own uses this class as is (its
     section may then be absent or empty).
     """
+
+
+def objective_name(info: ValidationInfo) -> str:
+    """The objective whose section is being validated (for messages), from the validation context."""
+    context = info.context if isinstance(info.context, dict) else {}
+    return str(context.get("objective", "the objective"))

@@ -116,6 +116,16 @@ def _objective_of(data: dict[str, Any]) -> str:
     return name if isinstance(name, str) else "sft"
 
 
+def _other_objectives_setting(hint: str | None, objective: str) -> str:
+    """When the suggested key is a setting of other objectives than the chosen one, say which."""
+    specs = objective_specs()
+    section, _, leaf = (hint or "").partition(".")
+    if section not in specs or section == objective:
+        return ""
+    owners = [name for name, spec in specs.items() if leaf in spec.settings.model_fields]
+    return f" ({leaf} is a setting of {', '.join(owners)}: it applies to train.objective {' or '.join(owners)} only)"
+
+
 def _format_errors(exc: ValidationError, source: str, lines: dict[str, int], overridden: set[str],
                    objective: str) -> str:
     messages: dict[str, str] = {}  # one message per key (a union type reports each branch)
@@ -127,8 +137,7 @@ def _format_errors(exc: ValidationError, source: str, lines: dict[str, int], ove
         if kind == "extra_forbidden":
             hint = suggest_key(key, objective)
             text = f"unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
-            if hint and key.startswith("train.") and not hint.startswith(("train.", f"{objective}.")):
-                text += f" (with train.objective: {hint.partition('.')[0]}; train.objective is {objective})"
+            text += _other_objectives_setting(hint, objective)
         elif kind == "missing":
             text = f"missing required key '{key}'"
         elif not key:
@@ -140,7 +149,10 @@ def _format_errors(exc: ValidationError, source: str, lines: dict[str, int], ove
             # A whole section's check (e.g. options that do not fit method.type) has a mapping as input.
             text = f"{key}: {message}" if isinstance(value, dict) else f"'{key}' = {value!r}: {message}"
         messages.setdefault(key, f"{where}: {text}")
-    return "\n".join(messages.values())
+    # In the file's order; command-line and whole-config messages after.
+    ordered = sorted(messages.items(), key=lambda item: lines.get(item[0], 1 << 30) if item[0] not in overridden
+                     else 1 << 30)
+    return "\n".join(message for _, message in ordered)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TunelabConfig:

@@ -88,7 +88,8 @@ class TunelabConfig(Section):
                 given = data[OBJECTIVE_FIELD]
             try:
                 settings = (given if isinstance(given, specs[name].settings)
-                            else specs[name].settings.model_validate({} if given is None else given))
+                            else specs[name].settings.model_validate({} if given is None else given,
+                                                                     context={"objective": name}))
             except ValidationError as exc:
                 errors.extend(_error((name, *error["loc"]), error) for error in exc.errors())
         core[OBJECTIVE_FIELD] = settings

@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
-from tunelab.config.base import ObjectiveSettings
+from tunelab.config.base import ObjectiveSettings, objective_name
 from tunelab.train.objectives.base import Metrics
 from tunelab.train.rl.ppo import AdaptiveKLController, FixedKLController, masked_mean
 from tunelab.train.rl.rollout import RolloutBatch, Rollouts, TokenStats, collate_rollouts, forward_tokens
@@ -78,13 +78,14 @@ class OnlineSettings(ObjectiveSettings):
         return self.kl_coef > 0
 
     @model_validator(mode="after")
-    def _needs_a_reward(self) -> OnlineSettings:
+    def _needs_a_reward(self, info: ValidationInfo) -> OnlineSettings:
         """A reward, and one weight per reward function."""
+        name = objective_name(info)
         if not self.reward_fn and not self.reward_model:
-            raise ValueError("online RL needs a reward: set reward_fn (e.g. [gsm8k] or module:function) and/or "
-                             "reward_model")
+            raise ValueError(f"{name} needs a reward: set {name}.reward_fn (e.g. [gsm8k] or module:function) "
+                             f"and/or {name}.reward_model")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_fn):
-            raise ValueError(f"reward_weights has {len(self.reward_weights)} weights for {len(self.reward_fn)} "
+            raise ValueError(f"{name}.reward_weights has {len(self.reward_weights)} weights for {len(self.reward_fn)} "
                              "reward functions")
         return self
 
@@ -93,10 +94,12 @@ class GroupSettings(OnlineSettings):
     """The settings of the group-relative objectives (GRPO, RLOO): at least 2 answers per prompt."""
 
     @model_validator(mode="after")
-    def _needs_groups(self) -> GroupSettings:
+    def _needs_groups(self, info: ValidationInfo) -> GroupSettings:
         """Advantages compare the answers to the same prompt."""
         if self.num_generations < 2:
-            raise ValueError("num_generations must be at least 2 (advantages compare the answers to the same prompt)")
+            name = objective_name(info)
+            raise ValueError(f"{name}.num_generations must be at least 2 for {name} (advantages compare the answers "
+                             "to the same prompt)")
         return self
 
 
