@@ -9,7 +9,7 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from tunelab.config import TunelabConfig
+from tunelab.config import MethodSettings, TunelabConfig
 
 HEADER = """# Configuration reference
 
@@ -44,8 +44,8 @@ def _default(field) -> str:
     return json.dumps(field.default, default=str) if not isinstance(field.default, BaseModel) else ""
 
 
-def _section(model: type[BaseModel], prefix: str) -> list[str]:
-    lines = [f"## `{prefix.rstrip('.') or 'top level'}`", "", (model.__doc__ or "").strip(), "",
+def _section(model: type[BaseModel], prefix: str, title: str | None = None) -> list[str]:
+    lines = [f"## {title or '`' + (prefix.rstrip('.') or 'top level') + '`'}", "", (model.__doc__ or "").strip(), "",
              "| key | type | default | meaning |", "|---|---|---|---|"]
     nested = []
     for name, field in model.model_fields.items():
@@ -55,6 +55,8 @@ def _section(model: type[BaseModel], prefix: str) -> list[str]:
         inner = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             inner = [annotation]
+        if inner and inner[0] is MethodSettings:  # its keys depend on method.type: see the methods below
+            continue
         if inner:
             nested.append((inner[0], f"{prefix}{name}."))
             if prefix == "":
@@ -64,6 +66,24 @@ def _section(model: type[BaseModel], prefix: str) -> list[str]:
     lines.append("")
     for sub, sub_prefix in nested:
         lines += _section(sub, sub_prefix)
+    return lines
+
+
+def _methods() -> list[str]:
+    from tunelab.config import method_specs
+
+    specs = method_specs()
+    lines = ["## Methods (`method.type`)", "",
+             "Each file in `src/tunelab/models/methods/` registers its method(s) with a settings class: the other "
+             "keys of the `method` section. A key of another method is an error that names the methods using it.",
+             "", "| method.type | the base trains | prompt learning | what it is |", "|---|---|---|---|"]
+    for name, spec in specs.items():
+        lines.append(f"| `{name}` | {'yes' if spec.trains_base else 'no'} | {'yes' if spec.prompt_learning else 'no'} "
+                     f"| {spec.summary} |")
+    lines.append("")
+    for spec in dict.fromkeys(specs.values()):
+        names = ", ".join(spec.names)
+        lines += _section(spec.settings, "method.", f"`method` (type {names})")
     return lines
 
 
@@ -90,6 +110,7 @@ def _objectives() -> list[str]:
 
 
 def config_reference() -> str:
-    """The Markdown reference of every config key: type, default and meaning; then the registered objectives
-    and each one's section."""
-    return HEADER + "\n" + "\n".join(_section(TunelabConfig, "")) + "\n" + "\n".join(_objectives()) + "\n"
+    """The Markdown reference of every config key: type, default and meaning; then the registered methods and
+    objectives with their settings."""
+    return (HEADER + "\n" + "\n".join(_section(TunelabConfig, "")) + "\n" + "\n".join(_methods()) + "\n"
+            + "\n".join(_objectives()) + "\n")

@@ -12,6 +12,7 @@ import typing
 
 from pydantic import BaseModel
 
+from tunelab.config.methods import method_specs
 from tunelab.config.objectives import objective_specs
 
 ALIASES = {
@@ -69,10 +70,12 @@ def section_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def all_keys() -> list[str]:
-    """Every valid dotted key: the sections' and every registered objective's section (``dpo.beta``)."""
+    """Every valid dotted key: the sections', every method's (``method.rank``) and every objective's (``dpo.beta``)."""
     from tunelab.config.root import TunelabConfig
 
     keys = section_keys(TunelabConfig)
+    for spec in dict.fromkeys(method_specs().values()):  # every method's settings, each key once
+        keys.extend(key for key in section_keys(spec.settings, "method.") if key not in keys)
     for name, spec in objective_specs().items():
         keys.extend(section_keys(spec.settings, f"{name}."))
     return keys

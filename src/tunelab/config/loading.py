@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tunelab.config.aliases import suggest_key
+from tunelab.config.methods import method_specs
 from tunelab.config.objectives import objective_specs
 from tunelab.config.root import OBJECTIVE_FIELD, TunelabConfig
 from tunelab.errors import ConfigError, read_user_text
@@ -97,6 +98,10 @@ def _key_of(loc: tuple, keep_unknown: bool) -> str:
         if model is TunelabConfig and not parts and part in objective_specs():  # the objective's section
             parts.append(str(part))
             model = objective_specs()[part].settings
+        elif model is TunelabConfig and not parts and part == "method":  # its keys depend on method.type
+            parts.append(part)
+            model = None
+            keep_unknown = True
         elif model is not None and part in model.model_fields and part != OBJECTIVE_FIELD:
             parts.append(str(part))
             annotation = model.model_fields[part].annotation
@@ -126,15 +131,29 @@ def _other_objectives_setting(hint: str | None, objective: str) -> str:
     return f" ({leaf} is a setting of {', '.join(owners)}: it applies to train.objective {' or '.join(owners)} only)"
 
 
+def _other_methods_setting(key: str, data: dict[str, Any]) -> str | None:
+    """For a ``method.*`` key the chosen method does not have but others do: which methods use it."""
+    section, _, leaf = key.partition(".")
+    method = data.get("method")
+    if section != "method" or not isinstance(method, dict):
+        return None
+    owners = [name for name, spec in method_specs().items() if leaf in spec.settings.model_fields]
+    if not owners:
+        return None
+    return f"method.type {method.get('type', 'lora')} does not use: {leaf} ({', '.join(owners)} only)"
+
+
 def _format_errors(exc: ValidationError, source: str, lines: dict[str, int], overridden: set[str],
-                   objective: str) -> str:
+                   objective: str, data: dict[str, Any]) -> str:
     messages: dict[str, str] = {}  # one message per key (a union type reports each branch)
     for error in exc.errors():
         key = _key_of(error["loc"], keep_unknown=error["type"] == "extra_forbidden")
         from_command_line = key in overridden or any(o.startswith(f"{key}.") for o in overridden)
         where = "command line" if from_command_line else f"{source}:{lines[key]}" if key in lines else source
         kind = error["type"]
-        if kind == "extra_forbidden":
+        if kind == "extra_forbidden" and (other := _other_methods_setting(key, data)):
+            text = other
+        elif kind == "extra_forbidden":
             hint = suggest_key(key, objective)
             text = f"unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
             text += _other_objectives_setting(hint, objective)
@@ -192,7 +211,7 @@ def config_from_dict(
     try:
         return TunelabConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source, lines or {}, overridden or set(), _objective_of(data))) from None
+        raise ConfigError(_format_errors(exc, source, lines or {}, overridden or set(), _objective_of(data), data)) from None
 
 
 def dump_config(config: TunelabConfig) -> str:

@@ -16,11 +16,11 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from tunelab.config.base import ObjectiveSettings, Section
+from tunelab.config.base import MethodSettings, ObjectiveSettings, Section
 from tunelab.config.data import DataConfig
 from tunelab.config.distributed import DistributedConfig
 from tunelab.config.eval import EvalConfig
-from tunelab.config.method import MethodConfig
+from tunelab.config.methods import method_spec, method_specs
 from tunelab.config.model import ModelConfig
 from tunelab.config.objectives import objective_specs
 from tunelab.config.rules import base_quantization, config_errors
@@ -38,11 +38,43 @@ def _error(loc: tuple, error: dict[str, Any]) -> InitErrorDetails:
     return InitErrorDetails(**details)
 
 
+def _method_section(given: Any) -> tuple[MethodSettings, list[InitErrorDetails]]:
+    """The ``method`` section validated by the settings class of its ``type`` (lora when absent).
+
+    An unknown type is reported at ``method.type``; the other keys are then checked as lora's.
+    """
+    if isinstance(given, MethodSettings):
+        return given, []
+    if not isinstance(given, dict):
+        given = {} if given is None else given
+        if not isinstance(given, dict):
+            return MethodSettings(), [InitErrorDetails(type="model_type", loc=("method",), input=given,
+                                                       ctx={"class_name": "MethodSettings"})]
+    specs = method_specs()
+    name = given.get("type", "lora")
+    errors: list[InitErrorDetails] = []
+    if not isinstance(name, str) or name not in specs:
+        expected = ", ".join(repr(n) for n in list(specs)[:-1]) + f" or {list(specs)[-1]!r}"
+        errors.append(InitErrorDetails(type="literal_error", loc=("method", "type"), input=name,
+                                       ctx={"expected": expected}))
+        given, name = {**given, "type": "lora"}, "lora"
+    unknown_type = bool(errors)
+    try:
+        return specs[name].settings.model_validate(given), errors
+    except ValidationError as exc:
+        errors.extend(_error(("method", *error["loc"]), error) for error in exc.errors()
+                      if not (unknown_type and error["type"] == "extra_forbidden"))  # unknown type: values only
+        return MethodSettings(), errors
+
+
 class TunelabConfig(Section):
     """A whole run."""
 
     model: ModelConfig
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: SerializeAsAny[MethodSettings] = Field(
+        default_factory=lambda: method_spec("lora").settings(),
+        description="Which parameters train: method.type and that method's settings (validated by its class).",
+    )
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -93,6 +125,8 @@ class TunelabConfig(Section):
             except ValidationError as exc:
                 errors.extend(_error((name, *error["loc"]), error) for error in exc.errors())
         core[OBJECTIVE_FIELD] = settings
+        core["method"], method_errors = _method_section(data.get("method"))
+        errors.extend(method_errors)
         try:
             config = handler(core)
         except ValidationError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
+from tunelab.config.methods import method_spec
 from tunelab.config.objectives import objective_spec, objective_specs
 
 if TYPE_CHECKING:
@@ -20,11 +21,15 @@ Rule = Callable[["TunelabConfig"], "str | None"]
 
 
 def base_quantization(config: TunelabConfig) -> Literal["none", "4bit", "8bit"]:
-    """The quantization the base is loaded with: ``model.quantization``, where ``auto`` is 4bit for method
-    qlora and none otherwise."""
+    """The quantization the base is loaded with: ``model.quantization``, where ``auto`` is 4bit for a method
+    that trains on a quantized base (qlora) and none otherwise."""
     if config.model.quantization == "auto":
-        return "4bit" if config.method.type == "qlora" else "none"
+        return "4bit" if config.method.needs_quantized_base else "none"
     return config.model.quantization
+
+
+def _prompt_learning(config: TunelabConfig) -> bool:
+    return bool(method_spec(config.method.type).prompt_learning)
 
 
 def _sharded(config: TunelabConfig) -> bool:
@@ -70,7 +75,7 @@ def quantized_base_not_sharded(config: TunelabConfig) -> str | None:
 def virtual_tokens_without_zero3(config: TunelabConfig) -> str | None:
     """PEFT computes the saved virtual tokens in one process, which ZeRO-3's partitioned encoder cannot do."""
     deepspeed = config.distributed.deepspeed
-    if config.distributed.strategy == "deepspeed" and deepspeed.zero_stage == 3 and config.method.uses_virtual_tokens:
+    if config.distributed.strategy == "deepspeed" and deepspeed.zero_stage == 3 and _prompt_learning(config):
         return (f"method.type {config.method.type} with DeepSpeed ZeRO-3: PEFT computes the saved virtual tokens in "
                 "one process, which ZeRO-3's partitioned encoder cannot do; use strategy fsdp, ddp, or deepspeed "
                 "zero_stage 1 or 2")
@@ -79,7 +84,7 @@ def virtual_tokens_without_zero3(config: TunelabConfig) -> str | None:
 
 def pissa_not_sharded(config: TunelabConfig) -> str | None:
     """PiSSA converts the trained adapter with the whole weights in one process."""
-    if config.distributed.strategy != "none" and _sharded(config) and config.method.init == "pissa":
+    if config.distributed.strategy != "none" and _sharded(config) and config.method.uses_pissa:
         return ("method.init pissa converts the trained adapter with the whole weights in one process; use "
                 "distributed.strategy ddp or deepspeed with zero_stage 1 or 2")
     return None
@@ -88,7 +93,7 @@ def pissa_not_sharded(config: TunelabConfig) -> str | None:
 def pissa_not_the_reference(config: TunelabConfig) -> str | None:
     """With PiSSA, switching the adapters off does not give the base model back."""
     spec, settings = objective_spec(config.train.objective), config.objective_settings
-    if config.method.init == "pissa" and spec.uses_reference(settings) and not spec.reference_precomputed(settings):
+    if config.method.uses_pissa and spec.uses_reference(settings) and not spec.reference_precomputed(settings):
         name = config.train.objective
         instead = (f"{name}.precompute_reference: true" if "precompute_reference" in type(settings).model_fields
                    else f"{name}.kl_coef: 0 (no KL term)")
@@ -120,14 +125,14 @@ def rows_fit_the_token_budget(config: TunelabConfig) -> str | None:
 
 def qlora_needs_a_quantized_base(config: TunelabConfig) -> str | None:
     """QLoRA is LoRA on a quantized base."""
-    if config.method.type == "qlora" and base_quantization(config) == "none":
-        return "method.type qlora needs a quantized base: model.quantization 4bit or 8bit (or use lora)"
+    if config.method.needs_quantized_base and base_quantization(config) == "none":
+        return f"method.type {config.method.type} needs a quantized base: model.quantization 4bit or 8bit (or use lora)"
     return None
 
 
 def pissa_needs_full_precision(config: TunelabConfig) -> str | None:
     """PiSSA's residual weights would be quantized, and its adapter would not fit the full-precision base."""
-    if base_quantization(config) != "none" and config.method.init == "pissa":
+    if base_quantization(config) != "none" and config.method.uses_pissa:
         return ("method.init pissa with a quantized base would quantize the residual weights, and the saved adapter "
                 "would not fit the full-precision base; use pissa with method.type lora, or qlora with init default")
     return None
@@ -136,7 +141,7 @@ def pissa_needs_full_precision(config: TunelabConfig) -> str | None:
 def quantized_weights_do_not_train(config: TunelabConfig) -> str | None:
     """Quantized weights cannot be trained themselves: only adapter methods work on a quantized base."""
     quantization = base_quantization(config)
-    if quantization != "none" and config.method.type in ("full", "freeze"):
+    if quantization != "none" and method_spec(config.method.type).trains_base:
         return (f"model.quantization {quantization}: quantized weights cannot be trained by method "
                 f"{config.method.type}; use qlora, lora, prefix or prompt, or model.quantization none")
     return None
@@ -147,7 +152,7 @@ def token_level_features(config: TunelabConfig) -> str | None:
     if objective_spec(config.train.objective).token_level:
         return None
     token_level = " or ".join(name for name, spec in objective_specs().items() if spec.token_level)
-    if config.method.uses_virtual_tokens:
+    if _prompt_learning(config):
         return f"method.type {config.method.type} trains with train.objective {token_level} only"
     if config.train.neftune_alpha is not None:
         return f"train.neftune_alpha (NEFTune) applies to train.objective {token_level} only"

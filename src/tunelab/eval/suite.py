@@ -31,7 +31,7 @@ from tunelab.eval.metrics import METRICS, corpus_metrics, example_scores
 from tunelab.eval.report import write_eval_report
 from tunelab.failures import failure_reasons
 from tunelab.progress import progress_bar
-from tunelab.models.adapters import has_virtual_tokens
+from tunelab.models.methods.prompt_learning import has_virtual_tokens
 from tunelab.track.provenance import files_fingerprint
 from tunelab.track.record import Artifact, model_artifact, record_run
 from tunelab.train.engine import eval_batches, evaluate_loss

@@ -41,6 +41,7 @@ from tunelab.config import DistributedConfig, TrainConfig, TunelabConfig, dump_c
 from tunelab.data.packing import Batch
 from tunelab.errors import ConfigError, TunelabError, read_user_text
 from tunelab.models.adapters import decoder_layers
+from tunelab.models.methods.prompt_learning import has_virtual_tokens
 from tunelab.models.load import resolve_device
 from tunelab.train import checkpoint as checkpoints
 from tunelab.train.launch import LaunchError, check_launch
@@ -437,7 +438,7 @@ class FSDPParallel(Parallel):
         return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
     def _prompt_learning(self) -> bool:
-        return isinstance(self.model, PeftModel) and self.model.active_peft_config.is_prompt_learning
+        return has_virtual_tokens(self.model)
 
     def generation_context(self) -> AbstractContextManager:
         return self._root_unsharded()
