@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TIMINGS = {"elapsed_s", "step_s", "tokens_per_s", "lr_s", "peak_mem_gib"}
+TIMINGS = {"elapsed_s", "step_s", "tokens_per_s", "lr_s", "peak_mem_gib", "rollout_s"}
 
 COMMON = ["train.precision=fp32", "train.device=cpu", "train.log_every=1"]
 

@@ -211,10 +211,15 @@ def schema_default(key: str) -> object:
 
     from pydantic import BaseModel
 
-    from tunelab.config import TunelabConfig
+    from tunelab.config import TunelabConfig, method_specs, objective_specs
 
     model: type[BaseModel] | None = TunelabConfig
     *sections, name = key.split(".")
+    if sections and sections[0] in objective_specs():  # an objective's section: its settings class
+        model, sections = objective_specs()[sections[0]].settings, sections[1:]
+    elif sections == ["method"]:  # the method's settings: the first method that has the key
+        model = next((spec.settings for spec in method_specs().values() if name in spec.settings.model_fields), None)
+        sections = []
     for part in sections:
         field = model.model_fields.get(part) if model else None
         kinds = typing.get_args(field.annotation) or (field.annotation,) if field else ()

@@ -108,6 +108,12 @@ def suggest_key(wrong: str, objective: str = "sft") -> str | None:
     alias = difflib.get_close_matches(leaf, list(ALIASES), n=1, cutoff=0.8)
     if alias:
         return ALIASES[alias[0]]
+    specs = objective_specs()
+    if section in specs or section == "method":  # a setting of another objective (or method) by its exact name
+        elsewhere = [k for k in valid if k.rpartition(".")[2] == leaf and k != wrong and k.partition(".")[0] in specs]
+        if elsewhere:
+            own = [k for k in elsewhere if k.startswith(f"{objective}.")]
+            return (own or elsewhere)[0]
     candidates = [k for k in valid if k.rpartition(".")[0] == section] if section else []
     for pool in (candidates, valid):
         match = difflib.get_close_matches(wrong, pool, n=1, cutoff=0.6)

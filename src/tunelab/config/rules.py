@@ -9,15 +9,15 @@ by a function here (:func:`base_quantization`), where it is used, never written 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from tunelab.config.methods import method_spec
 from tunelab.config.objectives import objective_spec, objective_specs
 
-if TYPE_CHECKING:
-    from tunelab.config.root import TunelabConfig
+TunelabConfig = Any
+"""A :class:`tunelab.config.root.TunelabConfig` (not imported: root runs these rules, so this module sits below it)."""
 
-Rule = Callable[["TunelabConfig"], "str | None"]
+Rule = Callable[[TunelabConfig], "str | None"]
 
 
 def base_quantization(config: TunelabConfig) -> Literal["none", "4bit", "8bit"]:

@@ -98,9 +98,11 @@ def _discover() -> None:
 
 
 def objective_specs() -> dict[str, ObjectiveSpec]:
-    """Every registered objective by name, in registration order (a module registers its own in order)."""
+    """Every registered objective by name, by module name then in each module's order (the same whatever
+    was imported first)."""
     _discover()
-    return dict(_REGISTRY)
+    order = {name: index for index, name in enumerate(_REGISTRY)}
+    return dict(sorted(_REGISTRY.items(), key=lambda item: (item[1].build.__module__, order[item[0]])))
 
 
 def objective_data_kinds() -> dict[str, DataKind]:
