@@ -167,7 +167,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         metrics=[m.strip() for m in args.metrics.split(",")] if args.metrics else None,
         max_new_tokens=args.max_new_tokens or defaults.get("max_new_tokens", 256),
         batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        max_length=args.max_length or defaults.get("max_length", 2048), packing=not args.no_packing,
+        max_length=args.max_length or defaults.get("max_length", EvalOptions.max_length), packing=not args.no_packing,
         template=args.template or defaults.get("template", "auto"),
         answer_pattern=args.answer_pattern or defaults.get("answer_pattern", EvalOptions.answer_pattern),
         max_samples=args.max_samples,
@@ -491,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: seeded sampling")
     evaluate.add_argument("--top-p", type=float, default=1.0)
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--max-length", type=int, default=None, help="longest prompt + answer in tokens")
+    evaluate.add_argument("--max-length", type=int, default=None,
+                          help="longest prompt + answer in tokens (default: the config's data.max_length, else 1024)")
     evaluate.add_argument("--no-packing", action="store_true", help="padded batches for the perplexity pass")
     evaluate.add_argument("--template", choices=["auto", "tokenizer", "chatml", "gemma", "llama3", "alpaca", "plain"])
     evaluate.add_argument("--max-samples", type=int, default=None, help="first N examples of each set")

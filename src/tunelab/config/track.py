@@ -28,9 +28,8 @@ class TrackConfig(Section):
     @field_validator("mlflow_uri")
     @classmethod
     def _mlflow_installed(cls, uri: str | None) -> str | None:
-        import importlib.util
-
-        # Checked here so that a long training run does not fail only at its end.
+        # Checked here so that a long training run does not fail only at its end (an import-system lookup,
+        # not a read of a user's file).
         if uri and importlib.util.find_spec("mlflow") is None:
             raise ValueError("mlflow is not installed: pip install 'tunelab[track]' (or pip install mlflow), "
                              "or remove track.mlflow_uri")

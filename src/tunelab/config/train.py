@@ -117,5 +117,5 @@ class TrainConfig(Section):
     @classmethod
     def _positive_clip(cls, value: float | None) -> float | None:
         if value is not None and value <= 0:
-            raise ValueError("must be positive, or null for no clipping")
+            raise ValueError("train.max_grad_norm must be positive, or null for no clipping")
         return value

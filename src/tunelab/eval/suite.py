@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tunelab.config import EvalConfig
+from tunelab.config import DEFAULT_MAX_LENGTH, EvalConfig
 from tunelab.data.records import Prompt, load_prompts
 from tunelab.data.templates import render_conversation, render_prompt, resolve_template
 from tunelab.errors import DataError, TunelabError
@@ -52,7 +52,7 @@ class EvalOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    max_length: int = 2048
+    max_length: int = DEFAULT_MAX_LENGTH  # the same default as data.max_length
     packing: bool = True
     template: str = "auto"
     answer_pattern: str = EvalConfig.model_fields["answer_pattern"].default
