@@ -71,9 +71,10 @@ def run_recipe(model_dir: str, recipe: dict, device_name: str, steps: int, warmu
     """Train one recipe in this process; return its speed and memory."""
     import torch
 
-    from tunelab.config import MethodConfig, ModelConfig, TrainConfig
+    from tunelab.config import ModelConfig, TrainConfig, method_config
     from tunelab.data.packing import collate_padded
-    from tunelab.models.adapters import apply_method, count_parameters, enable_gradient_checkpointing
+    from tunelab.models.adapters import count_parameters, enable_gradient_checkpointing
+    from tunelab.models.methods import apply_method
     from tunelab.models.load import load_model
     from tunelab.models.quant import weight_memory
     from tunelab.train.objectives.sft import causal_lm_loss
@@ -85,8 +86,8 @@ def run_recipe(model_dir: str, recipe: dict, device_name: str, steps: int, warmu
     model_cfg = ModelConfig(path=model_dir, quantization=recipe["quantization"], quant_compute_dtype=compute)
     model = load_model(model_cfg, torch.bfloat16 if on_gpu else torch.float32, device)
     weights = weight_memory(model)
-    model = apply_method(model, MethodConfig(type="qlora" if recipe["quantization"] != "none" else "lora",
-                                             rank=16, alpha=32))
+    model = apply_method(model, method_config(type="qlora" if recipe["quantization"] != "none" else "lora",
+                                              rank=16, alpha=32))
     if recipe["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)
     model.train()

@@ -331,7 +331,7 @@ def run_dpo(bench: Bench, model_dir: Path) -> None:
     bench.add(hf_row(bench, "hf_dpo_padded", "DPO LoRA, chosen+rejected padded, batch 8 pairs", model_dir, bench.dpo_data,
                      "", 8, steps, "dpo", script="_hf_dpo_baseline.py"))
     bench.add(tunelab_row(bench, "tunelab_dpo_fast", "DPO LoRA, pairs packed, varlen, compiled", model_dir, bench.dpo_data,
-                          LORA, {**FAST, "objective": "dpo", "beta": 0.1, "chunked_loss": "auto",
+                          LORA, {**FAST, "objective": "dpo", "chunked_loss": "auto",  # dpo.beta: its default 0.1
                                  "batch_tokens": bench.preset["dpo_tokens"]}, steps + 4, "dpo",
                           objective_data=bench.dpo_data))
 

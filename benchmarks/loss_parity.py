@@ -48,16 +48,20 @@ def runs(work: Path) -> dict[str, tuple[str, list[str]]]:
     reward = work / "digits_reward.py"
     work.mkdir(parents=True, exist_ok=True)
     reward.write_text(DENSE_REWARD)
-    rl = [f"model.path={parent}", "train.max_steps=4", "train.prompts_per_step=4", "train.eval_every=0",
-          "eval.generate_samples=16", f"train.reward_fn=[exact_match, '{reward}:digits']"]
+
+    def rl(objective: str, generations: int) -> list[str]:
+        return [f"model.path={parent}", "train.max_steps=4", f"{objective}.prompts_per_step=4", "train.eval_every=0",
+                "eval.generate_samples=16", f"{objective}.reward_fn=[exact_match, '{reward}:digits']",
+                f"output_dir={work / objective}", f"{objective}.num_generations={generations}"]
+
     return {
         "quickstart": ("examples/quickstart.yaml", [
             f"model.path={work / 'tiny-model'}", f"output_dir={work / 'quickstart'}", "train.max_steps=20",
             "train.eval_every=10", "eval.generate_samples=20"]),
         "dpo": ("examples/dpo.yaml", [f"model.path={parent}", f"output_dir={work / 'dpo'}", "train.max_steps=10",
                                       "train.eval_every=5"]),
-        "grpo": ("examples/grpo.yaml", [*rl, f"output_dir={work / 'grpo'}", "train.num_generations=4"]),
-        "ppo": ("examples/ppo.yaml", [*rl, f"output_dir={work / 'ppo'}", "train.num_generations=2"]),
+        "grpo": ("examples/grpo.yaml", rl("grpo", 4)),
+        "ppo": ("examples/ppo.yaml", rl("ppo", 2)),
     }
 
 

@@ -85,9 +85,10 @@ def measure_one(model_dir: str, method: dict, device_name: str, steps: int, batc
     """Train one method for ``steps`` steps in this process and return its memory figures."""
     import torch
 
-    from tunelab.config import MethodConfig, ModelConfig, TrainConfig
+    from tunelab.config import ModelConfig, TrainConfig, method_config
     from tunelab.data.packing import collate_padded
-    from tunelab.models.adapters import apply_method, count_parameters
+    from tunelab.models.adapters import count_parameters
+    from tunelab.models.methods import apply_method, method_spec
     from tunelab.models.load import load_model, resolve_load_dtype
     from tunelab.models.quant import weight_memory
     from tunelab.train.objectives.sft import causal_lm_loss
@@ -110,9 +111,9 @@ def measure_one(model_dir: str, method: dict, device_name: str, steps: int, batc
 
     baseline = rss_bytes()
     reset_peak()
-    method_cfg = MethodConfig(**method)
-    model_cfg = ModelConfig(path=model_dir, quantization="4bit" if method_cfg.type == "qlora" else "none")
-    dtype = resolve_load_dtype(model_cfg, method_cfg.type, device)
+    method_cfg = method_config(**method)
+    model_cfg = ModelConfig(path=model_dir, quantization="4bit" if method_cfg.needs_quantized_base else "none")
+    dtype = resolve_load_dtype(model_cfg, not method_spec(method_cfg.type).trains_base, device)
     model = load_model(model_cfg, dtype, device)
     model = apply_method(model, method_cfg)
     weights = weight_memory(model)  # after apply_method: adapters and k-bit upcasts included

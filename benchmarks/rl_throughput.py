@@ -7,9 +7,9 @@ tokens per step, fp32 on the CPU), each as ``python -m tunelab train`` in its ow
 1. ``old trainer``: tunelab at ``--baseline-commit`` (default: the commit before online RL moved
    onto the engine), whose ``train/rl/trainer.py`` had its own loop; its source is extracted with
    ``git archive`` into a temporary directory and put first on ``PYTHONPATH``;
-2. ``engine, batched``: this checkout, ``train.rollout_generator: batched``
+2. ``engine, batched``: this checkout, ``grpo.rollout_generator: batched``
    (``generation_batch_size`` sequences per ``generate`` call);
-3. ``engine, one by one``: this checkout, ``train.rollout_generator: one_by_one``.
+3. ``engine, one by one``: this checkout, ``grpo.rollout_generator: one_by_one``.
 
 A step's time is the difference of consecutive ``elapsed_s`` in metrics.jsonl (the first step,
 which warms up, is left out); the table gives the median over steps and over ``--repeats`` runs,
@@ -44,18 +44,19 @@ RECIPES = ("old trainer", "engine, batched", "engine, one by one")
 
 def config(work: Path, model: Path, steps: int, prompts: int, generations: int, new_tokens: int,
            generator: str | None) -> dict:
-    """The run's config; ``generator`` None leaves the key out (the old code does not know it)."""
-    train = {"objective": "grpo", "reward_fn": ["exact_match"], "max_steps": steps, "prompts_per_step": prompts,
-             "num_generations": generations, "max_new_tokens": new_tokens, "generation_batch_size": 32,
-             "temperature": 1.0, "kl_coef": 0.04, "lr": 1e-3, "schedule": "constant", "log_every": 1,
+    """The run's config; ``generator`` None: the old code's config (flat ``train.*`` GRPO settings, no generator key)."""
+    train = {"objective": "grpo", "max_steps": steps, "lr": 1e-3, "schedule": "constant", "log_every": 1,
              "precision": "fp32", "device": "cpu", "seed": 0}
-    if generator is not None:
-        train["rollout_generator"] = generator
+    grpo = {"reward_fn": ["exact_match"], "prompts_per_step": prompts, "num_generations": generations,
+            "max_new_tokens": new_tokens, "generation_batch_size": 32, "temperature": 1.0, "kl_coef": 0.04}
+    sections: dict = {"train": {**train, **grpo}}
+    if generator is not None:  # this checkout: the settings in the objective's section
+        sections = {"train": train, "grpo": {**grpo, "rollout_generator": generator}}
     return {"model": {"path": str(model), "tiny": {"hidden": 128, "layers": 2, "heads": 4, "vocab": 512,
                                                     "tokenizer_corpus": str(REPO / "examples/data/arithmetic_train.jsonl")}},
             "method": {"type": "lora", "rank": 16},
             "data": {"train": str(REPO / "examples/data/arithmetic_train.jsonl"), "max_length": 128},
-            "train": train, "eval": {"generate_samples": 0}, "output_dir": str(work)}
+            **sections, "eval": {"generate_samples": 0}, "output_dir": str(work)}
 
 
 def run(recipe: str, work: Path, model: Path, baseline_src: Path, args: argparse.Namespace) -> list[float]:

@@ -107,7 +107,7 @@ EXAMPLES: dict[str, Example] = {e.name: e for e in (
         Claim("start/eval_logps/chosen", "from -0.31", -0.315, -0.305, (EXAMPLES_DOC,)),
         Claim("final/eval_logps/chosen", "-0.33 to -0.36 with it", -0.365, -0.325, (EXAMPLES_DOC,)),
     )),
-    Example("dpo-plain", "examples/dpo.yaml", needs="quickstart", overrides=("train.rpo_alpha=0",), claims=(
+    Example("dpo-plain", "examples/dpo.yaml", needs="quickstart", overrides=("dpo.rpo_alpha=0",), claims=(
         Claim("exact_match_test/change", "fell by 0.045 to 0.065", -0.065, -0.045,
               ("examples/dpo.yaml", ALIGNMENT, EXAMPLES_DOC)),
         Claim("final/eval_logps/chosen", "-0.59 to -0.70 without", -0.705, -0.585, (EXAMPLES_DOC,)),
@@ -211,10 +211,15 @@ def schema_default(key: str) -> object:
 
     from pydantic import BaseModel
 
-    from tunelab.config import TunelabConfig
+    from tunelab.config import TunelabConfig, method_specs, objective_specs
 
     model: type[BaseModel] | None = TunelabConfig
     *sections, name = key.split(".")
+    if sections and sections[0] in objective_specs():  # an objective's section: its settings class
+        model, sections = objective_specs()[sections[0]].settings, sections[1:]
+    elif sections == ["method"]:  # the method's settings: the first method that has the key
+        model = next((spec.settings for spec in method_specs().values() if name in spec.settings.model_fields), None)
+        sections = []
     for part in sections:
         field = model.model_fields.get(part) if model else None
         kinds = typing.get_args(field.annotation) or (field.annotation,) if field else ()

@@ -122,7 +122,9 @@ def make_config(tmp_path: Path, model: Path, data_file: Any, **sections: dict[st
         "output_dir": str(tmp_path / "out"),
     }
     for section, values in sections.items():
-        if isinstance(values, dict):
+        if section == "method" and isinstance(values, dict) and values.get("type", "lora") not in ("lora", "qlora"):
+            config["method"] = dict(values)  # the default's LoRA rank is not a setting of the other methods
+        elif isinstance(values, dict):
             config.setdefault(section, {}).update(values)
         else:
             config[section] = values

@@ -307,7 +307,7 @@ def test_full_dpo_keeps_a_frozen_reference_and_precompute_needs_none(tmp_path, t
                  evaluators=[parameter_memory()])
     assert copy.final_metrics["parameter_bytes"] > 1.9 * base_bytes(tiny_model)  # policy + frozen copy
     del copy
-    settings["train"]["precompute_reference"] = True
+    settings["dpo"] = {"precompute_reference": True}
     cached = train(TunelabConfig.model_validate(make_config(tmp_path / "b", tiny_model, train_file, **settings)),
                    evaluators=[parameter_memory()])
     assert cached.final_metrics["parameter_bytes"] < 1.1 * base_bytes(tiny_model)  # log-probs cached instead
@@ -394,5 +394,5 @@ def test_pissa_cannot_be_its_own_reference(tmp_path, tiny_model, preference_file
                          train={"objective": "dpo", "batch_tokens": 2048}, data={"max_length": 128})
     with pytest.raises(ValidationError, match="precompute_reference"):
         TunelabConfig.model_validate(config)
-    config["train"]["precompute_reference"] = True  # reference log-probs come from the base before PiSSA
+    config["dpo"] = {"precompute_reference": True}  # reference log-probs come from the base before PiSSA
     TunelabConfig.model_validate(config)

@@ -260,7 +260,7 @@ def test_combinations_the_engines_cannot_run_are_errors():
         config_from_dict({**base, "method": {"type": "prompt"},
                           "distributed": {"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}})
     with pytest.raises(ConfigError, match=r"\(online RL\) runs with distributed.strategy none, ddp or fsdp"):
-        config_from_dict({**base, "train": {"objective": "grpo", "reward_fn": ["format"]},
+        config_from_dict({**base, "train": {"objective": "grpo"}, "grpo": {"reward_fn": ["format"]},
                           "distributed": {"strategy": "deepspeed"}})
 
 
@@ -283,6 +283,9 @@ def test_deepspeed_config_is_built_from_train_and_merged_with_the_users_file(tmp
     with pytest.raises(ConfigError, match="gradient_accumulation_steps is 8 but tunelab runs 3"):
         deepspeed_config(config.distributed, config.train, 4, torch.device("cpu"))
     user.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    # The file is read once, where DeepSpeed is set up (the config holds only its path).
     with pytest.raises(ConfigError, match="remove optimizer"):
-        config_from_dict({"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "output_dir": "o",
-                          "distributed": {"strategy": "deepspeed", "deepspeed": {"config_file": str(user)}}})
+        deepspeed_config(config.distributed, config.train, 4, torch.device("cpu"))
+    user.write_text("{not json")
+    with pytest.raises(ConfigError, match="ds.json: not valid JSON"):
+        deepspeed_config(config.distributed, config.train, 4, torch.device("cpu"))

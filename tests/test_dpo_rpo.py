@@ -1,4 +1,4 @@
-"""DPO with an NLL term on the chosen answer (train.rpo_alpha, RPO): the loss adds alpha x the chosen tokens' mean NLL."""
+"""DPO with an NLL term on the chosen answer (dpo.rpo_alpha, RPO): the loss adds alpha x the chosen tokens' mean NLL."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ def test_rpo_adds_the_mean_nll_of_the_chosen_tokens(tiny_model):
 def test_rpo_alpha_is_refused_for_other_objectives(tiny_model, tmp_path):
     from conftest import make_config
 
-    with pytest.raises(ValueError, match="rpo_alpha .* applies to train.objective dpo only"):
-        TunelabConfig.model_validate(make_config(tmp_path, tiny_model, "x.jsonl",
-                                                 train={"objective": "simpo", "rpo_alpha": 1.0}))
+    from tunelab.config import config_from_dict
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rpo_alpha .* applies to train.objective dpo only"):
+        config_from_dict(make_config(tmp_path, tiny_model, "x.jsonl", train={"objective": "simpo"},
+                                     simpo={"rpo_alpha": 1.0}))
+    with pytest.raises(ValueError, match="simpo.rpo_alpha"):  # the schema itself refuses it, without the loader
+        TunelabConfig.model_validate(make_config(tmp_path, tiny_model, "x.jsonl", train={"objective": "simpo"},
+                                                 simpo={"rpo_alpha": 1.0}))

@@ -18,6 +18,7 @@ from tunelab.errors import ConfigError, TrainingError, TunelabError
 from tunelab.eval.generation_eval import GenerationEvaluator
 from tunelab.train.parallel import Parallel, Processes
 from tunelab.train.engine import train
+from tunelab.train.objectives import objective_spec
 from tunelab.train.objectives.sft import SFTObjective
 from tunelab.train.reporting import read_metrics
 from test_packing import random_examples
@@ -122,7 +123,8 @@ def test_pretrain_on_plain_text_trains_every_token(tmp_path, tiny_model):
                          method={"type": "full"}, data={"max_samples": 60, "val_ratio": 0.2},
                          train={"objective": "pretrain", "max_steps": 8, "lr": 3e-3, "eval_at_start": True})
     parsed = config_from_dict(config)
-    assert parsed.data.train_on == "all"
+    # Computed where the data is tokenized (the config keeps data.train_on as written).
+    assert parsed.data.trained_tokens(objective_spec(parsed.train.objective).data) == "all"
     result = train(parsed)
     assert result.final_metrics["eval_loss"] < result.start_metrics["eval_loss"]
 

@@ -138,7 +138,7 @@ def test_a_run_made_by_an_older_recipe_is_not_reused(check, tmp_path):
     assert not check.made_by(run, dpo, "train.seed=1")
     assert not check.made_by(run, check.EXAMPLES["dpo-plain"], "train.seed=0")  # rpo_alpha 0 there
 
-    del saved["train"]["rpo_alpha"]  # a run from before the setting existed: it ran as rpo_alpha 0
+    del saved["dpo"]["rpo_alpha"]  # a run from before the setting existed: it ran as rpo_alpha 0
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     assert check.made_by(run, check.EXAMPLES["dpo-plain"], "train.seed=0")
     assert not check.made_by(run, dpo, "train.seed=0")  # dpo.yaml sets 5 now

@@ -30,13 +30,14 @@ FLOORS: list[set[str]] = [
 ]
 FLOOR = {name: number for number, names in enumerate(FLOORS) for name in names}
 
-# Imports that run against the floors today and that the other parts of issue 17 remove: the config
-# package (config validates through train's registry, eval's metric names and data's answer regex). Each entry is
+# Imports that run against the floors on purpose: the config validates the method's and the
+# objective's sections by the settings classes their own files declare (models/methods/,
+# train/objectives/), reached through the registries inside functions while a config is validated
+# (importing tunelab.config imports neither; docs/architecture.md says why). Each entry is
 # (importing module, imported top-level package); an entry that no longer matches an import must go.
 PENDING: set[tuple[str, str]] = {
-    ("tunelab.config", "data"),
-    ("tunelab.config", "eval"),
-    ("tunelab.config", "train"),
+    ("tunelab.config.methods", "models"),
+    ("tunelab.config.objectives", "train"),
 }
 
 

@@ -11,8 +11,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import ALPACA_DEMO, make_config
-from tunelab.config import MethodConfig, TrainConfig, config_from_dict
-from tunelab.models.adapters import apply_method
+from tunelab.config import TrainConfig, config_from_dict, method_config
+from tunelab.models.methods import apply_method
 from tunelab.train.engine import train
 from tunelab.train.optim import lr_factor, parameter_groups
 from tunelab.train.reporting import read_metrics
@@ -35,13 +35,13 @@ def test_lora_variants_train_save_and_reload(tmp_path, tiny_model, variant):
 
 def test_target_modules_choose_the_adapted_layers(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    peft_model = apply_method(model, MethodConfig(type="lora", target_modules=["q_proj", "v_proj"]))
+    peft_model = apply_method(model, method_config(type="lora", target_modules=["q_proj", "v_proj"]))
     adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
     assert adapted == {"q_proj", "v_proj"}
 
 
 def test_lora_plus_gives_b_matrices_a_larger_learning_rate(tiny_model):
-    model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model), MethodConfig(type="lora", rank=4))
+    model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model), method_config(type="lora", rank=4))
     groups = parameter_groups(model, lr=1e-4, weight_decay=0.1, lora_plus_ratio=16)
     by_lr = {group["lr"]: group for group in groups}
     assert set(by_lr) == {1e-4, 1.6e-3}

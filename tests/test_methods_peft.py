@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ALPACA_DEMO, make_config, write_config
 from tunelab.cli import main as cli_main
-from tunelab.config import MethodConfig, ModelConfig, config_from_dict, load_config
+from tunelab.config import ModelConfig, config_from_dict, load_config, method_config
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.eval.suite import EvalOptions, run_eval
-from tunelab.models.adapters import apply_method, count_parameters, layer_indices, linear_module_names
+from tunelab.models.adapters import count_parameters, layer_indices, linear_module_names
+from tunelab.models.methods import apply_method
 from tunelab.models.load import generation_stop_ids, load_for_inference, load_model
 from tunelab.models.quant import quantization_config, weight_memory
 from tunelab.train.engine import train
@@ -82,14 +83,14 @@ def test_prompt_tuning_starts_from_the_text_or_vocabulary_embeddings(tiny_model,
     text = "What is 2 + 3?"
     ids = tokenizer(text)["input_ids"]
     model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model),
-                         MethodConfig(type="prompt", num_virtual_tokens=len(ids) + 2, prompt_init="text",
+                         method_config(type="prompt", num_virtual_tokens=len(ids) + 2, prompt_init="text",
                                       prompt_init_text=text))
     vocabulary = model.get_input_embeddings().weight.detach()
     start = model.prompt_encoder["default"].embedding.weight.detach()
     assert torch.equal(start, vocabulary[ids + ids[:2]])  # the text's tokens, repeated to the length
     torch.manual_seed(0)
     sampled = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model),
-                           MethodConfig(type="prompt", num_virtual_tokens=5, prompt_init="vocab"))
+                           method_config(type="prompt", num_virtual_tokens=5, prompt_init="vocab"))
     rows = sampled.prompt_encoder["default"].embedding.weight.detach()
     assert all((vocabulary == row).all(dim=1).any() for row in rows)  # each one a real token's embedding
 
@@ -159,7 +160,8 @@ def test_qlora_trains_on_a_4bit_base_and_its_adapter_loads_on_full_precision_bas
         tmp_path, tiny_model, ALPACA_DEMO, method={"type": "qlora", "rank": 8, "alpha": 16},
         data={"val_ratio": 0.05, "max_samples": 400},
         train={"max_steps": 12, "lr": 1e-2, "eval_at_start": True, "warmup_ratio": 0.0, "log_every": 4}))
-    assert config.model.quantization == "4bit"  # auto resolved, and saved so in config.yaml
+    # auto resolved where it is used (the config keeps what was written), and recorded in run.json.
+    assert config.model.quantization == "auto" and config.base_quantization == "4bit"
     result = train(config)
     assert "4bit base, weights take" in capsys.readouterr().err
     layer = result.model.get_base_model().model.layers[0].self_attn.q_proj
@@ -167,7 +169,7 @@ def test_qlora_trains_on_a_4bit_base_and_its_adapter_loads_on_full_precision_bas
     quant_state = layer.base_layer.weight.quant_state
     assert quant_state.quant_type == "nf4" and quant_state.nested  # NF4, double quantization
     assert result.final_metrics["eval_loss"] < result.start_metrics["eval_loss"] - 0.05
-    assert "4bit" in (result.output_dir / "config.yaml").read_text()
+    assert json.loads((result.output_dir / "run.json").read_text())["quantization"] == "4bit"
 
     trained = load_file(result.final_dir / "adapter_model.safetensors")
     assert len(trained) == 2 * 7 * 2  # A and B of 7 linear layers in 2 decoder layers
@@ -231,7 +233,7 @@ def test_pissa_starts_at_the_base_model_and_saves_a_lora_of_the_original_base(tm
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     base_logits = real_logits(base, inputs)
     pissa = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
-                         MethodConfig(type="lora", rank=4, init="pissa", pissa_niter=None))
+                         method_config(type="lora", rank=4, init="pissa", pissa_niter=None))
     assert torch.allclose(real_logits(pissa, inputs), base_logits, atol=1e-5)  # W = W_res + A B exactly
     lora_b = [p for n, p in pissa.named_parameters() if "lora_B" in n]
     assert all(p.abs().sum() > 0 for p in lora_b)  # unlike default LoRA, B starts non-zero
@@ -322,7 +324,7 @@ def test_layer_choices():
 
 def test_lora_on_chosen_layers_only(tiny_model):
     model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model),
-                         MethodConfig(type="lora", rank=4, trainable_layers=[-1]))
+                         method_config(type="lora", rank=4, trainable_layers=[-1]))
     adapted = [name for name, module in model.named_modules() if name.endswith("lora_A")]
     assert adapted and all(".layers.1." in name for name in adapted)
     kinds = {name.split(".")[-2] for name in adapted}
@@ -344,13 +346,13 @@ def test_full_fine_tuning_with_frozen_embeddings(tmp_path, tiny_model):
 
 def test_freeze_with_a_layer_slice_and_default(tiny_model):
     sliced = AutoModelForCausalLM.from_pretrained(tiny_model)
-    apply_method(sliced, MethodConfig(type="freeze", trainable_layers="-1:", train_embeddings=True))
+    apply_method(sliced, method_config(type="freeze", trainable_layers="-1:", train_embeddings=True))
     trainable = {n for n, p in sliced.named_parameters() if p.requires_grad}
     assert any(n.startswith("model.layers.1.") for n in trainable)
     assert not any(n.startswith("model.layers.0.") for n in trainable)
     assert "model.embed_tokens.weight" in trainable
     default = AutoModelForCausalLM.from_pretrained(tiny_model)
-    apply_method(default, MethodConfig(type="freeze"))  # the last 2 layers: both layers of the tiny model
+    apply_method(default, method_config(type="freeze"))  # the last 2 layers: both layers of the tiny model
     assert {n for n, p in default.named_parameters() if p.requires_grad} == {
         n for n, _ in default.named_parameters() if n.startswith("model.layers.")}
 

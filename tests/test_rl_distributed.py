@@ -92,11 +92,11 @@ OBJECTIVES = {
 
 def rl_config(folder: Path, model: Path, reward: Path, objective: str, **distributed) -> dict:
     method, extra = OBJECTIVES[objective]
-    train = {"objective": objective, "reward_fn": [f"{reward}:vowels"], "max_steps": STEPS, "save_every": 1,
-             "keep_checkpoints": 3, "lr": 5e-3, "prompts_per_step": 4, "max_new_tokens": 6, "kl_coef": 0.05,
-             "generation_batch_size": 4, "schedule": "constant", "warmup_ratio": 0.0, "log_every": 1,
-             "eval_at_start": True, **extra}
-    return make_config(folder, model, ARITHMETIC_TRAIN, method=method, train=train,
+    train = {"objective": objective, "max_steps": STEPS, "save_every": 1, "keep_checkpoints": 3, "lr": 5e-3,
+             "schedule": "constant", "warmup_ratio": 0.0, "log_every": 1, "eval_at_start": True}
+    own = {"reward_fn": [f"{reward}:vowels"], "prompts_per_step": 4, "max_new_tokens": 6, "kl_coef": 0.05,
+           "generation_batch_size": 4, **extra}
+    return make_config(folder, model, ARITHMETIC_TRAIN, method=method, train=train, **{objective: own},
                        data={"max_length": 96, "val_ratio": 0.02, "max_samples": 200}, eval={"generate_samples": 4},
                        **({"distributed": distributed} if distributed else {}))
 

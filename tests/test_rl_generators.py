@@ -140,10 +140,12 @@ def test_one_by_one_generation_gives_the_batched_greedy_rollouts(tiny_model, tok
 
 def test_vllm_is_refused_clearly_where_it_cannot_run(tokenizer):
     config = config_from_dict({"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "output_dir": "o",
-                               "train": {"objective": "grpo", "reward_fn": ["format"], "rollout_generator": "vllm"}})
+                               "train": {"objective": "grpo"},
+                               "grpo": {"reward_fn": ["format"], "rollout_generator": "vllm"}})
     with pytest.raises(ConfigError, match="rollout_generator vllm: vLLM (is not installed|generates on CUDA)"):
         build_generator(config, tokenizer, {tokenizer.eos_token_id}, "m", torch.device("cpu"), torch.float32)
     with pytest.raises(ConfigError, match="use distributed.strategy ddp or none"):
         config_from_dict({"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "output_dir": "o",
-                          "train": {"objective": "grpo", "reward_fn": ["format"], "rollout_generator": "vllm"},
+                          "train": {"objective": "grpo"},
+                          "grpo": {"reward_fn": ["format"], "rollout_generator": "vllm"},
                           "distributed": {"strategy": "fsdp"}})

@@ -49,7 +49,7 @@ def test_rloo_is_registered_with_its_needs():
     assert (spec.data, spec.online, spec.packing, spec.reference) == ("prompts", True, False, "kl")
     base = {"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "output_dir": "o"}
     with pytest.raises(ConfigError, match="at least 2 for rloo"):
-        config_from_dict({**base, "train": {"objective": "rloo", "reward_fn": ["format"], "num_generations": 1}})
+        config_from_dict({**base, "train": {"objective": "rloo"}, "rloo": {"reward_fn": ["format"], "num_generations": 1}})
     with pytest.raises(ConfigError, match="rloo needs a reward"):
         config_from_dict({**base, "train": {"objective": "rloo"}})
 
@@ -57,12 +57,13 @@ def test_rloo_is_registered_with_its_needs():
 def test_rloo_raises_a_user_reward_on_the_engine(tmp_path, tiny_model):
     reward = tmp_path / "my_reward.py"
     reward.write_text(VOWEL_REWARD)
-    settings = {"objective": "rloo", "reward_fn": [f"{reward}:vowels"], "max_steps": 12, "lr": 1e-2,
-                "prompts_per_step": 8, "schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": None,
-                "update_epochs": 2, "num_generations": 4, "max_new_tokens": 8, "eval_at_start": True,
-                "temperature": 1.0, "kl_coef": 0.01, "log_every": 1}
+    settings = {"objective": "rloo", "max_steps": 12, "lr": 1e-2, "schedule": "constant", "warmup_ratio": 0.0,
+                "max_grad_norm": None, "eval_at_start": True, "log_every": 1}
+    rloo = {"reward_fn": [f"{reward}:vowels"], "prompts_per_step": 8, "update_epochs": 2, "num_generations": 4,
+            "max_new_tokens": 8, "temperature": 1.0, "kl_coef": 0.01}
     config = make_config(tmp_path, tiny_model, ARITHMETIC_TRAIN, method={"type": "full"},
-                         data={"max_length": 128, "val_ratio": 0.01}, train=settings, eval={"generate_samples": 32})
+                         data={"max_length": 128, "val_ratio": 0.01}, train=settings, rloo=rloo,
+                         eval={"generate_samples": 32})
     result = train(TunelabConfig.model_validate(config))
     # Unnormalised advantages (a reward spread of ~0.1) move it less per step than GRPO: measured 0.31 -> 0.45.
     before, after = result.start_metrics["eval_reward"], result.final_metrics["eval_reward"]

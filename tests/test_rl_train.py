@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ARITHMETIC_TRAIN, make_config, write_config
 from tunelab.cli import main
-from tunelab.config import TunelabConfig
+from tunelab.config import TrainConfig, TunelabConfig
 from tunelab.train.engine import train
 from tunelab.train.reporting import read_metrics
 
@@ -27,13 +27,17 @@ def reward_file(tmp_path_factory) -> Path:
     return path
 
 
-def rl_config(tmp_path: Path, model: Path, objective: str, reward: list[str], **train_settings) -> dict:
-    settings = {"objective": objective, "reward_fn": reward, "max_steps": 16, "lr": 1e-2, "prompts_per_step": 8,
-                "schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": None, "update_epochs": 2,
-                "num_generations": 4 if objective == "grpo" else 1, "max_new_tokens": 8, "eval_at_start": True,
-                "temperature": 1.0, "kl_coef": 0.01, "log_every": 4, **train_settings}
+def rl_config(tmp_path: Path, model: Path, objective: str, reward: list[str], **changes) -> dict:
+    """``changes``: train.* keys go to train, the others to the objective's section."""
+    settings = {"objective": objective, "max_steps": 16, "lr": 1e-2, "schedule": "constant", "warmup_ratio": 0.0,
+                "max_grad_norm": None, "eval_at_start": True, "log_every": 4,
+                **{k: v for k, v in changes.items() if k in TrainConfig.model_fields}}
+    own = {"reward_fn": reward, "prompts_per_step": 8, "update_epochs": 2,
+           "num_generations": 4 if objective == "grpo" else 1, "max_new_tokens": 8, "temperature": 1.0,
+           "kl_coef": 0.01, **{k: v for k, v in changes.items() if k not in TrainConfig.model_fields}}
     return make_config(tmp_path, model, ARITHMETIC_TRAIN, method={"type": "full"},
-                       data={"max_length": 128, "val_ratio": 0.01}, train=settings, eval={"generate_samples": 32})
+                       data={"max_length": 128, "val_ratio": 0.01}, train=settings, eval={"generate_samples": 32},
+                       **{objective: own})
 
 
 @pytest.mark.parametrize("objective", ["grpo", "ppo"])
@@ -86,7 +90,7 @@ def test_ppo_with_a_reward_model_and_scoring_from_the_cli(tmp_path, tiny_model, 
     assert len(scores) == 64 and sum(s["chosen"] > s["rejected"] for s in scores) >= 56
 
     config = rl_config(tmp_path / "ppo", tiny_model, "ppo", [], max_steps=2, eval_at_start=False)
-    config["train"]["reward_model"] = str(reward_model)
+    config["ppo"]["reward_model"] = str(reward_model)
     result = train(TunelabConfig.model_validate(config))
     last = [row for row in read_metrics(result.output_dir / "metrics.jsonl") if "reward" in row][-1]
     assert "reward/reward_model" in last and result.final_metrics["eval_reward/reward_model"] == pytest.approx(

@@ -96,7 +96,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: seeded sampling")
     evaluate.add_argument("--top-p", type=float, default=1.0)
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--max-length", type=int, default=None, help="longest prompt + answer in tokens")
+    evaluate.add_argument("--max-length", type=int, default=None,
+                          help="longest prompt + answer in tokens (default: the config's data.max_length, else 1024)")
     evaluate.add_argument("--no-packing", action="store_true", help="padded batches for the perplexity pass")
     evaluate.add_argument("--template", choices=["auto", "tokenizer", "chatml", "gemma", "llama3", "alpaca", "plain"])
     evaluate.add_argument("--max-samples", type=int, default=None, help="first N examples of each set")

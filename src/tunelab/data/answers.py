@@ -9,21 +9,8 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-ANSWER_PATTERN = r"(?im)^\s*answer\s*:\s*(.+?)\s*$"
-"""The default final-answer regex (the same as ``eval.answer_pattern`` in the config)."""
-
-
-
-def check_answer_pattern(pattern: str) -> str:
-    """Return ``pattern`` when it is a regex with a group for the answer; else raise ValueError saying why."""
-    try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"not a valid regular expression: {exc}") from None
-    if compiled.groups < 1:
-        raise ValueError("the regex needs a group around the answer, e.g. (?im)^answer:\\s*(.+)$")
-    return pattern
-
+# The pattern and its check belong to the config (eval.answer_pattern); importable from here as before.
+from tunelab.config.eval import ANSWER_PATTERN, check_answer_pattern  # noqa: F401
 
 # A number: optional minus, digits with optional thousands separators, optional decimals; not the tail of a word.
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")

@@ -233,7 +233,7 @@ def data_fingerprint(cfg: DataConfig, kind: str, seed: int, tokenizer, template:
         "version": CACHE_VERSION,
         "train": [file_fingerprint(f) for f in cfg.train],
         "eval": [file_fingerprint(f) for f in cfg.eval or []],
-        "data": cfg.model_dump(exclude={"packing", "num_proc", "cache_dir"}),
+        "data": {**cfg.model_dump(exclude={"packing", "num_proc", "cache_dir"}), "train_on": cfg.trained_tokens(kind)},
         "kind": kind,
         "seed": seed,
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -295,7 +295,7 @@ def prepare_data(
             loader = load_preferences if pairs else load_feedback
             return loader(files, cfg.on_error, cfg.system_prompt, limit)
     else:
-        fn = _Tokenizer(tokenizer, template, cfg.train_on, cfg.max_length, cfg.overlong, stop_ids, kind)
+        fn = _Tokenizer(tokenizer, template, cfg.trained_tokens(kind), cfg.max_length, cfg.overlong, stop_ids, kind)
 
         def to_rows(records: list) -> list[dict[str, Any]]:
             return [_record_to_row(r) for r in records]

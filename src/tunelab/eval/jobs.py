@@ -95,7 +95,7 @@ def run_eval_job(job: EvalJob) -> tuple[dict[str, Any], list[str]]:
         metrics=job.metrics,
         max_new_tokens=job.max_new_tokens or defaults.get("max_new_tokens", 256),
         batch_size=job.batch_size, temperature=job.temperature, top_p=job.top_p, seed=job.seed,
-        max_length=job.max_length or defaults.get("max_length", 2048), packing=job.packing,
+        max_length=job.max_length or defaults.get("max_length", EvalOptions.max_length), packing=job.packing,
         template=job.template or defaults.get("template", "auto"),
         answer_pattern=job.answer_pattern or defaults.get("answer_pattern", EvalOptions.answer_pattern),
         max_samples=job.max_samples,

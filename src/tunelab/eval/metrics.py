@@ -16,16 +16,11 @@ import numpy as np
 import sacrebleu
 from rouge_score import rouge_scorer
 
+# The metric names live with the config (eval.metrics is checked against them).
+from tunelab.config.eval import METRICS, PER_EXAMPLE_METRICS  # noqa: F401
+
 # Answer extraction lives with the data (RL rewards use it too); importable from here as before.
 from tunelab.data.answers import ANSWER_PATTERN, extract_answer, extract_number, normalize_answer  # noqa: F401
-
-PER_EXAMPLE_METRICS: tuple[str, ...] = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match", "numeric_accuracy")
-"""Metrics that compare one prediction with its reference, so that two predictions can be ranked."""
-
-METRICS: tuple[str, ...] = PER_EXAMPLE_METRICS + (
-    "distinct_1", "distinct_2", "self_bleu", "length_mean", "length_p50", "length_p95", "length_max", "coherence",
-)
-"""Every metric ``corpus_metrics`` computes, in report order."""
 
 SELF_BLEU_SAMPLE = 200
 """Self-BLEU compares at most this many predictions (a seeded sample) with each other."""

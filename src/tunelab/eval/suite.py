@@ -21,7 +21,7 @@ import datasets
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tunelab.config import EvalConfig
+from tunelab.config import DEFAULT_MAX_LENGTH, EvalConfig
 from tunelab.data.records import Prompt
 from tunelab.data.readers import load_prompts
 from tunelab.data.templates import render_conversation, render_prompt, resolve_template
@@ -31,7 +31,7 @@ from tunelab.eval.metrics import METRICS, corpus_metrics, example_scores
 from tunelab.eval.report import write_eval_report
 from tunelab.failures import failure_reasons
 from tunelab.progress import progress_bar
-from tunelab.models.adapters import has_virtual_tokens
+from tunelab.models.methods.prompt_learning import has_virtual_tokens
 from tunelab.track.provenance import files_fingerprint
 from tunelab.track.record import Artifact, model_artifact, record_run
 from tunelab.train.batches import eval_batches
@@ -53,7 +53,7 @@ class EvalOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    max_length: int = 2048
+    max_length: int = DEFAULT_MAX_LENGTH  # the same default as data.max_length
     packing: bool = True
     template: str = "auto"
     answer_pattern: str = EvalConfig.model_fields["answer_pattern"].default

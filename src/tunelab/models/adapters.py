@@ -1,21 +1,31 @@
-"""Which parameters train: full fine-tuning, freezing all but chosen layers, LoRA/QLoRA (with PiSSA
-initialisation), or prefix/prompt tuning, all but the first two through PEFT."""
+"""What the training methods share: parameter counts, the decoder layer stack and a choice of its layers,
+the embeddings switch, linear layer names and gradient checkpointing. The methods themselves (full, freeze,
+LoRA/QLoRA, prefix/prompt tuning) are one file each in :mod:`tunelab.models.methods`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Annotated, Any
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import PeftModel
+from pydantic import AfterValidator
 from transformers import PreTrainedModel
 
-from tunelab.config import MethodConfig
 from tunelab.errors import TunelabError
-from tunelab.models.quant import is_quantized, logical_numel, prepare_kbit_model
+from tunelab.models.quant import logical_numel
 
-DEFAULT_FREEZE_LAYERS = 2  # freeze without trainable_layers trains the last two decoder layers
 
+def _layer_slice(value: Any) -> Any:
+    if isinstance(value, str):
+        parts = value.split(":")
+        if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts if p.strip()):
+            raise ValueError(f"{value!r} is not a layer slice; use start:stop such as '-8:', ':4' or '2:6'")
+    return value
+
+
+LayerChoice = Annotated[list[int] | int | str | None, AfterValidator(_layer_slice)]
+"""``method.trainable_layers``: indices, the last N layers, or a ``start:stop`` slice (resolved by :func:`layer_indices`)."""
 
 @dataclass
 class ParameterCount:
@@ -75,32 +85,12 @@ def layer_indices(spec: list[int] | int | str, count: int) -> list[int]:
     return sorted({i % count for i in spec})
 
 
-def _set_embeddings_trainable(model: PreTrainedModel, trainable: bool) -> None:
+def set_embeddings_trainable(model: PreTrainedModel, trainable: bool) -> None:
+    """Switch training of the input embeddings and the output head (absent on a sequence classifier)."""
     model.get_input_embeddings().requires_grad_(trainable)
     output = model.get_output_embeddings()  # None for a sequence-classification model
     if output is not None:
         output.requires_grad_(trainable)
-
-
-def apply_freeze(model: PreTrainedModel, method: MethodConfig) -> list[int]:
-    """Freeze everything but the chosen decoder layers (and, optionally, embeddings and head).
-
-    Returns:
-        The indices of the layers that train.
-    """
-    layers = decoder_layers(model)
-    spec = method.trainable_layers if method.trainable_layers is not None else DEFAULT_FREEZE_LAYERS
-    chosen = layer_indices(spec, len(layers))
-    model.requires_grad_(False)
-    for index in chosen:
-        for name, parameter in layers[index].named_parameters():
-            if not method.trainable_modules or any(part in name for part in method.trainable_modules):
-                parameter.requires_grad_(True)
-    if method.train_embeddings:
-        _set_embeddings_trainable(model, True)
-    if count_parameters(model).trainable == 0:
-        raise TunelabError(f"method.trainable_modules {method.trainable_modules} matches no parameter in layers {chosen}")
-    return chosen
 
 
 def linear_module_names(model: PreTrainedModel) -> list[str]:
@@ -111,97 +101,6 @@ def linear_module_names(model: PreTrainedModel) -> list[str]:
         if isinstance(module, torch.nn.Linear)  # bitsandbytes' 4/8-bit linears subclass it
     }
     return sorted(names)
-
-
-def lora_config(method: MethodConfig, task_type: str = "CAUSAL_LM", model: PreTrainedModel | None = None) -> LoraConfig:
-    """The PEFT LoRA config for a method section (``SEQ_CLS`` for a reward model: its head trains too).
-
-    With ``method.trainable_layers`` only those decoder layers get LoRA; ``model`` is then needed
-    to resolve them (and ``all-linear``, which PEFT does not combine with a layer choice).
-    """
-    target_modules = method.target_modules
-    layers = None
-    if method.trainable_layers is not None:
-        if model is None:
-            raise ValueError("lora_config: method.trainable_layers needs the model to resolve the layers")
-        layers = layer_indices(method.trainable_layers, len(decoder_layers(model)))
-        if target_modules == "all-linear":
-            target_modules = linear_module_names(model)
-    init: bool | str = {"default": True, "gaussian": "gaussian"}.get(method.init, "pissa")
-    if method.init == "pissa" and method.pissa_niter is not None:
-        init = f"pissa_niter_{method.pissa_niter}"
-    return LoraConfig(
-        r=method.rank,
-        lora_alpha=method.alpha,
-        lora_dropout=method.dropout,
-        target_modules=target_modules,
-        layers_to_transform=layers,
-        use_rslora=method.use_rslora,
-        use_dora=method.use_dora,
-        init_lora_weights=init,
-        modules_to_save=method.modules_to_save or None,  # SEQ_CLS: PEFT adds the score head itself
-        task_type=task_type,
-    )
-
-
-def prompt_learning_config(method: MethodConfig, task_type: str, model: PreTrainedModel) -> PeftConfig:
-    """The PEFT config for prefix tuning or prompt tuning.
-
-    Prompt tuning's text initialisation tokenizes ``method.prompt_init_text`` with the tokenizer
-    in the model's directory.
-    """
-    if method.type == "prefix":
-        return PrefixTuningConfig(
-            task_type=task_type, num_virtual_tokens=method.num_virtual_tokens, prefix_projection=method.prefix_projection
-        )
-    init = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM", "text": "TEXT"}[method.prompt_init]
-    text = {"prompt_tuning_init_text": method.prompt_init_text, "tokenizer_name_or_path": model.name_or_path}
-    return PromptTuningConfig(
-        task_type=task_type, num_virtual_tokens=method.num_virtual_tokens, prompt_tuning_init=init,
-        **(text if init == "TEXT" else {}),
-    )
-
-
-def packing_conflict(method: MethodConfig) -> str | None:
-    """Why ``method`` cannot train on padding-free packed rows, or None when it can.
-
-    Prefix and prompt tuning prepend virtual tokens once per row, so in a packed row only the
-    first sequence would see them at the right place (and prompt tuning discards position ids).
-    """
-    if method.uses_virtual_tokens:
-        return f"method.type {method.type} prepends virtual tokens to each row, which needs one sequence per row"
-    return None
-
-
-def apply_method(model: PreTrainedModel, method: MethodConfig, task_type: str = "CAUSAL_LM") -> PreTrainedModel | PeftModel:
-    """Set up the parameters that train for ``method.type``.
-
-    full: every weight (the embeddings and head stay frozen with ``train_embeddings: false``);
-    freeze: chosen layers; lora/qlora: LoRA adapters (a quantized base is first prepared for k-bit
-    training); prefix/prompt: virtual tokens.
-
-    Raises:
-        TunelabError: a layer index or target module that does not exist, or an option PEFT rejects.
-    """
-    if method.type == "full":
-        model.requires_grad_(True)
-        if method.train_embeddings is False:
-            _set_embeddings_trainable(model, False)
-        return model
-    if method.type == "freeze":
-        apply_freeze(model, method)
-        return model
-    if is_quantized(model):
-        model = prepare_kbit_model(model)
-    if method.uses_virtual_tokens:
-        try:
-            return get_peft_model(model, prompt_learning_config(method, task_type, model))
-        except (ValueError, OSError) as exc:
-            raise TunelabError(f"method.type {method.type}: {exc}") from None
-    try:
-        return get_peft_model(model, lora_config(method, task_type, model))
-    except ValueError as exc:
-        raise TunelabError(f"method (LoRA, target_modules {method.target_modules}): {exc}") from None
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel | PeftModel, fraction: float = 1.0) -> tuple[int, int]:
@@ -223,56 +122,3 @@ def enable_gradient_checkpointing(model: PreTrainedModel | PeftModel, fraction: 
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index in chosen
     return len(chosen), len(layers)
-
-
-def save_initial_adapter(model: PeftModel, directory: Path) -> None:
-    """Save a PiSSA adapter as initialised, before any training step.
-
-    PiSSA moves the principal part of each weight into the adapter. With this initial state,
-    :func:`save_pissa_as_lora` can later express the trained adapter as an ordinary LoRA for the
-    original, unmodified base. The saved config says ``init_lora_weights: true`` (as PEFT requires
-    for the conversion); the model's own config keeps ``pissa``.
-    """
-    config = model.peft_config["default"]
-    init = config.init_lora_weights
-    config.init_lora_weights = True
-    try:
-        model.save_pretrained(str(directory), safe_serialization=True)
-    finally:
-        config.init_lora_weights = init
-
-
-def save_pissa_as_lora(model: PeftModel, directory: Path, initial_dir: Path) -> None:
-    """Save a trained PiSSA adapter as an ordinary LoRA (rank 2r) for the original base.
-
-    ``W_res + A B = W + (A B - A0 B0)``, so ``[A | A0]`` and ``[B | -B0]`` form a LoRA of the
-    unmodified weights (PEFT's ``path_initial_model_for_weight_conversion``). It loads with plain
-    PEFT on the base model and merges like any LoRA.
-    """
-    model.save_pretrained(str(directory), safe_serialization=True,
-                          path_initial_model_for_weight_conversion=str(initial_dir))
-
-
-PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"
-
-
-def prompt_encoder_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The full trainable state of a prefix-tuning projection, or None for every other model.
-
-    With ``prefix_projection`` PEFT saves only the projection's output (what inference needs); a
-    checkpoint that training resumes from also needs the embedding and MLP that produce it.
-    """
-    config = model.active_peft_config if isinstance(model, PeftModel) else None
-    if not isinstance(config, PrefixTuningConfig) or not config.prefix_projection:
-        return None
-    return {name: tensor.detach().contiguous() for name, tensor in model.prompt_encoder["default"].state_dict().items()}
-
-
-def load_prompt_encoder_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
-    """Restore what :func:`prompt_encoder_state` returned."""
-    model.prompt_encoder["default"].load_state_dict(state, strict=True)
-
-
-def has_virtual_tokens(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a PEFT prefix/prompt-tuning model (one sequence per row; no packing)."""
-    return isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning

@@ -23,11 +23,12 @@ from tunelab.models.precision import DTYPES, resolve_device
 from tunelab.models.quant import quantization_config
 from tunelab.models.weight_files import adapter_fit, check_adapter_dir, check_safetensors_dir
 
-def resolve_load_dtype(model_cfg: ModelConfig, method_type: str, device: torch.device) -> torch.dtype:
-    """Dtype of the weights as loaded. auto: fp32 where weights train; bf16 for an adapter method's frozen base on a GPU."""
+def resolve_load_dtype(model_cfg: ModelConfig, frozen_base: bool, device: torch.device) -> torch.dtype:
+    """Dtype of the weights as loaded. auto: fp32 where weights train; bf16 for an adapter method's frozen base
+    (``frozen_base``: the method's spec does not train the base) on a GPU."""
     if model_cfg.dtype != "auto":
         return DTYPES[model_cfg.dtype]
-    if method_type in ("lora", "qlora", "prefix", "prompt") and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if frozen_base and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
 

@@ -122,7 +122,7 @@ class RewardModelScorer:
         self.batch_size = batch_size
         self.max_length = max_length
         if not self.path.is_dir():
-            raise ConfigError(f"train.reward_model {path}: no such directory")
+            raise ConfigError(f"reward_model {path}: no such directory")
         if is_adapter_dir(self.path):
             self.model, base_path = self._load_adapter(dtype)
         else:
@@ -144,11 +144,11 @@ class RewardModelScorer:
         try:
             config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"train.reward_model {self.path}: not a Hugging Face model directory: {exc}") from None
+            raise ConfigError(f"reward_model {self.path}: not a Hugging Face model directory: {exc}") from None
         architectures = config.architectures or []
         if not any(name.endswith("ForSequenceClassification") for name in architectures) or config.num_labels != 1:
             raise ConfigError(
-                f"train.reward_model {self.path}: not a reward model (architectures {architectures}, "
+                f"reward_model {self.path}: not a reward model (architectures {architectures}, "
                 f"{config.num_labels} labels); train one with train.objective: reward"
             )
         try:
@@ -156,7 +156,7 @@ class RewardModelScorer:
                 self.path, dtype=dtype, use_safetensors=True, trust_remote_code=False
             )
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"train.reward_model {self.path}: cannot load it (safetensors only): {exc}") from None
+            raise ConfigError(f"reward_model {self.path}: cannot load it (safetensors only): {exc}") from None
 
     def _load_adapter(self, dtype: torch.dtype) -> tuple[torch.nn.Module, Path]:
         from peft import PeftConfig, PeftModel
@@ -165,22 +165,22 @@ class RewardModelScorer:
         adapter = PeftConfig.from_pretrained(str(self.path))
         if str(adapter.task_type) not in ("SEQ_CLS", "TaskType.SEQ_CLS"):
             raise ConfigError(
-                f"train.reward_model {self.path}: the adapter's task_type is {adapter.task_type}, not SEQ_CLS; "
+                f"reward_model {self.path}: the adapter's task_type is {adapter.task_type}, not SEQ_CLS; "
                 "it is not a reward model adapter"
             )
         if not (self.path / "adapter_model.safetensors").is_file():
-            raise ConfigError(f"train.reward_model {self.path}: no adapter_model.safetensors; "
+            raise ConfigError(f"reward_model {self.path}: no adapter_model.safetensors; "
                               "tunelab never loads pickled weights")
         base = Path(str(adapter.base_model_name_or_path)).expanduser()
         if not base.is_dir():
-            raise ConfigError(f"train.reward_model {self.path}: its base model {adapter.base_model_name_or_path} "
+            raise ConfigError(f"reward_model {self.path}: its base model {adapter.base_model_name_or_path} "
                               "is not a local directory")
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 base, num_labels=1, dtype=dtype, use_safetensors=True, trust_remote_code=False
             )
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"train.reward_model {self.path}: cannot load its base {base}: {exc}") from None
+            raise ConfigError(f"reward_model {self.path}: cannot load its base {base}: {exc}") from None
         return PeftModel.from_pretrained(model, str(self.path)), base
 
     def _classifier(self) -> torch.nn.Module:

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunelab.errors import TunelabError
 from tunelab import faults
 from tunelab.faults import crash_point, truncate_to
-from tunelab.models.adapters import PROMPT_ENCODER_FILE, load_prompt_encoder_state, prompt_encoder_state
+from tunelab.models.methods.prompt_learning import PROMPT_ENCODER_FILE, load_prompt_encoder_state, prompt_encoder_state
 from tunelab.models.weight_files import safetensors_problem
 from tunelab.outputs import fsync_path, fsync_tree
 

@@ -38,13 +38,9 @@ from tunelab.data.templates import resolve_template
 from tunelab.data.tokenize import default_cache_dir, prepare_data
 from tunelab.errors import TrainingError
 from tunelab.faults import crash_point
-from tunelab.models.adapters import (
-    apply_method,
-    count_parameters,
-    packing_conflict,
-    save_initial_adapter,
-    save_pissa_as_lora,
-)
+from tunelab.models.adapters import count_parameters
+from tunelab.models.methods import apply_method, method_spec, packing_conflict
+from tunelab.models.methods.lora import save_initial_adapter, save_pissa_as_lora
 from tunelab.models.load import add_stop_ids, attention_for, load_model, load_tokenizer, resolve_load_dtype, stop_token_ids
 from tunelab.models.precision import autocast_dtype, resolve_precision
 from tunelab.models.attention import VARLEN_NAME
@@ -175,7 +171,7 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
         template = resolve_template(tokenizer, cfg.data.template)
         prompts, held_prompts = load_prompt_sets(cfg, tokenizer, template)
         fingerprint = prompts_fingerprint(cfg.data.train)
-        reward = Reward(cfg.train, device)
+        reward = Reward(cfg.objective_settings, device)
     else:
         with processes.node_main_first():  # tokenized once per node and cached; the other processes read the cache
             data = prepare_data(cfg.data, spec.data, cfg.train.seed, tokenizer, stop_ids)
@@ -189,8 +185,9 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
     tokenizer.chat_template = template  # saved with every checkpoint and the final model
 
     model_path = str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).exists() else cfg.model.path
-    model_cfg = cfg.model.model_copy(update={"path": model_path})
-    load_dtype = resolve_load_dtype(cfg.model, cfg.method.type, device)
+    model_cfg = cfg.model.model_copy(update={"path": model_path, "quantization": cfg.base_quantization})
+    method = method_spec(cfg.method.type)
+    load_dtype = resolve_load_dtype(cfg.model, not method.trains_base, device)
     packing = cfg.data.packing and spec.packing
     if packing and (conflict := packing_conflict(cfg.method)):
         console.print(f"[yellow]data.packing off: {conflict}; using padded batches")
@@ -198,7 +195,7 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
     attention = attention_for(cfg.model, packing)
     model = load_model(model_cfg, load_dtype, device, attention, spec.score_head)
     if is_quantized(model):
-        console.print(f"model: {cfg.model.quantization} base, {weight_memory(model)}")
+        console.print(f"model: {cfg.base_quantization} base, {weight_memory(model)}")
         if unfit := route_unfit_cpu_4bit_layers(model):
             console.print(f"model: {len(unfit)} 4-bit layers have sizes bitsandbytes' fused CPU kernel cannot take "
                           f"(e.g. {unfit[0]}): they run on its generic path outside training too")
@@ -209,8 +206,8 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
         packing = False
     precision_context = autocast_factory(device, precision)
     reference = None
-    if spec.uses_reference(cfg.train):
-        if cfg.train.precompute_reference and spec.reference == "always":  # the model is still the reference
+    if spec.uses_reference(cfg.objective_settings):
+        if spec.reference_precomputed(cfg.objective_settings):  # the model is still the reference
             cache = (Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()) / fingerprint
 
             def with_reference(split: datasets.Dataset, name: str) -> datasets.Dataset:
@@ -222,18 +219,18 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
                 data.train = with_reference(data.train, "train")
                 data.eval = with_reference(data.eval, "eval") if data.eval is not None else None
             console.print("[dim]reference log-probs: precomputed and cached (no reference forward per step)[/dim]")
-        elif cfg.method.type in ("full", "freeze"):  # PEFT methods switch their adapters off instead
+        elif method.trains_base:  # PEFT methods switch their adapters off instead
             reference = frozen_copy(model)
             console.print("[dim]reference model: a frozen copy of the starting weights[/dim]")
         else:
             console.print("[dim]reference model: the base with LoRA adapters switched off (no second copy)[/dim]")
     model = apply_method(model, cfg.method, "SEQ_CLS" if spec.score_head else "CAUSAL_LM")
-    pissa_init = out / "pissa_init" if cfg.method.init == "pissa" else None  # final/ is saved as a LoRA of the base
+    pissa_init = out / "pissa_init" if cfg.method.uses_pissa else None  # final/ is saved as a LoRA of the base
     if pissa_init is not None and processes.is_main:
         save_initial_adapter(model, pissa_init)
-    if spec.score_head and cfg.method.type == "freeze":
-        model.score.requires_grad_(True)  # a new head always trains
-    objective = build_objective(cfg.train, reference, model)
+    if spec.score_head and method.trains_base:
+        model.score.requires_grad_(True)  # a new head always trains (freeze would leave it frozen)
+    objective = build_objective(cfg, reference, model)
     for head in objective.heads().values():
         head.to(device)
     activations = autocast_dtype(precision) or load_dtype
@@ -265,7 +262,7 @@ def _train(cfg: TunelabConfig, processes: Processes, device: torch.device, run_d
         eval_records, steps_per_step = data.eval_records, 1
     total_steps = source.total_steps()
 
-    optimizer = build_optimizer(model, cfg.train, cfg.method.lora_plus_ratio if cfg.method.uses_lora else None)
+    optimizer = build_optimizer(model, cfg.train, cfg.method.lora_plus_lr_ratio)
     for head in parallel.heads.values():  # after sharding: the parameters the strategy trains
         optimizer.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
     scheduler = build_scheduler(optimizer, cfg.train, total_steps * steps_per_step)

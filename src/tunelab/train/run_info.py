@@ -44,6 +44,7 @@ def write_run_json(
     details = {
         "base_model": config.model.path,
         "method": config.method.type,
+        "quantization": config.base_quantization,  # model.quantization with auto resolved
         "objective": config.train.objective,
         "data_fingerprint": data_fingerprint,
         "device": str(device),

@@ -69,6 +69,7 @@ def preview(body: PreviewBody) -> dict[str, Any]:
     """Examples with trained tokens marked, token counts, the length histogram and the data report."""
     import pyarrow.compute as pc
 
+    from tunelab.train.objectives.registry import objective_spec
     from tunelab.train.run_data import prepare_run_data
 
     config, _, errors = validated_config(body)
@@ -85,4 +86,5 @@ def preview(body: PreviewBody) -> dict[str, Any]:
     return {"split": body.split, "rows": len(split), "examples": examples, "histogram": length_histogram(lengths),
             "report": {"lines": report.lines(), "counts": {k: v for k, v in vars(report).items()}},
             "fingerprint": data.fingerprint, "template": data.template,
-            "objective": config.train.objective, "train_on": config.data.train_on}
+            "objective": config.train.objective,
+            "train_on": config.data.trained_tokens(objective_spec(config.train.objective).data)}

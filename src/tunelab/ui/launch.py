@@ -18,7 +18,15 @@ import yaml
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from tunelab.config import TunelabConfig, config_from_dict, load_config, parse_override
+from tunelab.config import (
+    MethodSettings,
+    TunelabConfig,
+    config_from_dict,
+    load_config,
+    method_specs,
+    objective_specs,
+    parse_override,
+)
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.ui.state import UIState, ui_state
 
@@ -62,20 +70,45 @@ def schema_sections(model: type[BaseModel] = TunelabConfig, prefix: str = "") ->
     top: dict[str, Any] = {"key": prefix.rstrip(".") or "run", "doc": (model.__doc__ or "").strip(), "fields": []}
     sections = [top]
     for name, field in model.model_fields.items():
+        if field.exclude:  # the objective's settings: one section per objective below
+            continue
         nested = _nested_model(field.annotation)
+        if nested is MethodSettings:  # every method's settings in one section (a field serves the methods using it)
+            sections += _merged(schema_sections(spec.settings, "method.")
+                                for spec in dict.fromkeys(method_specs().values()))
+            continue
         if nested is not None:
             sections += schema_sections(nested, f"{prefix}{name}.")
             continue
         kind, choices, nullable = _field_kind(field.annotation)
         if f"{prefix}{name}" == "train.objective":  # the registered objectives (a str in the schema)
-            from tunelab.config import objective_specs
-
             kind, choices = "choice", list(objective_specs())
+        if f"{prefix}{name}" == "method.type":  # the registered methods
+            kind, choices = "choice", list(method_specs())
         default = None if field.is_required() else field.get_default(call_default_factory=True)
         top["fields"].append({"key": f"{prefix}{name}", "kind": kind, "choices": choices, "nullable": nullable,
                               "required": field.is_required(), "default": default,
                               "description": field.description or ""})
+    if model is TunelabConfig:  # each objective's section, named after it (filled in for the chosen one only)
+        for objective, spec in objective_specs().items():
+            sections += schema_sections(spec.settings, f"{objective}.")
     return [s for s in sections if s["fields"]]
+
+
+def _merged(method_sections: Any) -> list[dict[str, Any]]:
+    """One ``method`` section holding each method's fields once (in registration order)."""
+    merged: dict[str, Any] = {"key": "method", "doc": (MethodSettings.__doc__ or "").strip().splitlines()[0],
+                              "fields": []}
+    seen: set[str] = set()
+    for sections in method_sections:
+        for section in sections:
+            for field in section["fields"]:
+                if field["key"] not in seen:
+                    seen.add(field["key"])
+                    merged["fields"].append(field)
+    default = TunelabConfig.model_fields["method"].get_default(call_default_factory=True).type
+    merged["fields"][0]["default"] = default  # method.type: the config's default, not the first method's
+    return [merged]
 
 
 @router.get("/schema")

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.packing import Batch
 from tunelab.data.templates import IGNORE_INDEX
+from tunelab.models.methods.prompt_learning import has_virtual_tokens
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -29,7 +30,7 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
 
 def chunked_loss_supported(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether the model's logits are its output layer applied to its last hidden states (checked numerically)."""
-    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+    if has_virtual_tokens(model):  # prompt learning: the logits include the virtual tokens'
         return False
     decoder, head = _decoder_and_head(model)
     if head is None:

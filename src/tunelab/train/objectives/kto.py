@@ -11,11 +11,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from pydantic import Field
 
 from tunelab.data.packing import Batch
 from tunelab.train.objectives.base import Metrics
 from tunelab.train.objectives.registry import ObjectiveSpec, register
-from tunelab.train.objectives.sequence import first_and_second, reference_logps, sequence_logps
+from tunelab.train.objectives.sequence import ReferenceSettings, first_and_second, reference_logps, sequence_logps
+
+
+class KTOSettings(ReferenceSettings):
+    """kto: preference learning from records labelled desirable or undesirable, against a reference."""
+
+    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward.")
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of the loss on desirable records.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of the loss on undesirable records.")
 
 
 def kto_losses(policy: torch.Tensor, reference: torch.Tensor, kl: torch.Tensor, desirable: torch.Tensor, beta: float,
@@ -71,9 +80,11 @@ class KTOObjective:
         return losses.sum() / totals["units"], metrics
 
 
+def build(settings: KTOSettings, reference: torch.nn.Module | None, model: torch.nn.Module) -> KTOObjective:
+    """KTO from its section."""
+    return KTOObjective(settings.beta, settings.desirable_weight, settings.undesirable_weight, reference)
+
+
 register(ObjectiveSpec(
     name="kto", summary="KTO: preference learning from records labelled desirable or undesirable", data="feedback",
-    build=lambda train, reference, model: KTOObjective(train.beta if train.beta is not None else 0.1, train.desirable_weight,
-                                                train.undesirable_weight, reference),
-    settings=("beta", "desirable_weight", "undesirable_weight", "precompute_reference"), reference="always",
-    default_beta=0.1))
+    build=build, settings=KTOSettings, reference="always"))

@@ -17,15 +17,52 @@ continuations, ``rc``/``rr`` the reference model's, ``nc``/``nr`` their token co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from tunelab.config.base import ObjectiveSettings
 from tunelab.data.packing import Batch
 from tunelab.data.templates import IGNORE_INDEX
 from tunelab.train.objectives.base import Metrics
 from tunelab.train.objectives.registry import ObjectiveSpec, register
-from tunelab.train.objectives.sequence import first_and_second, reference_logps, sequence_logps
+from tunelab.train.objectives.sequence import ReferenceSettings, first_and_second, reference_logps, sequence_logps
+
+
+class DPOSettings(ReferenceSettings):
+    """dpo: DPO (sigmoid), IPO or hinge loss against a reference."""
+
+    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo (IPO, length-normalised) or hinge (SLiC)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="sigmoid loss: probability that a preference label is flipped (cDPO)."
+    )
+    rpo_alpha: float = Field(
+        0.0, ge=0.0,
+        description="Weight of a negative log-likelihood term on the chosen answer (RPO, Pang et al. 2024; TRL's "
+        "rpo_alpha; 1.0 in the paper). DPO can widen the margin by lowering the chosen answer's likelihood too, "
+        "which costs accuracy where there is one right answer (math). 0: plain DPO.",
+    )
+
+
+class SimPOSettings(ObjectiveSettings):
+    """simpo: length-normalised preference optimisation without a reference."""
+
+    beta: float = Field(2.0, gt=0, description="Reward scale.")
+    gamma: float = Field(0.5, ge=0.0, description="Target reward margin.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Probability that a preference label is flipped (as cDPO)."
+    )
+
+
+class ORPOSettings(ObjectiveSettings):
+    """orpo: chosen NLL plus an odds-ratio preference term, no reference."""
+
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term.")
 
 
 def smoothed_sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -81,7 +118,7 @@ class PreferenceObjective:
 
     Args:
         kind: ``dpo``, ``simpo`` or ``orpo``.
-        beta: objective strength (see :class:`tunelab.config.TrainConfig`).
+        beta: objective strength (see :class:`DPOSettings`, :class:`SimPOSettings`, :class:`ORPOSettings`).
         reference: frozen reference model for DPO with full/freeze fine-tuning; None for LoRA
             (adapters switched off), SimPO/ORPO (no reference) or precomputed log-probs.
         rpo_alpha: DPO only: weight of the chosen answers' NLL (mean over their tokens in the window).
@@ -148,21 +185,28 @@ def _chosen_tokens(batch: Batch) -> int:
     return int(sum((targets[s : s + n] != IGNORE_INDEX).sum() for s, n in zip(starts[0::2], lengths[0::2])))
 
 
-def _builder(kind: str, default_beta: float):
-    def build(train, reference: torch.nn.Module | None, model: torch.nn.Module) -> PreferenceObjective:
-        beta = train.beta if train.beta is not None else default_beta
-        return PreferenceObjective(kind, beta, train.loss_type, train.label_smoothing, train.gamma, reference,
-                                   train.rpo_alpha)
-    return build
+def build_dpo(settings: DPOSettings, reference: torch.nn.Module | None, model: torch.nn.Module) -> PreferenceObjective:
+    """DPO (or IPO, hinge) from its section."""
+    return PreferenceObjective("dpo", settings.beta, settings.loss_type, settings.label_smoothing,
+                               reference=reference, rpo_alpha=settings.rpo_alpha)
+
+
+def build_simpo(settings: SimPOSettings, reference: torch.nn.Module | None, model: torch.nn.Module) -> PreferenceObjective:
+    """SimPO from its section."""
+    return PreferenceObjective("simpo", settings.beta, label_smoothing=settings.label_smoothing, gamma=settings.gamma)
+
+
+def build_orpo(settings: ORPOSettings, reference: torch.nn.Module | None, model: torch.nn.Module) -> PreferenceObjective:
+    """ORPO from its section."""
+    return PreferenceObjective("orpo", settings.beta)
 
 
 register(ObjectiveSpec(
     name="dpo", summary="DPO (sigmoid), IPO or hinge loss on preference pairs against a reference", data="pairs",
-    build=_builder("dpo", 0.1), settings=("beta", "loss_type", "label_smoothing", "precompute_reference", "rpo_alpha"),
-    reference="always", default_beta=0.1, own_settings={"rpo_alpha": "an NLL term on the chosen answer"}))
+    build=build_dpo, settings=DPOSettings, reference="always"))
 register(ObjectiveSpec(
     name="simpo", summary="SimPO: length-normalised preference optimisation without a reference", data="pairs",
-    build=_builder("simpo", 2.0), settings=("beta", "gamma", "label_smoothing"), default_beta=2.0))
+    build=build_simpo, settings=SimPOSettings))
 register(ObjectiveSpec(
     name="orpo", summary="ORPO: chosen NLL plus an odds-ratio preference term, no reference", data="pairs",
-    build=_builder("orpo", 0.1), settings=("beta",), default_beta=0.1))
+    build=build_orpo, settings=ORPOSettings))

@@ -2,10 +2,11 @@
 
 An objective file in this package calls :func:`register` with an :class:`ObjectiveSpec`: its
 name, the data it trains on, whether it needs a reference model, whether its batches can be
-packed, whether it learns from its own rollouts (online RL), the ``train.*`` settings it reads,
-the cross-section rules it adds to the config, and how to build it. Nothing else in tunelab names
-an objective: the config, the data pipeline and the engine ask the registry. Adding an objective
-is adding a file here (the registry imports every module of the package on first use).
+packed, whether it learns from its own rollouts (online RL), its settings class (the config section
+named after it, validated by the config through this registry), and how to build it from that
+section. Nothing else in tunelab names an objective: the config, the data pipeline and the engine
+ask the registry. Adding an objective is adding a file here (the registry imports every module of
+the package on first use).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from tunelab.config import TrainConfig, TunelabConfig
+from tunelab.config.base import ObjectiveSettings
 
 DataKind = Literal["conversations", "text", "pairs", "feedback", "prompts"]
 """What an objective trains on: chat conversations (trained assistant turns), plain text (every
@@ -26,7 +26,7 @@ by the policy itself (online RL)."""
 
 ReferenceNeed = Literal["none", "always", "kl"]
 """``always``: compares the policy with a frozen reference (DPO, KTO); ``kl``: only when
-``train.kl_coef`` is not 0 or ``train.kl_target`` is set (online RL's KL penalty)."""
+the objective's ``kl_coef`` is not 0 (or PPO's ``kl_target`` is set: online RL's KL penalty)."""
 
 
 @dataclass(frozen=True)
@@ -34,43 +34,40 @@ class ObjectiveSpec:
     """What the rest of tunelab needs to know about an objective.
 
     Attributes:
-        name: the value of ``train.objective``.
+        name: the value of ``train.objective``, and the name of its config section.
         summary: one line for the docs and error messages.
         data: the data kind it trains on (see :data:`DataKind`).
-        build: ``build(train_config, reference_model_or_None, policy_model) -> objective``.
-        settings: the ``train.*`` keys it reads besides the loop's own (its config section until
-            the config is split by objective).
+        build: ``build(settings, reference_model_or_None, policy_model) -> objective``, where
+            ``settings`` is its own section (an instance of ``settings``).
+        settings: its settings class: the keys of its config section, their defaults and checks.
         reference: its reference-model need (see :data:`ReferenceNeed`).
         packing: whether its micro-batches can be padding-free packed rows.
         online: learns from its own rollouts (generate, score, advantages) instead of a dataset.
         score_head: trains a scalar score head (a reward model) instead of the language-model head.
         token_level: a next-token loss over whole sequences, which prompt/prefix tuning and
             NEFTune apply to.
-        default_beta: ``train.beta`` when the config leaves it unset (None: no beta).
-        check: a rule over the whole config; returns an error message or None.
-        own_settings: ``train.*`` keys only this objective reads, each with a few words on what it
-            is; setting one for another objective is a config error.
     """
 
     name: str
     summary: str
     data: DataKind
-    build: Callable[[TrainConfig, Any, Any], Any]
-    settings: tuple[str, ...] = ()
+    build: Callable[[Any, Any, Any], Any]
+    settings: type[ObjectiveSettings] = ObjectiveSettings
     reference: ReferenceNeed = "none"
     packing: bool = True
     online: bool = False
     score_head: bool = False
     token_level: bool = False
-    default_beta: float | None = None
-    check: Callable[[TunelabConfig], str | None] | None = None
-    own_settings: dict[str, str] = field(default_factory=dict)
 
-    def uses_reference(self, train: TrainConfig) -> bool:
-        """Whether a run with these ``train`` settings compares the policy with a reference model."""
+    def uses_reference(self, settings: ObjectiveSettings) -> bool:
+        """Whether a run with these settings compares the policy with a reference model."""
         if self.reference == "kl":
-            return train.kl_coef > 0 or train.kl_target is not None
+            return bool(settings.uses_kl_penalty)  # type: ignore[attr-defined]  # every online settings class has it
         return self.reference == "always"
+
+    def reference_precomputed(self, settings: ObjectiveSettings) -> bool:
+        """Whether the reference log-probs are computed once before training (``precompute_reference``)."""
+        return self.reference == "always" and bool(getattr(settings, "precompute_reference", False))
 
     @property
     def rows_per_example(self) -> int:
@@ -101,9 +98,11 @@ def _discover() -> None:
 
 
 def objective_specs() -> dict[str, ObjectiveSpec]:
-    """Every registered objective by name, in registration order (a module registers its own in order)."""
+    """Every registered objective by name, by module name then in each module's order (the same whatever
+    was imported first)."""
     _discover()
-    return dict(_REGISTRY)
+    order = {name: index for index, name in enumerate(_REGISTRY)}
+    return dict(sorted(_REGISTRY.items(), key=lambda item: (item[1].build.__module__, order[item[0]])))
 
 
 def objective_data_kinds() -> dict[str, DataKind]:

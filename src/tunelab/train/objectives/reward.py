@@ -46,4 +46,4 @@ class RewardObjective:
 
 register(ObjectiveSpec(
     name="reward", summary="a Bradley-Terry reward model (a score head) on preference pairs", data="pairs",
-    build=lambda train, reference, model: RewardObjective(), score_head=True))
+    build=lambda settings, reference, model: RewardObjective(), score_head=True))

@@ -8,20 +8,19 @@ mean reward of the *other* ``k - 1`` answers to the same prompt, so its advantag
 
 an unbiased baseline that needs no critic and, unlike GRPO, no division by the group's standard
 deviation. Every token of an answer gets its advantage; the update is the clipped surrogate with
-an optional k3 KL term to the reference (``train.kl_coef``), token-averaged over each optimizer
+an optional k3 KL term to the reference (``rloo.kl_coef``), token-averaged over each optimizer
 step's completion tokens, exactly as GRPO's loss (:func:`tunelab.train.rl.grpo.grpo_loss`), so
-several updates per rollout batch stay proximal. It reads the online RL settings
-(``num_generations`` is ``k``, at least 2).
+several updates per rollout batch stay proximal. Its section (``rloo:``) holds the online RL
+settings (``num_generations`` is ``k``, at least 2).
 """
 
 from __future__ import annotations
 
 import torch
 
-from tunelab.config import TrainConfig
 from tunelab.train.objectives.registry import ObjectiveSpec, register
 from tunelab.train.rl.grpo import grpo_loss
-from tunelab.train.rl.online import ONLINE_SETTINGS, OnlineObjective, needs_groups
+from tunelab.train.rl.online import GroupSettings, OnlineObjective
 from tunelab.train.rl.rollout import RolloutBatch, Rollouts, TokenStats
 
 
@@ -60,18 +59,17 @@ class RLOOObjective(OnlineObjective):
                    advantages: torch.Tensor, extras: dict[str, torch.Tensor], mask: torch.Tensor,
                    tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
         """The clipped surrogate with the k3 KL term, as a share of the window's token mean."""
-        t = self.train
+        t = self.settings
         loss, parts = grpo_loss(stats.logprobs, old_logp, ref, advantages, mask, t.clip_range, t.clip_range,
                                 self.kl_controller.value, "dapo", tokens)
         return loss, {name: float(value) for name, value in parts.items()}
 
 
-def build(train: TrainConfig, reference: torch.nn.Module | None, model: torch.nn.Module) -> RLOOObjective:
-    """RLOO for a ``train`` section."""
-    return RLOOObjective(train, reference)
+def build(settings: GroupSettings, reference: torch.nn.Module | None, model: torch.nn.Module) -> RLOOObjective:
+    """RLOO from its section."""
+    return RLOOObjective(settings, reference)
 
 
 register(ObjectiveSpec(
     name="rloo", summary="RLOO: online RL, REINFORCE with the other answers to the prompt as baseline, no critic",
-    data="prompts", build=build, settings=ONLINE_SETTINGS, reference="kl", packing=False, online=True,
-    check=needs_groups))
+    data="prompts", build=build, settings=GroupSettings, reference="kl", packing=False, online=True))

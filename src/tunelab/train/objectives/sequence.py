@@ -10,10 +10,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from pydantic import Field
 
+from tunelab.config.base import ObjectiveSettings
 from tunelab.data.packing import Batch, sequence_index
 from tunelab.data.templates import IGNORE_INDEX
 from tunelab.train.objectives.chunked_loss import chunked_token_logps
+
+
+class ReferenceSettings(ObjectiveSettings):
+    """Settings of the objectives that compare the policy with a frozen reference (dpo, kto)."""
+
+    precompute_reference: bool = Field(
+        False,
+        description="Compute the reference log-probs once before training and cache them on disk (no reference "
+        "forward per step; a full fine-tune then needs no second model in memory).",
+    )
 
 
 def sequence_logps(model: torch.nn.Module, batch: Batch,

@@ -71,7 +71,7 @@ class SFTObjective:
 
 register(ObjectiveSpec(
     name="sft", summary="chat fine-tuning: next-token loss on the assistant turns", data="conversations",
-    build=lambda train, reference, model: SFTObjective(), token_level=True))
+    build=lambda settings, reference, model: SFTObjective(), token_level=True))
 register(ObjectiveSpec(
     name="pretrain", summary="continued pretraining: next-token loss on every token of plain text or chats",
-    data="text", build=lambda train, reference, model: SFTObjective(), token_level=True))
+    data="text", build=lambda settings, reference, model: SFTObjective(), token_level=True))

@@ -13,7 +13,7 @@ from peft import PeftModel
 
 from tunelab.config import DistributedConfig, TrainConfig
 from tunelab.data.packing import Batch
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, TunelabError, read_user_text
 from tunelab.train.objectives import Metrics
 from tunelab.train.parallel.single import Parallel
 
@@ -121,7 +121,8 @@ def deepspeed_config(cfg: DistributedConfig, train: TrainConfig, world_size: int
     accumulation boundary itself); the optimizer and schedule are tunelab's.
 
     Raises:
-        ConfigError: the file sets an owned key or the ZeRO stage differently.
+        ConfigError: the file is missing or not JSON, sets the optimizer or scheduler, or sets an owned key
+            or the ZeRO stage differently.
     """
     import json
 
@@ -146,7 +147,14 @@ def deepspeed_config(cfg: DistributedConfig, train: TrainConfig, world_size: int
     if options.config_file is None:
         return config
     path = Path(options.config_file).expanduser()
-    user = json.loads(path.read_text(encoding="utf-8"))
+    try:  # read here, once: the config only holds the path
+        user = json.loads(read_user_text(path, "DeepSpeed config file", ConfigError))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    owned = sorted({"optimizer", "scheduler"} & set(user))
+    if owned:
+        raise ConfigError(f"{path}: remove {', '.join(owned)}; tunelab builds the optimizer and schedule from "
+                          "train.lr, train.schedule, train.weight_decay ...")
     for key in OWNED_DEEPSPEED_KEYS:
         if key in user and user[key] != "auto" and user[key] != config[key]:
             raise ConfigError(f"{path}: {key} is {user[key]!r} but tunelab runs {config[key]!r} (from train.* and the "

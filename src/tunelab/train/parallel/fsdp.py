@@ -12,6 +12,7 @@ from peft import PeftModel
 
 from tunelab.errors import TunelabError
 from tunelab.models.adapters import decoder_layers
+from tunelab.models.methods.prompt_learning import has_virtual_tokens
 from tunelab.models.precision import PRECISION_DTYPES
 from tunelab.train.parallel.single import Parallel
 
@@ -48,7 +49,7 @@ class FSDPParallel(Parallel):
         return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
     def _prompt_learning(self) -> bool:
-        return isinstance(self.model, PeftModel) and self.model.active_peft_config.is_prompt_learning
+        return has_virtual_tokens(self.model)
 
     def generation_context(self) -> AbstractContextManager:
         return self._root_unsharded()

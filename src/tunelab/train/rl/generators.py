@@ -1,10 +1,10 @@
-"""Rollout generation behind one interface, chosen by ``train.rollout_generator``.
+"""Rollout generation behind one interface, chosen by the online objective's ``rollout_generator``.
 
 - ``batched`` (default): the policy in memory, ``generation_batch_size`` sequences per
   ``model.generate`` call with the KV cache (:func:`~tunelab.train.rl.rollout.generate_rollouts`).
 - ``one_by_one``: the same, one sequence per call (what a plain loop does; for comparison).
 - ``vllm``: a vLLM engine colocated in the training process on the same GPU, its memory capped
-  by ``train.vllm_gpu_memory_utilization``; the policy's weights (LoRA merged in) are loaded into
+  by ``vllm_gpu_memory_utilization`` (of the objective's section); the policy's weights (LoRA merged in) are loaded into
   it after every update, before the next rollouts. Needs ``pip install vllm`` and a CUDA GPU.
 
 Every generator takes rendered prompt token ids and returns :class:`~tunelab.train.rl.rollout.Rollouts`
@@ -163,17 +163,17 @@ def vllm_unavailable(device: torch.device) -> str | None:
 
 def build_generator(cfg: TunelabConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int], model_path: str,
                     device: torch.device, dtype: torch.dtype) -> RolloutGenerator:
-    """The rollout generator ``train.rollout_generator`` names.
+    """The rollout generator the online objective's ``rollout_generator`` names.
 
     Raises:
         ConfigError: ``vllm`` where it is not installed or there is no GPU.
     """
-    t = cfg.train
+    t = cfg.objective_settings
     if t.rollout_generator == "vllm":
         if (reason := vllm_unavailable(device)) is not None:
-            raise ConfigError(f"train.rollout_generator vllm: {reason}; use rollout_generator batched")
+            raise ConfigError(f"{cfg.train.objective}.rollout_generator vllm: {reason}; use rollout_generator batched")
         name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
         return VLLMGenerator(model_path, tokenizer, t.max_new_tokens, t.top_p, stop_ids,
-                             t.vllm_gpu_memory_utilization, cfg.data.max_length, name, t.seed)
+                             t.vllm_gpu_memory_utilization, cfg.data.max_length, name, cfg.train.seed)
     batch_size = 1 if t.rollout_generator == "one_by_one" else t.generation_batch_size
     return LocalGenerator(tokenizer, t.max_new_tokens, t.top_p, stop_ids, batch_size)

@@ -19,21 +19,88 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, ValidationInfo, model_validator
 
-from tunelab.config import TrainConfig, TunelabConfig
+from tunelab.config.base import ObjectiveSettings, objective_name
 from tunelab.train.objectives.base import Metrics
 from tunelab.train.rl.ppo import AdaptiveKLController, FixedKLController, masked_mean
 from tunelab.train.rl.rollout import RolloutBatch, Rollouts, TokenStats, collate_rollouts, forward_tokens
 
-ONLINE_SETTINGS = ("reward_fn", "reward_weights", "reward_model", "num_generations", "prompts_per_step",
-                   "max_new_tokens", "temperature", "top_p", "generation_batch_size", "rollout_generator",
-                   "vllm_gpu_memory_utilization", "kl_coef", "clip_range", "update_epochs", "minibatches",
-                   "entropy_coef")
-"""The ``train.*`` keys every online objective reads (the rollout and update settings)."""
+class OnlineSettings(ObjectiveSettings):
+    """The settings every online objective shares: rollouts (sampling, rewards) and the update.
+
+    An online objective's settings class extends this one (GRPO adds ``clip_range_high``, PPO its
+    critic and adaptive KL settings); its section is named after the objective (``grpo:``, ``ppo:``).
+    """
+
+    reward_fn: list[str] = Field(
+        default_factory=list,
+        description="Reward functions, built-in (exact_match, gsm8k, format, length) or module:function / "
+        "path/file.py:function; several are summed with reward_weights.",
+    )
+    reward_weights: list[float] | None = Field(None, description="One weight per reward_fn (default 1 each).")
+    reward_model: str | None = Field(
+        None, description="A reward model directory (tunelab train.objective: reward output) scoring answers."
+    )
+    num_generations: int = Field(
+        4, ge=1, description="Answers sampled per prompt (the group size of the group-relative objectives, at least 2 there)."
+    )
+    prompts_per_step: int = Field(8, ge=1, description="Prompts per rollout phase (one RL step).")
+    max_new_tokens: int = Field(64, ge=1, description="Longest sampled answer.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    generation_batch_size: int = Field(
+        32, ge=1, description="Sequences per generate call, and rows per micro-batch of the update.")
+    rollout_generator: Literal["batched", "one_by_one", "vllm"] = Field(
+        "batched",
+        description="What samples the rollouts. batched: the policy in memory, generation_batch_size sequences per "
+        "generate call; one_by_one: one sequence per call (slow; for comparison); vllm: a vLLM engine in the "
+        "training process on the same GPU (pip install vllm; CUDA), synced with the policy after every update.",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, lt=1.0,
+        description="rollout_generator vllm: the share of the GPU's memory vLLM may take (its weights and KV cache); "
+        "the rest is the training's.",
+    )
+    kl_coef: float = Field(0.04, ge=0.0, description="Weight of the KL penalty to the reference model.")
+    clip_range: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
+    update_epochs: int = Field(1, ge=1, description="Optimisation passes over each rollout batch.")
+    minibatches: int = Field(1, ge=1, description="Optimizer steps per pass (the rollout batch is split).")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+
+    @property
+    def uses_kl_penalty(self) -> bool:
+        """Whether the loss has a KL term to the reference (which then has to be computed)."""
+        return self.kl_coef > 0
+
+    @model_validator(mode="after")
+    def _needs_a_reward(self, info: ValidationInfo) -> OnlineSettings:
+        """A reward, and one weight per reward function."""
+        name = objective_name(info)
+        if not self.reward_fn and not self.reward_model:
+            raise ValueError(f"{name} needs a reward: set {name}.reward_fn (e.g. [gsm8k] or module:function) "
+                             f"and/or {name}.reward_model")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_fn):
+            raise ValueError(f"{name}.reward_weights has {len(self.reward_weights)} weights for {len(self.reward_fn)} "
+                             "reward functions")
+        return self
+
+
+class GroupSettings(OnlineSettings):
+    """The settings of the group-relative objectives (GRPO, RLOO): at least 2 answers per prompt."""
+
+    @model_validator(mode="after")
+    def _needs_groups(self, info: ValidationInfo) -> GroupSettings:
+        """Advantages compare the answers to the same prompt."""
+        if self.num_generations < 2:
+            name = objective_name(info)
+            raise ValueError(f"{name}.num_generations must be at least 2 for {name} (advantages compare the answers "
+                             "to the same prompt)")
+        return self
 
 
 @dataclass
@@ -106,43 +173,23 @@ def reference_tokens(policy: torch.nn.Module, reference: torch.nn.Module | None,
             return forward_tokens(policy, batch, temperature).logprobs
 
 
-def needs_a_reward(config: TunelabConfig) -> str | None:
-    """The config rule every online objective shares: a reward, and one weight per reward function."""
-    train = config.train
-    if not train.reward_fn and not train.reward_model:
-        return (f"train.objective {train.objective} needs a reward: set train.reward_fn (e.g. [gsm8k] or "
-                "module:function) and/or train.reward_model")
-    if train.reward_weights is not None and len(train.reward_weights) != len(train.reward_fn):
-        return f"train.reward_weights has {len(train.reward_weights)} weights for {len(train.reward_fn)} reward functions"
-    return None
-
-
-def needs_groups(config: TunelabConfig) -> str | None:
-    """:func:`needs_a_reward`, and at least 2 samples per prompt (group-relative advantages)."""
-    if (problem := needs_a_reward(config)) is not None:
-        return problem
-    if config.train.num_generations < 2:
-        return (f"train.num_generations must be at least 2 for {config.train.objective} (advantages compare "
-                "the answers to the same prompt)")
-    return None
-
-
 class OnlineObjective:
     """The shared part of online objectives; subclasses define the advantages and the piece loss.
 
     Args:
-        train: the ``train`` section.
+        settings: the objective's own section.
         reference: the frozen reference model (full/freeze fine-tuning with a KL term); None for
             LoRA (adapters switched off) or no KL term.
     """
 
     uses_critic = False  # PPO: the policy's hidden states feed a value head
 
-    def __init__(self, train: TrainConfig, reference: torch.nn.Module | None) -> None:
-        self.train, self.reference = train, reference
-        self.kl_controller = (AdaptiveKLController(train.kl_coef, train.kl_target, horizon=10_000)
-                              if train.kl_target else FixedKLController(train.kl_coef))
-        self.temperature = train.temperature or 1.0
+    def __init__(self, settings: OnlineSettings, reference: torch.nn.Module | None) -> None:
+        self.settings, self.reference = settings, reference
+        kl_target = getattr(settings, "kl_target", None)  # PPO's adaptive KL
+        self.kl_controller = (AdaptiveKLController(settings.kl_coef, kl_target, horizon=10_000)
+                              if kl_target else FixedKLController(settings.kl_coef))
+        self.temperature = settings.temperature or 1.0
 
     # -- what the engine and the rollout source ask ------------------------------------------------
 
@@ -153,12 +200,12 @@ class OnlineObjective:
     @property
     def samples_per_prompt(self) -> int:
         """Answers sampled per prompt."""
-        return self.train.num_generations
+        return self.settings.num_generations
 
     @property
     def optimizer_steps_per_step(self) -> int:
         """Optimizer steps one RL step takes (``update_epochs × minibatches``)."""
-        return self.train.update_epochs * self.train.minibatches
+        return self.settings.update_epochs * self.settings.minibatches
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps besides the weights (the KL coefficient)."""
@@ -169,13 +216,14 @@ class OnlineObjective:
         self.kl_controller.load_state_dict(state["kl_controller"])
 
     def prepare(self, model: torch.nn.Module, rollouts: Rollouts, rewards: Sequence[float], step: int, pad_id: int,
-                device: torch.device, autocast: Callable[[], Any]) -> tuple[list[list[RolloutPiece]], dict[str, float]]:
+                device: torch.device, autocast: Callable[[], Any],
+                seed: int) -> tuple[list[list[RolloutPiece]], dict[str, float]]:
         """One RL step's optimizer windows from its scored rollouts, and the step's metrics.
 
         Called with the model in training mode and, under a sharded strategy, its parameters
-        reachable (the engine's generation context).
+        reachable (the engine's generation context). ``seed`` (``train.seed``) seeds the minibatch split.
         """
-        t = self.train
+        t = self.settings
         batch = collate_rollouts(rollouts, pad_id).to(device)
         scores = torch.tensor(list(rewards), dtype=torch.float32, device=device)
         multiple_updates = self.optimizer_steps_per_step > 1
@@ -191,7 +239,7 @@ class OnlineObjective:
         windows = [
             [RolloutPiece(prepared, piece) for piece in chunks(rows, t.generation_batch_size)]
             for epoch in range(t.update_epochs)
-            for rows in minibatch_rows(len(rollouts), t.minibatches, t.seed, step, epoch)
+            for rows in minibatch_rows(len(rollouts), t.minibatches, seed, step, epoch)
         ]
         return windows, {**metrics, "kl_coef": self.kl_controller.value}
 
@@ -211,7 +259,7 @@ class OnlineObjective:
         tokens = totals["units"]
         loss, metrics = self.piece_loss(stats, old_logp, cut(prepared.reference_logprobs), cut(prepared.advantages),
                                         {name: cut(value) for name, value in prepared.extras.items()}, mask, tokens)
-        entropy = -self.train.entropy_coef * masked_mean(stats.entropy, mask, tokens)
+        entropy = -self.settings.entropy_coef * masked_mean(stats.entropy, mask, tokens)
         metrics["entropy"] = float(masked_mean(stats.entropy.detach(), mask))
         return loss + entropy, {name: (value, 1) for name, value in metrics.items()}
 

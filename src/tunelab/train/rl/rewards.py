@@ -145,7 +145,7 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
     "gsm8k": gsm8k,
     "format": format_reward(),
 }
-"""Built-in rewards that need no options, by the name ``train.reward_fn`` may give."""
+"""Built-in rewards that need no options, by the name ``reward_fn`` (of an online objective's section) may give."""
 
 
 def check_rewards(values: Any, expected: int, name: str) -> list[float]:
@@ -227,21 +227,21 @@ def combine_rewards(parts: Mapping[str, tuple[RewardFn, float]]) -> CombinedRewa
 
 def _import_file(path: Path, spec: str) -> Any:
     if not path.is_file():
-        raise ConfigError(f"train.reward_fn {spec}: no such file {path}")
+        raise ConfigError(f"reward_fn {spec}: no such file {path}")
     module_name = f"tunelab_user_reward_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise ConfigError(f"train.reward_fn {spec}: {path} is not a Python file")
+        raise ConfigError(f"reward_fn {spec}: {path} is not a Python file")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
     try:
         module_spec.loader.exec_module(module)
     except SyntaxError as exc:
         del sys.modules[module_name]
-        raise ConfigError(f"train.reward_fn {spec}: {path}, line {exc.lineno}: syntax error: {exc.msg}") from None
+        raise ConfigError(f"reward_fn {spec}: {path}, line {exc.lineno}: syntax error: {exc.msg}") from None
     except Exception as exc:  # noqa: BLE001 - any failure of user code at import is reported as a config problem
         del sys.modules[module_name]
-        raise ConfigError(f"train.reward_fn {spec}: importing {path} raised {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"reward_fn {spec}: importing {path} raised {type(exc).__name__}: {exc}") from None
     return module
 
 
@@ -251,14 +251,14 @@ def _import_module(name: str, spec: str) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
             raise ConfigError(
-                f"train.reward_fn {spec}: no module named {name!r}; install it, add its folder to PYTHONPATH, "
+                f"reward_fn {spec}: no module named {name!r}; install it, add its folder to PYTHONPATH, "
                 "or give a file: path/to/rewards.py:function"
             ) from None
-        raise ConfigError(f"train.reward_fn {spec}: importing {name} failed: {exc}") from None
+        raise ConfigError(f"reward_fn {spec}: importing {name} failed: {exc}") from None
     except SyntaxError as exc:
-        raise ConfigError(f"train.reward_fn {spec}: {exc.filename}, line {exc.lineno}: syntax error: {exc.msg}") from None
+        raise ConfigError(f"reward_fn {spec}: {exc.filename}, line {exc.lineno}: syntax error: {exc.msg}") from None
     except Exception as exc:  # noqa: BLE001 - any failure of user code at import is reported as a config problem
-        raise ConfigError(f"train.reward_fn {spec}: importing {name} raised {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"reward_fn {spec}: importing {name} raised {type(exc).__name__}: {exc}") from None
 
 
 def load_reward_fn(spec: str) -> RewardFn:
@@ -281,7 +281,7 @@ def load_reward_fn(spec: str) -> RewardFn:
     target, _, attribute = spec.rpartition(":")
     if not target or not attribute:
         raise ConfigError(
-            f"train.reward_fn {spec}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}) and not "
+            f"reward_fn {spec}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}) and not "
             "module:function or path/to/file.py:function"
         )
     if target.endswith(".py") or "/" in target or "\\" in target:
@@ -293,8 +293,8 @@ def load_reward_fn(spec: str) -> RewardFn:
     if not hasattr(module, attribute):
         defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         hint = f" (it defines: {', '.join(defined)})" if defined else ""
-        raise ConfigError(f"train.reward_fn {spec}: {where} has no function {attribute!r}{hint}")
+        raise ConfigError(f"reward_fn {spec}: {where} has no function {attribute!r}{hint}")
     fn = getattr(module, attribute)
     if not callable(fn):
-        raise ConfigError(f"train.reward_fn {spec}: {attribute} is a {type(fn).__name__}, not a function")
+        raise ConfigError(f"reward_fn {spec}: {attribute} is a {type(fn).__name__}, not a function")
     return CheckedReward(fn, spec)

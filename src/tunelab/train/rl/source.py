@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tunelab.config import TrainConfig, TunelabConfig
+from tunelab.config import TunelabConfig
 from tunelab.data.files import file_fingerprint
 from tunelab.data.records import Prompt
 from tunelab.data.readers import load_prompts
@@ -33,8 +33,8 @@ from tunelab.data.tokenize import split_records
 from tunelab.errors import TunelabError
 from tunelab.train.reporting import console
 from tunelab.train.rl.generators import RolloutGenerator
-from tunelab.train.rl.online import OnlineObjective
 from tunelab.models.reward_scoring import RewardModelScorer
+from tunelab.train.rl.online import OnlineObjective, OnlineSettings
 from tunelab.train.rl.rewards import combine_rewards, load_reward_fn
 from tunelab.train.rl.rollout import Rollouts
 from tunelab.train.steps import StepWork
@@ -54,12 +54,12 @@ class Reward:
     Returns the total per completion and each part (logged as ``reward/<name>``).
     """
 
-    def __init__(self, train: TrainConfig, device: torch.device) -> None:
-        weights = train.reward_weights or [1.0] * len(train.reward_fn)
+    def __init__(self, settings: OnlineSettings, device: torch.device) -> None:
+        weights = settings.reward_weights or [1.0] * len(settings.reward_fn)
         # Logged as reward/<name>: the function's name for module:function specs.
-        parts = {spec.rsplit(":", 1)[-1]: (load_reward_fn(spec), w) for spec, w in zip(train.reward_fn, weights)}
+        parts = {spec.rsplit(":", 1)[-1]: (load_reward_fn(spec), w) for spec, w in zip(settings.reward_fn, weights)}
         self.functions = combine_rewards(parts) if parts else None
-        self.model = RewardModelScorer(train.reward_model, device) if train.reward_model else None
+        self.model = RewardModelScorer(settings.reward_model, device) if settings.reward_model else None
 
     def __call__(self, prompts: Sequence[Prompt], prompt_texts: list[str], completions: list[str]
                  ) -> tuple[list[float], dict[str, list[float]]]:
@@ -89,7 +89,7 @@ def prepare_prompts(records: list[Prompt], tokenizer: PreTrainedTokenizerBase, t
         kept.append(record)
         ids.append(tokens)
     if too_long:
-        console.print(f"[yellow]{what}: {too_long} prompts longer than data.max_length - train.max_new_tokens "
+        console.print(f"[yellow]{what}: {too_long} prompts longer than data.max_length - max_new_tokens "
                       f"({max_prompt} tokens) dropped")
     if not kept:
         raise TunelabError(f"{what}: no prompt fits in {max_prompt} tokens; raise data.max_length")
@@ -107,10 +107,11 @@ def load_prompt_sets(cfg: TunelabConfig, tokenizer: PreTrainedTokenizerBase, tem
         held_out, _ = load_prompts(data.eval, data.format, data.on_error, data.system_prompt)
     else:
         records, held_out = split_records(records, data.val_ratio, cfg.train.seed)
-    max_prompt = data.max_length - cfg.train.max_new_tokens
+    max_new_tokens, name = cfg.objective_settings.max_new_tokens, cfg.train.objective
+    max_prompt = data.max_length - max_new_tokens
     if max_prompt < 1:
-        raise TunelabError(f"data.max_length ({data.max_length}) must exceed train.max_new_tokens "
-                           f"({cfg.train.max_new_tokens}): it bounds prompt + answer")
+        raise TunelabError(f"data.max_length ({data.max_length}) must exceed {name}.max_new_tokens "
+                           f"({max_new_tokens}): it bounds prompt + answer")
     train_set = prepare_prompts(records, tokenizer, template, max_prompt, "train prompts")
     eval_set = prepare_prompts(held_out, tokenizer, template, max_prompt, "eval prompts") if held_out else None
     console.print(f"[dim]prompts: {len(train_set.ids)} train, {len(eval_set.ids) if eval_set else 0} held out[/dim]")
@@ -148,7 +149,7 @@ class RolloutSource:
                  tokenizer: PreTrainedTokenizerBase, prompts: PromptSet, held_out: PromptSet | None, reward: Reward,
                  model: torch.nn.Module, device: torch.device, autocast: Callable[[], Any], eval_limit: int,
                  context: Callable[[], AbstractContextManager], phase: Callable[[str], None]) -> None:
-        self.train, self.objective, self.generator = cfg.train, objective, generator
+        self.train, self.settings, self.objective, self.generator = cfg.train, cfg.objective_settings, objective, generator
         self.tokenizer, self.prompts, self.held_out, self.reward = tokenizer, prompts, held_out, reward
         self.model, self.device, self.autocast, self.context, self.phase = model, device, autocast, context, phase
         self.eval_limit = eval_limit
@@ -156,11 +157,11 @@ class RolloutSource:
     def total_steps(self) -> int:
         """RL steps of the run: ``max_steps``, or ``epochs`` over the prompts."""
         t = self.train
-        return t.max_steps or math.ceil(t.epochs * len(self.prompts.ids) / t.prompts_per_step)
+        return t.max_steps or math.ceil(t.epochs * len(self.prompts.ids) / self.settings.prompts_per_step)
 
     def progress(self, steps: int) -> float:
         """Epochs over the training prompts after ``steps`` RL steps."""
-        return steps * self.train.prompts_per_step / len(self.prompts.ids)
+        return steps * self.settings.prompts_per_step / len(self.prompts.ids)
 
     def rollout(self, prompts: PromptSet, indices: list[int], samples: int, temperature: float, seed: int
                 ) -> tuple[Rollouts, list[float], dict[str, list[float]]]:
@@ -177,19 +178,19 @@ class RolloutSource:
 
     def step(self, step: int) -> StepWork:
         """RL step ``step``: rollouts, rewards, and the objective's windows (model in training mode)."""
-        t = self.train
+        t, settings = self.train, self.settings
         started = time.perf_counter()
-        indices = prompts_for_step(step, len(self.prompts.ids), t.prompts_per_step, t.seed)
+        indices = prompts_for_step(step, len(self.prompts.ids), settings.prompts_per_step, t.seed)
         samples = self.objective.samples_per_prompt
         self.phase(f"step {step + 1}: rollout ({len(indices) * samples} answers)")
-        rollouts, rewards, parts = self.rollout(self.prompts, indices, samples, t.temperature,
+        rollouts, rewards, parts = self.rollout(self.prompts, indices, samples, settings.temperature,
                                                 t.seed * 100_003 + step)
         self.phase(f"step {step + 1}: update ({self.objective.optimizer_steps_per_step} optimizer steps)")
         self.model.train()
         with self.context():
             windows, objective_metrics = self.objective.prepare(self.model, rollouts, rewards, step,
                                                                 self.tokenizer.pad_token_id, self.device,
-                                                                self.autocast)
+                                                                self.autocast, t.seed)
         lengths = rollouts.completion_lengths()
         metrics = {
             "reward": float(np.mean(rewards)),
