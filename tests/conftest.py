@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny model built once per session, an isolated data cache, CLI runner."""
+"""Shared fixtures: a tiny model built once per session, an isolated data cache, CLI runner.
+
+The tests mirror the package (tests/data/ for src/tunelab/data/, tests/train/rl/ for
+src/tunelab/train/rl/, ...); end-to-end tests through the command line are in tests/e2e/.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,13 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+# Test helpers (stand-ins, scripted servers, the bad-input table) live in tests/support/; the tests
+# mirror the package in subfolders and import the helpers by name. Some tests reuse another test
+# module's helpers (test_serve's LiveServer, test_resume's kill_after_step, ...): every test folder is
+# on the path, as all were when the tests sat in one folder, so that works whatever the order.
+TESTS = Path(__file__).resolve().parent
+for _folder in sorted({TESTS / "support", *(path.parent for path in TESTS.rglob("test_*.py"))}, reverse=True):
+    sys.path.insert(0, str(_folder))
 SHARED_DATA = REPO.parent / "shared" / "data"
 ALPACA_DEMO = SHARED_DATA / "llamafactory_demo" / "alpaca_en_demo.json"
 SHAREGPT_DEMO = SHARED_DATA / "fastchat_sharegpt" / "dummy_conversation.json"
@@ -97,7 +108,7 @@ def gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def server():
-    """A scripted OpenAI-compatible server on 127.0.0.1 (tests/scripted_openai.py), closed afterwards."""
+    """A scripted OpenAI-compatible server on 127.0.0.1 (tests/support/scripted_openai.py), closed afterwards."""
     from scripted_openai import ScriptedServer
 
     scripted = ScriptedServer()

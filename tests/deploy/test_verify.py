@@ -129,7 +129,7 @@ def test_every_format_answers_like_the_adapter(exports, tmp_path):
 
 
 def test_the_llama_cpp_reader_drives_llama_cpp_python(exports, monkeypatch):
-    """tunelab's llama.cpp path against a stand-in with llama-cpp-python's API (tests/fake_llama_cpp.py)."""
+    """tunelab's llama.cpp path against a stand-in with llama-cpp-python's API (tests/support/fake_llama_cpp.py)."""
     import fake_llama_cpp
 
     fake_llama_cpp.install(monkeypatch)

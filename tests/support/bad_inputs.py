@@ -2,7 +2,7 @@
 
 Each :class:`Case` builds its files in a fresh workspace, runs one ``tunelab`` command in-process
 (``tunelab.cli.main``; a process costs seconds of imports) and states the exit code and the words
-the answer must hold. tests/test_bad_input.py runs them all and checks, for every case, that no
+the answer must hold. tests/e2e/test_bad_input.py runs them all and checks, for every case, that no
 traceback escaped and that nothing the user had was lost: every file of the workspace is still
 there, byte for byte (unless the case names what may change), and a failed command left nothing
 behind.

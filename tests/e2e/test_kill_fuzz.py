@@ -1,6 +1,6 @@
 """kill -9 at random moments, inside checkpoint writes too, then --resume: bit-identical final weights.
 
-tests/kill_fuzz.py does the work in one subprocess that imports tunelab once and forks a child per
+tests/support/kill_fuzz.py does the work in one subprocess that imports tunelab once and forks a child per
 run. Two settings whose log_every does not divide save_every (a metrics window straddles every
 restart), a held-out set evaluated during training, dropout (the RNG state must resume too).
 Four chosen moments come first: after step 5 (mid logging window), inside the write of the adapter
@@ -51,7 +51,7 @@ def test_kill_minus_9_anywhere_then_resume_is_bit_identical(tmp_path: Path, tiny
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TUNELAB_CACHE": str(work / "cache"),
            "TUNELAB_HOME": str(work / "home")}
     try:
-        worker = subprocess.run([sys.executable, str(REPO / "tests" / "kill_fuzz.py"), str(tmp_path / "plan.json"),
+        worker = subprocess.run([sys.executable, str(REPO / "tests" / "support" / "kill_fuzz.py"), str(tmp_path / "plan.json"),
                                  str(tmp_path / "result.json")], capture_output=True, text=True, timeout=900,
                                 env=env)
         assert worker.returncode == 0, worker.stderr[-3000:]

@@ -1,7 +1,7 @@
 """GGUF export: every tensor and the tokenizer read back equal to the HF model; Q/K permutation; refusals.
 
 Without llama.cpp here, the file's meaning is checked by a numpy forward pass that follows
-llama.cpp's graphs (tests/gguf_reference.py) on the tensors read from the file, against
+llama.cpp's graphs (tests/support/gguf_reference.py) on the tensors read from the file, against
 transformers' logits; and by tokenizing with llama.cpp's BPE algorithm. The other families
 (Mistral, Qwen2, Qwen3, Gemma 3) are tested in test_tiny_archs.py.
 """

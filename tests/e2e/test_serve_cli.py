@@ -23,7 +23,7 @@ from tunelab.cli import main
 from tunelab.monitor.store import read_meta, read_requests
 from tunelab.track.registry import Registry
 
-TASKS = Path(__file__).parent / "lm_eval_tasks"
+TASKS = Path(__file__).resolve().parents[1] / "support" / "lm_eval_tasks"
 GLAIVE = SHARED_DATA / "llamafactory_demo" / "glaive_toolcall_en_demo.json"
 
 

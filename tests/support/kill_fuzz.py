@@ -1,6 +1,6 @@
 """The kill -9 fuzz worker: imports tunelab once, then forks a child for every run it interrupts.
 
-Run by tests/test_kill_fuzz.py as ``python tests/kill_fuzz.py PLAN.json RESULT.json``. The plan
+Run by tests/e2e/test_kill_fuzz.py as ``python tests/support/kill_fuzz.py PLAN.json RESULT.json``. The plan
 names the tiny model, the data, the settings to train with and a seed. For every setting the
 worker first runs the training uninterrupted (counting the crash points it passes, see
 :mod:`tunelab.faults`), then, per trial, interrupts a run with SIGKILL one to three times in a row

@@ -1,4 +1,4 @@
-"""Bad input: every case of tests/bad_inputs.py through the CLI, and bad data files through the API.
+"""Bad input: every case of tests/support/bad_inputs.py through the CLI, and bad data files through the API.
 
 The CLI suite runs each case in this process (``tunelab.cli.main``) and checks the exit code, the
 message, that no traceback escaped, and that nothing was lost: every file the workspace held is

@@ -2,7 +2,7 @@
 timeouts and garbage, failures that do not stop the job, resuming after a dead backend, and the
 local HF backend.
 
-The OpenAI-compatible server is the scripted one on 127.0.0.1 (tests/scripted_openai.py); every
+The OpenAI-compatible server is the scripted one on 127.0.0.1 (tests/support/scripted_openai.py); every
 expected count below follows from its script.
 """
 

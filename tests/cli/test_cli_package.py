@@ -14,7 +14,7 @@ import pytest
 from tunelab.cli import COMMAND_GROUPS, build_parser, main
 from tunelab.cli.help import TunelabParser, leaf_commands
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "tunelab"
+SRC = Path(__file__).resolve().parents[2] / "src" / "tunelab"
 CLI = SRC / "cli"
 # Modules of the cli package that are not command groups: the entry point, --help formatting, and the
 # generation-backed data tools (registered by the data group, whose module they would double in size).
