@@ -1,25 +1,28 @@
-"""Held-out preference metrics of DPO-family runs, pair by pair, with 95% intervals.
+"""Held-out preference metrics of DPO-family runs, with 95% intervals.
 
 For each run directory (``tunelab train`` with ``objective: dpo|simpo|orpo`` and a held-out split)
 it rebuilds the run's held-out pairs exactly as training did (same config, same seeded split,
-same tokenized cache), scores every pair with the run's final adapter and with the base model
-(the reference), and prints:
+same tokenized cache) and prints:
 
-- the run's own eval rows from ``metrics.jsonl`` (held-out loss, accuracy, margin at each evaluation);
-- per-pair results of the final adapter: accuracy as ``k/n`` with a Wilson 95% interval, the mean
-  reward margin with a bootstrap 95% interval, and the mean DPO loss (``beta`` of the run);
+- the step-0 values (the untouched model, from the base model's log-probs) and the run's own eval
+  rows from ``metrics.jsonl`` (held-out loss, accuracy as ``k/n`` with a Wilson 95% interval, margin);
 - two baselines on the same pairs, to tell a learned preference from a shortcut: the base model's
   own preference (mean token log-prob of chosen > rejected, what SimPO/ORPO start from) and
-  "the shorter answer wins" (trained tokens after truncation).
+  "the shorter answer wins" (trained tokens after truncation);
+- with ``--per-pair``: every pair scored again with the run's final adapter (batched, packed and
+  autocast as the run's evaluation, so it reproduces the run's numbers), the mean reward margin
+  with a bootstrap 95% interval, the pairs ranked right and the DPO loss when the adapter is read
+  as a DPO policy against the base, and the margin's correlation with the length difference.
 
 Rewards follow the run's objective: DPO ``beta * (log pi - log ref)`` summed over the answer;
 SimPO/ORPO ``beta * mean token log pi``. A pair counts as right only when chosen > rejected (a tie
 is wrong, as in training's metrics).
 
-    python benchmarks/preference_heldout.py runs/real/dpo [runs/real/simpo ...] [--json out.json]
+    python benchmarks/preference_heldout.py runs/real/dpo [runs/real/orpo ...] [--per-pair] [--json out.json]
 
-The base model's log-probs come from the run's precomputed reference cache when it has one
-(``train.precompute_reference``), else from one forward with the adapter switched off.
+The base model's log-probs come from the precomputed reference cache of the data (a DPO run with
+``train.precompute_reference`` on the same data config writes it), else from one forward with the
+adapter switched off.
 """
 
 from __future__ import annotations
