@@ -17,7 +17,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 
 FLOORS: list[set[str]] = [
-    {"errors", "failures", "faults", "progress", "tables", "hub", "noise"},
+    {"errors", "failures", "faults", "progress", "tables", "hub", "noise", "discovery"},
     {"config", "track", "outputs"},
     {"data", "docs"},
     {"models"},

@@ -10,13 +10,12 @@ here (the registry imports every module of the package on first use).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tunelab.config.base import MethodSettings
+from tunelab.discovery import import_package_modules
 
 
 @dataclass(frozen=True)
@@ -64,9 +63,7 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    package = importlib.import_module("tunelab.models.methods")
-    for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{module.name}")
+    import_package_modules("tunelab.models.methods")
 
 
 def method_specs() -> dict[str, MethodSpec]:

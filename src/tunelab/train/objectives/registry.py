@@ -11,13 +11,12 @@ the package on first use).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from tunelab.config.base import ObjectiveSettings
+from tunelab.discovery import import_package_modules
 
 DataKind = Literal["conversations", "text", "pairs", "feedback", "prompts"]
 """What an objective trains on: chat conversations (trained assistant turns), plain text (every
@@ -92,9 +91,7 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    package = importlib.import_module("tunelab.train.objectives")
-    for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{module.name}")
+    import_package_modules("tunelab.train.objectives")
 
 
 def objective_specs() -> dict[str, ObjectiveSpec]:
