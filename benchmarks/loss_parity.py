@@ -76,8 +76,14 @@ def numbers(metrics_file: Path) -> list[dict[str, float]]:
 
 def measure(work: Path) -> dict[str, list[dict[str, float]]]:
     """Train every run in order; return their metrics rows."""
+    import torch
+
     from tunelab.config import load_config
     from tunelab.train.engine import train
+
+    # One thread: float sums then add up in one order whatever the machine's core count, so files
+    # measured on different machines (or with different CPU affinity) compare exactly.
+    torch.set_num_threads(1)
 
     results = {}
     for name, (example, overrides) in runs(work).items():
