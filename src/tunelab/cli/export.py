@@ -10,7 +10,7 @@ from tunelab.errors import TunelabError
 def _run_models(args: argparse.Namespace):
     """The models of the run ``--config`` describes (with its overrides)."""
     from tunelab.config import load_config
-    from tunelab.config.run_models import run_models
+    from tunelab.train.run_models import run_models
 
     if not args.config:
         raise TunelabError(f"{' '.join(args.overrides)}: section.key=value overrides need --config")

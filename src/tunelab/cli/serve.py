@@ -10,7 +10,7 @@ from tunelab.errors import TunelabError
 def _serve_config_run(args: argparse.Namespace) -> None:
     """Fill ``--model`` (and ``--adapter``) from the run ``--config`` describes; explicit options win."""
     from tunelab.config import load_config
-    from tunelab.config.run_models import run_models
+    from tunelab.train.run_models import run_models
 
     if not args.config:
         if args.overrides:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunelab.config.methods import method_spec
+from tunelab.models.methods import method_spec
 from tunelab.config.root import TunelabConfig
 from tunelab.errors import TunelabError
 
