@@ -178,9 +178,35 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats_config_defaults(args: argparse.Namespace) -> None:
+    """Fill ``data stats``' unset options from ``--config``: its data.train files, model.path's tokenizer, data.*.
+
+    With ``--config``, positional items that hold ``=`` and are not files are the config's
+    ``section.key=value`` overrides; explicit options (and input files) win over the config.
+    """
+    if args.config:
+        from tunelab.config import load_config
+
+        overrides = [item for item in args.inputs if "=" in item and not Path(item).exists()]
+        args.inputs = [item for item in args.inputs if item not in overrides]
+        config = load_config(args.config, overrides)
+        args.inputs = args.inputs or list(config.data.train)
+        args.tokenizer = args.tokenizer or config.model.path
+        args.template = args.template or config.data.template
+        args.max_length = args.max_length or config.data.max_length
+        args.format = args.format or config.data.format
+        args.text_field = args.text_field or config.data.text_field
+    elif not args.inputs:
+        raise TunelabError("tunelab data stats needs INPUT files (or --config)")
+    args.template = args.template or "auto"
+    args.format = args.format or "auto"
+    args.text_field = args.text_field or "text"
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     from tunelab.datatools.stats import stats_files
 
+    _stats_config_defaults(args)
     _claim(args, *(Path(args.out) / name for name in ("stats.json", "report.md", "token_lengths.png")))
     report, sketch = stats_files(
         args.inputs, args.out, tokenizer=args.tokenizer, template=args.template, bins=args.bins,
@@ -208,19 +234,25 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reading_options(parser: argparse.ArgumentParser, kind: bool = True) -> None:
+def _reading_options(parser: argparse.ArgumentParser, kind: bool = True, config: bool = False) -> None:
+    """--kind, --format, --text-field (``config``: unset, they default to the --config's data.format and text_field)."""
     if kind:
         parser.add_argument("--kind", choices=KIND_CHOICES, default="auto",
                             help="what the records are (default: decided per file from its first record)")
-    parser.add_argument("--format", choices=FORMAT_CHOICES, default="auto",
-                        help="conversation format of the input (default: detected)")
-    parser.add_argument("--text-field", default="text", help="field holding text for text records")
+    parser.add_argument("--format", choices=FORMAT_CHOICES, default=None if config else "auto",
+                        help="conversation format of the input (default: "
+                             + ("the config's data.format, else " if config else "") + "detected)")
+    parser.add_argument("--text-field", default=None if config else "text",
+                        help="field holding text for text records (default: "
+                             + ("the config's data.text_field, else " if config else "") + "text)")
 
 
-def _common(parser: argparse.ArgumentParser, out_help: str, inputs_required: bool = True) -> None:
+def _common(parser: argparse.ArgumentParser, out_help: str, inputs_required: bool = True,
+            out_required: bool | None = None) -> None:
     parser.add_argument("inputs", nargs="+" if inputs_required else "*", metavar="INPUT",
-                        help="data files: JSON, JSONL, CSV, Parquet, TXT (also .gz)")
-    parser.add_argument("--out", required=inputs_required, help=out_help)
+                        help="data files: JSON, JSONL, CSV, Parquet, TXT (also .gz)"
+                             + ("" if inputs_required else "; with --config also section.key=value overrides"))
+    parser.add_argument("--out", required=inputs_required if out_required is None else out_required, help=out_help)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs of an earlier run (refused otherwise; an input is never replaced)")
 
@@ -311,13 +343,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     clean.set_defaults(func=_cmd_clean)
 
     stats = data_commands.add_parser("stats", help="counts, token-length histogram (PNG + terminal), formats")
-    _common(stats, "report directory (stats.json, report.md, token_lengths.png)")
-    _reading_options(stats)
-    stats.add_argument("--tokenizer", help="tokenizer or model directory (default: lengths in words)")
+    _common(stats, "report directory (stats.json, report.md, token_lengths.png)", inputs_required=False,
+            out_required=True)
+    stats.add_argument("--config", help="a training config: its data.train files, model.path's tokenizer, "
+                                        "data.template, data.max_length, data.format by default")
+    _reading_options(stats, config=True)
+    stats.add_argument("--tokenizer", help="tokenizer or model directory (default: the config's model.path, "
+                                           "else lengths in words)")
     stats.add_argument("--template", choices=["auto", "tokenizer", "chatml", "gemma", "llama3", "alpaca", "plain"],
-                       default="auto", help="chat template used to render conversations")
+                       default=None, help="chat template used to render conversations (default: the config's "
+                                          "data.template, else auto)")
     stats.add_argument("--bins", type=_count(1), default=20, help="histogram bins")
-    stats.add_argument("--max-length", type=_count(1), help="also count records longer than this")
+    stats.add_argument("--max-length", type=_count(1), help="also count records longer than this (default: the "
+                                                             "config's data.max_length)")
     _map_options(stats)
     stats.set_defaults(func=_cmd_stats)
 

@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import argparse
 
+from tunelab.errors import TunelabError
+
+
+def _run_models(args: argparse.Namespace):
+    """The models of the run ``--config`` describes (with its overrides)."""
+    from tunelab.config import load_config
+    from tunelab.train.run_models import run_models
+
+    if not args.config:
+        raise TunelabError(f"{' '.join(args.overrides)}: section.key=value overrides need --config")
+    return run_models(load_config(args.config, args.overrides))
+
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from tunelab.deploy.merge import merge_adapter
     from tunelab.progress import progress_bar
 
+    if args.config or args.overrides:
+        run = _run_models(args)
+        if not run.adapter and args.adapter is None:
+            raise TunelabError(f"--config {args.config}: a {run.method} run saves a whole model, there is no adapter "
+                               f"to merge (use {run.final} as is: tunelab export --config {args.config} ...)")
+        args.adapter = args.adapter or str(run.trained_final(args.config))
+        args.base = args.base or run.base
+    elif args.adapter is None:
+        raise TunelabError("tunelab merge needs --adapter (or --config) and --out")
     with progress_bar(f"merging {args.adapter} into its base ({args.dtype})"):
         out = merge_adapter(args.adapter, args.out, args.dtype, args.base, overwrite=args.overwrite)
     print(f"merged {args.adapter} into {out} ({args.dtype})")
@@ -27,6 +48,15 @@ def _gate_options(args: argparse.Namespace):
 def _cmd_export(args: argparse.Namespace) -> int:
     from tunelab.deploy.export import export_model
 
+    if args.config or args.overrides:
+        run = _run_models(args)
+        if args.model is None and run.adapter:
+            raise TunelabError(f"--config {args.config}: a {run.method} run saves an adapter, and an export needs a "
+                               f"whole model: merge it first (tunelab merge --config {args.config} --out DIR), "
+                               "then pass --model DIR")
+        args.model = args.model or str(run.trained_final(args.config))
+    elif args.model is None:
+        raise TunelabError("tunelab export needs --model (or --config), --format and --out")
     passed = export_model(args.format, args.model, args.out, outtype=args.outtype, dtype=args.dtype,
                           past=not args.no_past, verify=not args.no_verify, overwrite=args.overwrite,
                           parity=_gate_options(args) if args.prompts else None)
@@ -67,16 +97,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     from tunelab.deploy.parity.specs import KIND_HELP
 
     merge = commands.add_parser("merge", help="merge a LoRA adapter into its base model")
-    merge.add_argument("--adapter", required=True, help="PEFT adapter directory (e.g. runs/x/final)")
+    merge.add_argument("overrides", nargs="*", help="section.key=value for --config")
+    merge.add_argument("--adapter", help="PEFT adapter directory (e.g. runs/x/final; default: the --config run's)")
+    merge.add_argument("--config", help="a training config: its output_dir/final and model.path by default")
     merge.add_argument("--out", required=True, help="output model directory")
     merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    merge.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
+    merge.add_argument("--base", help="base model directory (default: the config's model.path, else the adapter's "
+                                      "base_model_name_or_path)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     merge.set_defaults(func=_cmd_merge)
 
     export = commands.add_parser("export", help="export a model to ONNX (onnxruntime) or GGUF (llama.cpp/Ollama)")
     export.add_argument("--format", required=True, choices=["onnx", "gguf"])
-    export.add_argument("--model", required=True, help="HF model directory (merge adapters first: tunelab merge)")
+    export.add_argument("overrides", nargs="*", help="section.key=value for --config")
+    export.add_argument("--model", help="HF model directory (merge adapters first: tunelab merge)")
+    export.add_argument("--config", help="a training config: its output_dir/final by default (a full or freeze "
+                                         "run; merge an adapter run first)")
     export.add_argument("--out", required=True, help="output directory (onnx) or file (gguf)")
     export.add_argument("--outtype", default="f16", choices=["f32", "f16", "q8_0"], help="gguf: weight type")
     export.add_argument("--dtype", choices=["float32", "float16"], help="onnx: weight dtype (default float32)")

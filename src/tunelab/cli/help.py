@@ -31,7 +31,7 @@ EXAMPLES: dict[str, str] = {
     "compare": "tunelab compare --predictions new=eval-new/predictions.jsonl --predictions old=eval-old/predictions.jsonl "
                "--judge metric:exact_match --out compare/",
     "reward score": "tunelab reward score --model runs/reward/final --data examples/data/arithmetic_prefs_test.jsonl",
-    "merge": "tunelab merge --adapter runs/dpo/final --out runs/dpo/merged",
+    "merge": "tunelab merge --config examples/dpo.yaml --out runs/dpo/merged",
     "export": "tunelab export --format gguf --model runs/dpo/merged --out model.gguf --outtype q8_0",
     "verify": "tunelab verify --model adapter:runs/my-run/final --model hf:runs/my-run/merged --model gguf:model.gguf "
               "--prompts examples/data/parity_prompts.txt",

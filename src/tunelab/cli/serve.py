@@ -4,11 +4,35 @@ from __future__ import annotations
 
 import argparse
 
+from tunelab.errors import TunelabError
+
+
+def _serve_config_run(args: argparse.Namespace) -> None:
+    """Fill ``--model`` (and ``--adapter``) from the run ``--config`` describes; explicit options win."""
+    from tunelab.config import load_config
+    from tunelab.train.run_models import run_models
+
+    if not args.config:
+        if args.overrides:
+            raise TunelabError(f"{' '.join(args.overrides)}: section.key=value overrides need --config")
+        if args.model is None:
+            raise TunelabError("tunelab serve needs --model (or --config)")
+        return
+    run = run_models(load_config(args.config, args.overrides))
+    if args.model is not None:
+        return  # the explicit model wins; --adapter stays as given
+    if not run.adapter:
+        args.model = str(run.trained_final(args.config))
+        return
+    args.model = run.base
+    args.adapter = [*(args.adapter or []), f"{run.name}={run.trained_final(args.config)}"]
+
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tunelab.monitor.serving import start_serve_monitoring
     from tunelab.serve.run import ServeOptions, serve_model
 
+    _serve_config_run(args)
     options = ServeOptions(
         model=args.model, adapters=args.adapter or [], name=args.name, host=args.host, port=args.port,
         api_key=args.api_key, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
@@ -27,7 +51,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``tunelab serve``."""
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with batched generation")
-    serve.add_argument("--model", required=True, help="HF model directory (e.g. a merged model)")
+    serve.add_argument("overrides", nargs="*", help="section.key=value for --config")
+    serve.add_argument("--model", help="HF model directory (e.g. a merged model)")
+    serve.add_argument("--config", help="a training config: serve its run (a full/freeze run's output_dir/final; "
+                                        "an adapter run's model.path with output_dir/final as adapter OUTPUT_DIR_NAME)")
     serve.add_argument("--adapter", action="append", metavar="NAME=DIR", help="a LoRA adapter served as model NAME")
     serve.add_argument("--name", help="the base model's name in the API (default: its directory name)")
     serve.add_argument("--host", default="127.0.0.1")
