@@ -1,4 +1,4 @@
-"""Models for the server's tests and what they must answer: a random LoRA adapter, the greedy answer outside the server."""
+"""Models for the server's tests and what they must answer: a random LoRA adapter, the greedy answer unserved."""
 
 from __future__ import annotations
 
