@@ -17,13 +17,10 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-# Test helpers (stand-ins, scripted servers, the bad-input table) live in tests/support/; the tests
-# mirror the package in subfolders and import the helpers by name. Some tests reuse another test
-# module's helpers (test_serve's LiveServer, test_resume's kill_after_step, ...): every test folder is
-# on the path, as all were when the tests sat in one folder, so that works whatever the order.
+# What tests share (stand-ins, servers, the bad-input table, training-run readers) lives in
+# tests/support/, imported by module name; no test module imports another (tests/test_layout.py).
 TESTS = Path(__file__).resolve().parent
-for _folder in sorted({TESTS / "support", *(path.parent for path in TESTS.rglob("test_*.py"))}, reverse=True):
-    sys.path.insert(0, str(_folder))
+sys.path.insert(0, str(TESTS / "support"))
 SHARED_DATA = REPO.parent / "shared" / "data"
 ALPACA_DEMO = SHARED_DATA / "llamafactory_demo" / "alpaca_en_demo.json"
 SHAREGPT_DEMO = SHARED_DATA / "fastchat_sharegpt" / "dummy_conversation.json"

@@ -6,23 +6,13 @@ import math
 
 import pytest
 import torch
+from token_examples import random_examples
 from transformers import AutoModelForCausalLM
 
 from tunelab.data.packing import collate_packed, collate_padded, plan_packed, plan_padded, shifted_targets
 from tunelab.data.templates import IGNORE_INDEX
 from tunelab.models.attention import register_packed_sdpa, segment_lengths
 from tunelab.train.objectives.sft import causal_lm_loss
-
-
-def random_examples(count: int, vocab: int, seed: int = 0) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    examples = []
-    for _ in range(count):
-        length = int(torch.randint(5, 40, (1,), generator=generator))
-        ids = torch.randint(10, vocab, (length,), generator=generator).tolist()
-        labels = [IGNORE_INDEX] * (length // 2) + ids[length // 2 :]
-        examples.append({"input_ids": ids, "labels": labels})
-    return examples
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "packed_sdpa", "eager"])

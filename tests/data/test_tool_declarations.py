@@ -91,7 +91,7 @@ def test_a_model_trained_on_declared_tools_calls_one_by_itself_when_served(tiny_
     """tool_choice auto, end to end: train on glaive calls, serve, and the model chooses to call."""
     import openai
     import torch
-    from test_serve import LiveServer
+    from live_server import LiveServer
 
     from conftest import make_config, write_config
     from tunelab.cli import main

@@ -18,14 +18,13 @@ import json
 import re
 import shutil
 import tempfile
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from bad_inputs import CASES as CLI_CASES
-from bad_inputs import GOOD_ROWS, Fixtures, Workspace, jsonl
+from bad_inputs import GOOD_ROWS, Fixtures, Workspace, jsonl, run_main
 from conftest import make_config
 from tunelab.data.readers import load_records
 from tunelab.errors import DataError
@@ -307,22 +306,6 @@ def snapshot(root: Path) -> dict[str, str]:
     """Every file below ``root`` (relative path -> SHA-256)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def run_main(argv: list[str]) -> tuple[int | None, str, str | None]:
-    """``tunelab ARGV`` in this process: exit code, stdout + stderr, and the traceback if one escaped."""
-    from tunelab.cli import main
-
-    captured = io.StringIO()
-    trace = None
-    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
-        try:
-            code = main(argv)
-        except SystemExit as exc:  # argparse's usage errors
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:  # noqa: BLE001 - what the suite exists to catch
-            code, trace = None, traceback.format_exc()
-    return code, captured.getvalue(), trace
 
 
 def _allowed(path: str, prefixes: tuple[str, ...]) -> bool:

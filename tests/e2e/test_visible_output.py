@@ -115,7 +115,7 @@ def test_runs_list_formats_and_untruncated_plain_text_off_a_terminal(tmp_path, c
 
 
 def test_monitor_drift_formats(tmp_path, capsys):
-    from test_monitor_drift import traffic, write_traffic
+    from request_traffic import traffic, write_traffic
 
     rng = np.random.default_rng(7)
     now, db = time.time(), tmp_path / "monitor.db"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_cli
-from test_judge import ScriptedServer
+from scripted_openai import ScriptedServer
 from tunelab.data.records import Prompt
 from tunelab.eval import suite
 from tunelab.eval.compare import run_compare

@@ -9,22 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from request_traffic import traffic, write_traffic
 
 from conftest import ALPACA_DEMO, ARITHMETIC_TEST
 from tunelab.cli import main
 from tunelab.monitor.drift import Sample, compare_samples, embedding_drift, psi, sample_from_data
-from tunelab.monitor.store import RequestStore
-from tunelab.serve.request_log import RequestRecord
-
-
-def traffic(rng: np.random.Generator, n: int, input_scale: float = 1.0) -> dict[str, np.ndarray]:
-    """Synthetic per-request features shaped like chat traffic (integer token counts)."""
-    return {
-        "input_length": np.round(rng.lognormal(np.log(60 * input_scale), 0.5, n)),
-        "output_length": rng.poisson(30, n).astype(float) + 1,
-        "perplexity": rng.lognormal(np.log(8), 0.3, n),
-        "latency": rng.gamma(4, 0.05, n),
-    }
 
 
 def test_unshifted_traffic_false_positive_rate_over_100_seeded_trials():
@@ -65,18 +54,6 @@ def test_too_few_values_are_reported_not_tested():
     rng = np.random.default_rng(1)
     results = compare_samples(Sample("ref", traffic(rng, 500)), Sample("recent", traffic(rng, 10)))
     assert all(not f.drift and "too few" in f.note and f.ks_pvalue is None for f in results)
-
-
-def write_traffic(path: Path, start: float, features: dict[str, np.ndarray], status: int = 200) -> None:
-    store = RequestStore(path, flush_seconds=0.05)
-    n = len(features["input_length"])
-    for k in range(n):
-        store.record(RequestRecord(time=start + k * 0.5, model="tiny", endpoint="chat", status=status,
-                                   prompt_tokens=int(features["input_length"][k]),
-                                   completion_tokens=int(features["output_length"][k]),
-                                   latency_s=float(features["latency"][k]),
-                                   mean_logprob=float(-np.log(features["perplexity"][k])), finish_reason="stop"))
-    store.close()
 
 
 @pytest.fixture()

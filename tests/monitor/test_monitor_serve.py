@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_serve import QUESTION, LiveServer
+from live_server import QUESTION, LiveServer
 from tunelab.data.templates import resolve_template
 from tunelab.models.load import generation_stop_ids, load_with_adapters
 from tunelab.monitor.serving import start_serve_monitoring

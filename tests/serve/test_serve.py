@@ -5,51 +5,21 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from live_server import KEY, QUESTION, LiveServer, error_of, stream_and_hang_up
+from peft import PeftModel
+from served_models import greedy, make_adapter
 from transformers import AutoModelForCausalLM
 
 from tunelab.data.templates import resolve_template
-from tunelab.eval.generate import generate_answers
 from tunelab.models.load import generation_stop_ids, load_with_adapters
 from tunelab.serve.app import ServeSettings, create_app
 from tunelab.serve.engine import GenerationEngine
 from tunelab.serve.request_log import RequestLog
-from tunelab.serve.server import GracefulServer, server_config
-
-KEY = "secret-test-key"
-QUESTION = [{"role": "user", "content": "What is 2 + 3?"}]
-
-
-class LiveServer:
-    """uvicorn, configured as ``tunelab serve`` runs it, serving a tunelab app in a thread on a free port."""
-
-    def __init__(self, app, **options) -> None:
-        self.server = GracefulServer(server_config(app, "127.0.0.1", 0, **options))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
-def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +40,6 @@ def served(tiny_model, tmp_path_factory):
     live.close()
     engine.close()
     log.close()
-
-
-def greedy(model, tokenizer, messages, max_new_tokens=16) -> str:
-    return generate_answers(model, tokenizer, tokenizer.chat_template, [messages], max_new_tokens, 1)[0]
 
 
 def test_models_chat_and_train_serve_parity(served):
@@ -144,12 +110,6 @@ def test_concurrent_requests_are_batched(served):
     assert max(before, engine.stats.max_batch_seen) > 1
 
 
-def error_of(response: httpx.Response) -> dict:
-    body = response.json()
-    assert set(body["error"]) >= {"message", "type", "param", "code"}
-    return body["error"]
-
-
 def test_errors_are_openai_shaped_and_the_server_keeps_serving(served):
     url, headers = served["live"].url, {"Authorization": f"Bearer {KEY}"}
     post = lambda body, **kw: httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=30, **kw)  # noqa: E731
@@ -184,16 +144,6 @@ def test_metrics_and_request_records(served):
     row = next(r for r in rows if r["model"] == "alpha" and r["status"] == 200)
     assert row["completion_tokens"] > 0 and row["latency_s"] > 0 and row["time_to_first_token_s"] is not None
     assert row["mean_logprob"] < 0 and row["prompt"] is None  # text only when asked for
-
-
-def stream_and_hang_up(url: str) -> None:
-    """Ask for a 64-token streamed chat answer and disconnect after its first token."""
-    body = {"model": "tiny", "messages": QUESTION, "max_tokens": 64, "stream": True, "temperature": 1.0, "seed": 3}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30,
-                      headers={"Authorization": f"Bearer {KEY}"}) as response:
-        for line in response.iter_lines():
-            if line.startswith("data:") and "content" in line:
-                break
 
 
 def test_disconnect_cancels_generation(served):

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from test_serve import QUESTION, LiveServer
+from live_server import QUESTION, LiveServer
 
 from tunelab.data.templates import resolve_template
 from tunelab.models.load import generation_stop_ids, load_with_adapters

@@ -11,8 +11,9 @@ import fake_vllm
 import httpx
 import openai
 import pytest
+from live_server import KEY, QUESTION, LiveServer, error_of, stream_and_hang_up
 from peft import PeftModel
-from test_serve import KEY, QUESTION, LiveServer, error_of, greedy, make_adapter, stream_and_hang_up
+from served_models import greedy, make_adapter
 from transformers import AutoModelForCausalLM
 
 from tunelab.cli import main

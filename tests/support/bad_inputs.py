@@ -11,6 +11,7 @@ behind.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import pickle
@@ -20,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +131,22 @@ CASES: dict[str, Case] = {}
 def case(name: str, argv, code: int, *says: str, **options: Any) -> None:
     assert name not in CASES, name
     CASES[name] = Case(argv if callable(argv) else (lambda w, a=argv: a), code, says, **options)
+
+
+def run_main(argv: list[str]) -> tuple[int | None, str, str | None]:
+    """``tunelab ARGV`` in this process: exit code, stdout + stderr, and the traceback if one escaped."""
+    from tunelab.cli import main
+
+    captured = io.StringIO()
+    trace = None
+    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - what the suite exists to catch
+            code, trace = None, traceback.format_exc()
+    return code, captured.getvalue(), trace
 
 
 def train(w: Workspace, *extra: str, **config: Any) -> list[str]:
@@ -652,8 +670,6 @@ def _disk_full_final(limit: int):
 
 
 def _then_resume_succeeds(w: Workspace, _: str) -> None:
-    from test_bad_input import run_main
-
     assert not any(p.name.startswith(".tmp-") for p in (w.out / "checkpoints").iterdir())
     code, output, trace = run_main(["train", str(w.root / "run.yaml"), "--resume"])
     assert trace is None and code == 0, output[-2000:]

@@ -371,7 +371,7 @@ def test_reward_model_learns_and_loads_in_plain_transformers(tmp_path, tiny_mode
 
 
 def test_dpo_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model, preference_files):
-    from test_resume import kill_after_step, losses
+    from training_runs import kill_after_step, losses
 
     train_file, test_file = preference_files
     settings = dict(data={"eval": [str(test_file)], "max_length": 128},

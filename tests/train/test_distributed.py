@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from training_runs import final_weights, metric_rows
 
 from conftest import ALPACA_DEMO, REPO, make_config, run_cli, write_config
 from tunelab.config import config_from_dict
@@ -28,7 +28,6 @@ from tunelab.errors import ConfigError
 from tunelab.train.checkpoint import list_checkpoints
 from tunelab.train.parallel import deepspeed_config, window_share
 from tunelab.train.parallel.launch import LaunchError, check_launch
-from tunelab.train.reporting import read_metrics
 
 STEPS, KILL_AFTER = 4, 3
 
@@ -59,10 +58,6 @@ def single_process(tmp_path_factory, tiny_model):
     return runs
 
 
-def metric_rows(output_dir, key: str) -> list[tuple[int, float]]:
-    return [(row["step"], row[key]) for row in read_metrics(output_dir / "metrics.jsonl") if key in row]
-
-
 def kill_after_step(config_path, step: int) -> str:
     """Start a 2-process run, SIGKILL all its processes once it reports ``step``; return what it printed."""
     process = subprocess.Popen(
@@ -83,15 +78,6 @@ def kill_after_step(config_path, step: int) -> str:
     output = "".join(seen)
     assert process.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{output[-3000:]}"
     return output
-
-
-def final_weights(output_dir) -> dict[str, torch.Tensor]:
-    final = output_dir / "final"
-    files = list(final.glob("adapter_model.safetensors")) or list(final.glob("model*.safetensors"))
-    weights: dict[str, torch.Tensor] = {}
-    for file in files:
-        weights.update(load_file(file))
-    return weights
 
 
 STRATEGIES = [

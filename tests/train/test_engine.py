@@ -21,7 +21,7 @@ from tunelab.train.engine import train
 from tunelab.train.objectives import objective_spec
 from tunelab.train.objectives.sft import SFTObjective
 from tunelab.train.reporting import read_metrics
-from test_packing import random_examples
+from token_examples import random_examples
 
 
 def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from training_runs import kill_after_step, losses
 
-from conftest import ALPACA_DEMO, REPO, make_config, run_cli, write_config
+from conftest import ALPACA_DEMO, make_config, run_cli, write_config
 from tunelab.train.checkpoint import list_checkpoints
 from tunelab.train.reporting import read_metrics
-
-
-def losses(output_dir) -> list[tuple[int, float]]:
-    return [(row["step"], row["loss"]) for row in read_metrics(output_dir / "metrics.jsonl") if "loss" in row]
-
-
-def kill_after_step(config_path, step: int) -> None:
-    """Start a run and SIGKILL it as soon as it reports optimizer step ``step``."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tunelab", "train", str(config_path)],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
-    )
-    try:
-        for line in process.stderr:
-            if line.startswith(f"step {step}:"):
-                process.kill()
-                break
-    finally:
-        process.kill()
-        process.wait(timeout=60)
-    assert process.returncode == -9, "the run ended before it could be killed"
 
 
 @pytest.mark.parametrize("method", [{"type": "lora", "rank": 4, "dropout": 0.1}, {"type": "full"}],

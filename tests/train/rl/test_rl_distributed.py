@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import ARITHMETIC_TRAIN, REPO, make_config, run_cli, write_config
-from test_distributed import final_weights, metric_rows
+from training_runs import final_weights, metric_rows
 from tunelab.config import config_from_dict
 from tunelab.train.checkpoint import list_checkpoints
 

@@ -54,7 +54,7 @@ def test_online_rl_raises_a_user_reward(tmp_path, tiny_model, reward_file, objec
 
 
 def test_grpo_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model, reward_file):
-    from test_resume import kill_after_step
+    from training_runs import kill_after_step
 
     configs = {name: rl_config(tmp_path / name, tiny_model, "grpo", [f"{reward_file}:vowels", "format"],
                                max_steps=6, save_every=2, log_every=1, eval_at_start=False)

@@ -46,7 +46,6 @@ class MethodSpec:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
-_discovered = False
 
 
 def register(spec: MethodSpec) -> MethodSpec:
@@ -58,17 +57,9 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    import_package_modules("tunelab.models.methods")
-
-
 def method_specs() -> dict[str, MethodSpec]:
     """Every registered method by name, in listing order (a spec appears under each of its names)."""
-    _discover()
+    import_package_modules("tunelab.models.methods")  # the first lookup imports every module; later ones nothing
     return dict(sorted(_REGISTRY.items(), key=lambda item: item[1].position))
 
 

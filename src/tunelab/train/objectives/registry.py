@@ -75,7 +75,6 @@ class ObjectiveSpec:
 
 
 _REGISTRY: dict[str, ObjectiveSpec] = {}
-_discovered = False
 
 
 def register(spec: ObjectiveSpec) -> ObjectiveSpec:
@@ -86,18 +85,10 @@ def register(spec: ObjectiveSpec) -> ObjectiveSpec:
     return spec
 
 
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    import_package_modules("tunelab.train.objectives")
-
-
 def objective_specs() -> dict[str, ObjectiveSpec]:
     """Every registered objective by name, by module name then in each module's order (the same whatever
     was imported first)."""
-    _discover()
+    import_package_modules("tunelab.train.objectives")  # the first lookup imports every module; later ones nothing
     order = {name: index for index, name in enumerate(_REGISTRY)}
     return dict(sorted(_REGISTRY.items(), key=lambda item: (item[1].build.__module__, order[item[0]])))
 
