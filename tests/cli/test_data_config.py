@@ -100,7 +100,8 @@ def test_split_config_splits_the_runs_data_and_input_files_win(
     assert main(["data", "split", str(data["train"]), "--ratios", "0.5,0.5", "--seed", "3",
                  "--out", str(tmp_path / "explicit")]) == 0
     for name in ("train", "val"):
-        assert read_jsonl(tmp_path / "by-config" / f"{name}.jsonl") == read_jsonl(tmp_path / "explicit" / f"{name}.jsonl")
+        by_config, explicit = (read_jsonl(tmp_path / run / f"{name}.jsonl") for run in ("by-config", "explicit"))
+        assert by_config == explicit and len(by_config) == 20
     assert main(["data", "split", f"data.train={data['other']}", "--config", str(run_yaml), "--ratios", "0.6,0.4",
                  "--out", str(tmp_path / "override")]) == 0
     assert "train 3 (60.0%), val 2 (40.0%)" in capsys.readouterr().out
