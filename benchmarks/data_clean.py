@@ -114,9 +114,10 @@ def main() -> None:
 
     runs = []
     for attempt in ("cold", "cached"):
-        clean_s, report = timed(clean_files, [str(data)], work / "clean.jsonl", options, num_proc=args.num_proc)
+        clean_s, report = timed(clean_files, [str(data)], work / "clean.jsonl", options, num_proc=args.num_proc,
+                                overwrite=attempt == "cached")  # the cached run replaces the cold run's output
         config = DataConfig(train=[str(work / "clean.jsonl")], max_length=512, num_proc=args.num_proc)
-        tokenize_s, tokenized = timed(prepare_data, config, "sft", 0, tokenizer, stop_ids)
+        tokenize_s, tokenized = timed(prepare_data, config, "conversations", 0, tokenizer, stop_ids)
         runs.append({"attempt": attempt, "clean_s": clean_s, "tokenize_s": tokenize_s, "report": report,
                      "tokens": tokenized.train_report.tokens, "sequences": len(tokenized.train),
                      "tokenize_cached": tokenized.train_report.from_cache})

@@ -1,4 +1,7 @@
-"""``--config RUN.yaml`` on merge, export, serve and data stats: the run's models and data, explicit options win."""
+"""``--config RUN.yaml`` on merge, export, serve and data stats: the run's models and data, explicit options win.
+
+(``data convert|clean|split --config``: test_data_config.py; a bad or missing config is tested here for all.)
+"""
 
 from __future__ import annotations
 
@@ -139,7 +142,8 @@ def test_data_stats_config_reads_the_runs_data_and_explicit_options_win(runs, ti
 
 
 @pytest.mark.parametrize("command", [["merge", "--out", "m"], ["export", "--format", "gguf", "--out", "m.gguf"],
-                                     ["serve"], ["data", "stats", "--out", "s"]])
+                                     ["serve"], ["data", "stats", "--out", "s"], ["data", "convert", "--out", "c.jsonl"],
+                                     ["data", "clean", "--out", "c.jsonl"], ["data", "split", "--out", "s"]])
 def test_a_bad_config_is_a_clear_error(command, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  path: x\nmethod:\n  type: lora\n  rnak: 4\n")

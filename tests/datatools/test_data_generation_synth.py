@@ -131,7 +131,7 @@ def test_self_instruct_rejects_planted_near_duplicates_and_reports_rouge(server:
         assert p["source"] == f"{SEEDS}:{seed_ids[p['prompt_seeds'][0]]}" and p["rouge_l"] < 0.7
     # A re-run replays the rounds from the cache: the same records, calls only for the failures.
     asked = len(server.requests)
-    again = self_instruct([str(SEEDS)], out, server.backend(), options, cache=cache, progress=False)
+    again = self_instruct([str(SEEDS)], out, server.backend(), options, cache=cache, progress=False, overwrite=True)
     assert [r["messages"] for r in read_jsonl(out)] == [r["messages"] for r in rows]
     assert len(server.requests) - asked == 3 * len(failed) == again.report["generator"]["calls"]
 

@@ -177,7 +177,8 @@ def test_build_translation_from_multi30k_parallel_files(tmp_path: Path) -> None:
         assert "German" in user and "English" in user  # names from the file suffixes, both in the template
         assert assistant == "Eine Gruppe von Männern lädt Baumwolle auf einen Lastwagen"
     with pytest.raises(DataError, match="1014 lines but .*test_2016_flickr.de.gz has 1000"):
-        build_files([str(MULTI30K / "val.en.gz"), str(MULTI30K / "test_2016_flickr.de.gz")], out, "translation")
+        build_files([str(MULTI30K / "val.en.gz"), str(MULTI30K / "test_2016_flickr.de.gz")], out, "translation",
+                    overwrite=True)
 
 
 def test_build_general_expands_self_instruct_instances(tmp_path: Path) -> None:
@@ -228,7 +229,7 @@ def test_build_rejects_records_without_the_fields_and_says_how_to_fix(tmp_path: 
     with pytest.raises(DataError, match=r"no 'document' field for task 'summarization' .*--field document=KEY"):
         build_files([str(GSM8K_TEST)], out, "summarization", limit=5)
     result = build_files([str(GSM8K_TEST)], out, "summarization", limit=5,
-                         fields={"document": "question", "summary": "answer"})
+                         fields={"document": "question", "summary": "answer"}, overwrite=True)
     assert result.written == 5 and result.rejects_path is None
 
 
@@ -317,7 +318,7 @@ def test_split_ratios_seed_and_determinism(tmp_path: Path) -> None:
     for name in ("train", "val", "test"):
         assert (tmp_path / "a" / f"{name}.jsonl").read_bytes() == (tmp_path / "b" / f"{name}.jsonl").read_bytes()
     assert (tmp_path / "a" / "val.jsonl").read_bytes() != (tmp_path / "c" / "val.jsonl").read_bytes()
-    two = split_files([str(GSM8K_TEST)], tmp_path / "a", (0.9, 0.1, 0.0), seed=3)
+    two = split_files([str(GSM8K_TEST)], tmp_path / "a", (0.9, 0.1, 0.0), seed=3, overwrite=True)
     assert set(two.paths) == {"train", "val"} and not (tmp_path / "a" / "test.jsonl").exists()
 
 
@@ -332,7 +333,7 @@ def test_split_stratified_keeps_label_proportions(tmp_path: Path) -> None:
         for label, total in labels.items():
             assert abs(got[label] - total * share) < 1, (name, label, got[label], total * share)
     with pytest.raises(DataError, match=r"kto_en_demo.json:\d+: no field 'topic' to stratify by"):
-        split_files([str(kto)], tmp_path, (0.6, 0.2, 0.2), stratify="topic")
+        split_files([str(kto)], tmp_path, (0.6, 0.2, 0.2), stratify="topic", overwrite=True)
 
 
 def test_split_group_keeps_variants_of_one_source_together(tmp_path: Path) -> None:

@@ -231,7 +231,7 @@ def test_clean_files_cache_and_rejects(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(_Features, "__call__", must_not_run)
     out.unlink()
-    second = clean_files([str(data)], out)
+    second = clean_files([str(data)], out, overwrite=True)
     assert second.from_cache and out.read_bytes() == output and second.removed == first.removed
     looser = clean_files([str(data)], tmp_path / "looser.jsonl", CleanOptions(near_dup_threshold=0.5))
     assert not looser.from_cache and looser.kept <= first.kept  # new threshold, features from the cache

@@ -2,18 +2,21 @@
 
 ``preview`` shows a training config's data as the run tokenizes it. The other commands read
 positional input files and write canonical JSONL to ``--out`` (``split`` writes
-``--out DIR/{train,val,test}.jsonl``, ``stats`` a report directory). The work is done in the
-modules named below; this one parses arguments, claims the outputs and prints reports, and
-imports nothing heavy until a command runs (``tunelab --help`` stays fast).
+``--out DIR/{train,val,test}.jsonl``, ``stats`` a report directory). Each command parses its
+arguments (``convert``, ``clean``, ``stats`` and ``split`` also fill unset ones from ``--config``,
+see :func:`_config_defaults`), calls one stage function of :mod:`tunelab.datatools`, which checks
+the options, claims the outputs and does the work, and prints its result. Nothing heavy is
+imported until a command runs (``tunelab --help`` stays fast).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 
 KIND_CHOICES = ["auto", "conversation", "prompt", "text", "preference", "feedback"]
 FORMAT_CHOICES = ["auto", "alpaca", "sharegpt", "messages", "qa", "text"]
@@ -61,20 +64,46 @@ def _print_written(result: Any, records: str, read: str) -> None:
     _rejects_note(result.rejects_path)
 
 
-def _claim(args: argparse.Namespace, *paths: str | Path) -> None:
-    """Refuse to replace existing outputs (without --overwrite) or an input (ever), before any work."""
-    from tunelab.data.files import check_inputs_exist
-    from tunelab.outputs import claim_files
-
-    check_inputs_exist(args.inputs)  # a mistyped input is named first
-    claim_files(paths, args.overwrite, "--out", args.inputs)
+# What a training config says about reading its data: option name -> the config's value.
+_READING_FROM_CONFIG: dict[str, Callable[[Any], Any]] = {
+    "format": lambda config: config.data.format,
+    "text_field": lambda config: config.data.text_field,
+}
 
 
-def _with_rejects(args: argparse.Namespace) -> list[Path]:
-    """``--out`` and the rejects file written beside it."""
-    from tunelab.datatools.convert import rejects_path_for
+def _config_defaults(args: argparse.Namespace, command: str,
+                     settings: dict[str, Callable[[Any], Any]] | None = None) -> Any:
+    """Fill a data command's unset options from ``--config``; returns the config (None without ``--config``).
 
-    return [Path(args.out), Path(args.rejects) if args.rejects else rejects_path_for(args.out)]
+    The inputs are the config's ``data.train`` files unless INPUT files are given; each option
+    named in ``settings`` (and ``--format``, ``--text-field``) that was not given takes the
+    config's value. ``section.key=value`` items among the positional arguments (those that are
+    not files) or after the options are the config's overrides. Explicit options and input files
+    win over the config. Then ``--format`` and ``--text-field`` fall back to ``auto`` and ``text``.
+
+    Raises:
+        ConfigError: a missing or invalid config (named with its line), or overrides without ``--config``.
+        TunelabError: neither INPUT files nor ``--config``.
+    """
+    overrides = [*getattr(args, "overrides", []),
+                 *(item for item in args.inputs if "=" in item and not Path(item).exists())]
+    config = None
+    if args.config:
+        from tunelab.config import load_config
+
+        args.inputs = [item for item in args.inputs if item not in overrides]
+        config = load_config(args.config, overrides)
+        args.inputs = args.inputs or list(config.data.train)
+        for name, value_of in {**_READING_FROM_CONFIG, **(settings or {})}.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value_of(config))
+    elif getattr(args, "overrides", []):
+        raise ConfigError(f"{' '.join(args.overrides)}: section.key=value overrides need --config RUN.yaml")
+    elif not args.inputs:
+        raise TunelabError(f"tunelab data {command} needs INPUT files (or --config)")
+    args.format = args.format or "auto"
+    args.text_field = args.text_field or "text"
+    return config
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
@@ -105,13 +134,10 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from tunelab.datatools.convert import convert_files
-    from tunelab.progress import progress_bar
 
-    _claim(args, *_with_rejects(args))
-
-    with progress_bar(f"converting {', '.join(args.inputs)}"):
-        result = convert_files(args.inputs, args.out, args.kind, args.format, args.text_field, args.system,
-                               args.on_error, args.rejects)
+    _config_defaults(args, "convert", {"system": lambda config: config.data.system_prompt})
+    result = convert_files(args.inputs, args.out, args.kind, args.format, args.text_field, args.system,
+                           args.on_error, args.rejects, overwrite=args.overwrite)
     _print_written(result, result.kind, f"{result.report.read:,} read")
     return 0
 
@@ -131,12 +157,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return 0
     if not args.inputs or not args.out or not args.task:
         raise TunelabError("tunelab data build needs INPUT files, --task and --out (or --show-templates)")
-    _claim(args, *_with_rejects(args))
     result = build_files(
         args.inputs, args.out, args.task, templates=args.templates, seed=args.seed, variants=args.variants,
         fields=_key_values(args.field, "--field"), params=_key_values(args.param, "--param"),
         system="" if args.no_system else args.system, limit=args.limit, num_proc=args.num_proc,
-        use_cache=not args.no_cache, rejects_path=args.rejects,
+        use_cache=not args.no_cache, rejects_path=args.rejects, overwrite=args.overwrite,
     )
     _print_written(result, f"{args.task} instruction", f"from {result.report.read:,} raw records")
     return 0
@@ -145,20 +170,23 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_cot(args: argparse.Namespace) -> int:
     from tunelab.datatools.cot import CotOptions, cot_files
 
-    _claim(args, *_with_rejects(args))
     options = CotOptions(fmt=args.format, calculator=args.calculator, check_arithmetic=not args.no_check_arithmetic,
                          step_format=args.step_format, answer_format=args.answer_format, system=args.system,
                          kind=args.kind)
     result = cot_files(args.inputs, args.out, options, limit=args.limit, num_proc=args.num_proc,
-                       use_cache=not args.no_cache, rejects_path=args.rejects)
+                       use_cache=not args.no_cache, rejects_path=args.rejects, overwrite=args.overwrite)
     _print_written(result, f"chain-of-thought {args.kind}", f"{result.report.read:,} problems read")
     return 0
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
-    from tunelab.datatools.convert import rejects_path_for
     from tunelab.datatools.quality import CleanOptions, clean_files
 
+    config = _config_defaults(args, "clean")
+    args.length_unit = args.length_unit or ("tokens" if config else "words")
+    if config is not None and args.length_unit == "tokens":  # lengths as the run counts them
+        args.tokenizer = args.tokenizer or config.model.path
+        args.max_length = args.max_length if args.max_length is not None else config.data.max_length
     options = CleanOptions(
         exact_dedup=not args.no_dedup, near_dedup=not (args.no_dedup or args.no_near_dedup),
         near_dup_threshold=args.near_dup_threshold, dedup_on=args.dedup_on, min_length=args.min_length,
@@ -167,51 +195,25 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         redact_pii=args.redact_pii, seed=args.seed,
         languages=tuple(code.strip().lower() for code in args.lang.split(",")) if args.lang else None,
     )
-    options.check()  # the options first, then the outputs
-    _claim(args, *_with_rejects(args))
     report = clean_files(args.inputs, args.out, options, kind=args.kind, fmt=args.format, text_field=args.text_field,
-                         rejects_path=args.rejects, use_cache=not args.no_cache, num_proc=args.num_proc)
+                         rejects_path=args.rejects, use_cache=not args.no_cache, num_proc=args.num_proc,
+                         overwrite=args.overwrite)
     print(f"wrote {report.kept:,} records to {args.out}")
     _print_lines(report.lines())
-    if report.kept < report.read:
-        _rejects_note(Path(args.rejects) if args.rejects else rejects_path_for(args.out))
+    _rejects_note(report.rejects_path)
     return 0
-
-
-def _stats_config_defaults(args: argparse.Namespace) -> None:
-    """Fill ``data stats``' unset options from ``--config``: its data.train files, model.path's tokenizer, data.*.
-
-    With ``--config``, positional items that hold ``=`` and are not files are the config's
-    ``section.key=value`` overrides; explicit options (and input files) win over the config.
-    """
-    if args.config:
-        from tunelab.config import load_config
-
-        overrides = [item for item in args.inputs if "=" in item and not Path(item).exists()]
-        args.inputs = [item for item in args.inputs if item not in overrides]
-        config = load_config(args.config, overrides)
-        args.inputs = args.inputs or list(config.data.train)
-        args.tokenizer = args.tokenizer or config.model.path
-        args.template = args.template or config.data.template
-        args.max_length = args.max_length or config.data.max_length
-        args.format = args.format or config.data.format
-        args.text_field = args.text_field or config.data.text_field
-    elif not args.inputs:
-        raise TunelabError("tunelab data stats needs INPUT files (or --config)")
-    args.template = args.template or "auto"
-    args.format = args.format or "auto"
-    args.text_field = args.text_field or "text"
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     from tunelab.datatools.stats import stats_files
 
-    _stats_config_defaults(args)
-    _claim(args, *(Path(args.out) / name for name in ("stats.json", "report.md", "token_lengths.png")))
+    _config_defaults(args, "stats", {"tokenizer": lambda config: config.model.path,
+                                     "template": lambda config: config.data.template,
+                                     "max_length": lambda config: config.data.max_length})
     report, sketch = stats_files(
-        args.inputs, args.out, tokenizer=args.tokenizer, template=args.template, bins=args.bins,
+        args.inputs, args.out, tokenizer=args.tokenizer, template=args.template or "auto", bins=args.bins,
         max_length=args.max_length, kind=args.kind, fmt=args.format, text_field=args.text_field,
-        num_proc=args.num_proc, use_cache=not args.no_cache,
+        num_proc=args.num_proc, use_cache=not args.no_cache, overwrite=args.overwrite,
     )
     _print_lines(report.lines())
     print(sketch)
@@ -221,14 +223,11 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from tunelab.datatools.split import SPLIT_NAMES, parse_ratios, split_files
-    from tunelab.progress import progress_bar
+    from tunelab.datatools.split import split_files
 
-    ratios = parse_ratios(args.ratios)  # the options first, then the outputs
-    _claim(args, *(Path(args.out) / f"{name}.jsonl" for name in SPLIT_NAMES))
-    with progress_bar(f"splitting {', '.join(args.inputs)}"):
-        report = split_files(args.inputs, args.out, ratios, args.seed, stratify=args.stratify,
-                             group=args.group, kind=args.kind, fmt=args.format, text_field=args.text_field)
+    _config_defaults(args, "split")
+    report = split_files(args.inputs, args.out, args.ratios, args.seed, stratify=args.stratify, group=args.group,
+                         kind=args.kind, fmt=args.format, text_field=args.text_field, overwrite=args.overwrite)
     print("wrote " + ", ".join(str(path) for path in report.paths.values()))
     _print_lines(report.lines())
     return 0
@@ -248,13 +247,17 @@ def _reading_options(parser: argparse.ArgumentParser, kind: bool = True, config:
 
 
 def _common(parser: argparse.ArgumentParser, out_help: str, inputs_required: bool = True,
-            out_required: bool | None = None) -> None:
-    parser.add_argument("inputs", nargs="+" if inputs_required else "*", metavar="INPUT",
+            config_help: str | None = None) -> None:
+    """INPUT files, --out and --overwrite; with ``config_help`` also --config (then INPUT may be left out)."""
+    parser.add_argument("inputs", nargs="+" if inputs_required and not config_help else "*", metavar="INPUT",
                         help="data files: JSON, JSONL, CSV, Parquet, TXT (also .gz)"
-                             + ("" if inputs_required else "; with --config also section.key=value overrides"))
-    parser.add_argument("--out", required=inputs_required if out_required is None else out_required, help=out_help)
+                             + ("; with --config also section.key=value overrides" if config_help else ""))
+    parser.add_argument("--out", required=inputs_required or bool(config_help), help=out_help)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs of an earlier run (refused otherwise; an input is never replaced)")
+    if config_help:
+        parser.add_argument("--config", help=config_help)
+        parser.set_defaults(overrides=[])  # section.key=value after the options land here (tunelab.cli.main)
 
 
 def _map_options(parser: argparse.ArgumentParser) -> None:
@@ -276,9 +279,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     preview.add_argument("--style", choices=["auto", "color", "brackets"], default="auto")
     preview.set_defaults(func=_cmd_preview)
     convert = data_commands.add_parser("convert", help="any supported format -> canonical JSONL, with a rejects report")
-    _common(convert, "output JSONL file")
-    _reading_options(convert)
-    convert.add_argument("--system", help="system prompt for conversations and prompts that have none")
+    _common(convert, "output JSONL file", config_help="a training config: its data.train files, data.format, "
+                                                      "data.text_field and data.system_prompt by default")
+    _reading_options(convert, config=True)
+    convert.add_argument("--system", help="system prompt for conversations and prompts that have none (default: "
+                                          "the config's data.system_prompt)")
     convert.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                          help="skip bad records and list them (default), or stop at the first")
     convert.add_argument("--rejects", help="where rejected records go (default: OUT's name + .rejects.jsonl)")
@@ -320,18 +325,23 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     clean = data_commands.add_parser("clean", help="dedup (exact + MinHash near-dup), length/garbled/language "
                                                    "filters, PII redaction")
-    _common(clean, "output JSONL file")
-    _reading_options(clean)
+    _common(clean, "output JSONL file", config_help="a training config: its data.train files, data.format, "
+                                                  "data.text_field by default, and lengths in tokens of model.path's "
+                                                  "tokenizer up to data.max_length")
+    _reading_options(clean, config=True)
     clean.add_argument("--no-dedup", action="store_true", help="keep duplicates")
     clean.add_argument("--no-near-dedup", action="store_true", help="remove exact duplicates only")
     clean.add_argument("--near-dup-threshold", type=float, default=0.8, help="Jaccard similarity (default 0.8)")
     clean.add_argument("--dedup-on", choices=["all", "prompt", "answer"], default="all",
                        help="text compared for duplicates (system prompts never count)")
     clean.add_argument("--min-length", type=_count(0), help="drop records shorter than this (--length-unit)")
-    clean.add_argument("--max-length", type=_count(1), help="drop records longer than this (--length-unit)")
+    clean.add_argument("--max-length", type=_count(1), help="drop records longer than this (--length-unit; "
+                                                             "default with --config: data.max_length tokens)")
     clean.add_argument("--min-answer-length", type=_count(0), help="drop records whose answer is shorter")
-    clean.add_argument("--length-unit", choices=["words", "chars", "tokens"], default="words")
-    clean.add_argument("--tokenizer", help="tokenizer or model directory (for --length-unit tokens)")
+    clean.add_argument("--length-unit", choices=["words", "chars", "tokens"], default=None,
+                       help="(default: words; with --config, tokens)")
+    clean.add_argument("--tokenizer", help="tokenizer or model directory (for --length-unit tokens; default: the "
+                                           "config's model.path)")
     clean.add_argument("--keep-garbled", action="store_true", help="do not drop empty or garbled texts")
     clean.add_argument("--max-repetition", type=float, default=0.5,
                        help="share of repeated word 3-grams that marks a looping text (default 0.5)")
@@ -343,10 +353,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     clean.set_defaults(func=_cmd_clean)
 
     stats = data_commands.add_parser("stats", help="counts, token-length histogram (PNG + terminal), formats")
-    _common(stats, "report directory (stats.json, report.md, token_lengths.png)", inputs_required=False,
-            out_required=True)
-    stats.add_argument("--config", help="a training config: its data.train files, model.path's tokenizer, "
-                                        "data.template, data.max_length, data.format by default")
+    _common(stats, "report directory (stats.json, report.md, token_lengths.png)",
+            config_help="a training config: its data.train files, model.path's tokenizer, data.template, "
+                        "data.max_length, data.format by default")
     _reading_options(stats, config=True)
     stats.add_argument("--tokenizer", help="tokenizer or model directory (default: the config's model.path, "
                                            "else lengths in words)")
@@ -360,8 +369,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     stats.set_defaults(func=_cmd_stats)
 
     split = data_commands.add_parser("split", help="train/val/test by ratios with a seed, optionally stratified")
-    _common(split, "output directory (train.jsonl, val.jsonl, test.jsonl)")
-    _reading_options(split)
+    _common(split, "output directory (train.jsonl, val.jsonl, test.jsonl)",
+            config_help="a training config: its data.train files, data.format and data.text_field by default")
+    _reading_options(split, config=True)
     split.add_argument("--ratios", default="0.8,0.1,0.1", help="train,val[,test] (default 0.8,0.1,0.1)")
     split.add_argument("--seed", type=int, default=0)
     split.add_argument("--stratify", metavar="FIELD", help="keep this field's values in the same proportions "

@@ -2,8 +2,11 @@
 
 Both take ``--backend hf:MODEL_DIR`` (a local model, batched) or ``--backend openai:BASE_URL``
 with ``--backend-model NAME`` (any OpenAI-compatible server; the API key comes from the
-environment variable ``--api-key-env`` names). Kept light at import: the backends and torch are
-imported when a command runs.
+environment variable ``--api-key-env`` names). Each command builds its options and a
+:class:`~tunelab.datatools.generation_jobs.BackendSpec` and calls one stage function, which checks
+the options, claims the outputs, then loads the backend. Neither takes ``--config``: no training
+config describes their inputs. Kept light at import: the backends and torch are imported when a
+command runs.
 """
 
 from __future__ import annotations
@@ -146,10 +149,10 @@ def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _backend(args: argparse.Namespace):
-    """The backend the options name (loads a local model)."""
-    from tunelab.generation.backends import parse_backend_spec
+    """The backend the options name, loaded by the job once its outputs are claimed (nothing loads here)."""
+    from tunelab.datatools.generation_jobs import BackendSpec
 
-    return parse_backend_spec(args.backend, args.backend_model, **_backend_options(args))
+    return BackendSpec(args.backend, args.backend_model, _backend_options(args))
 
 
 def _sampling(args: argparse.Namespace, default):
@@ -165,17 +168,6 @@ def _cache(args: argparse.Namespace):
     if args.no_cache and args.cache:
         raise ConfigError("--cache and --no-cache: choose one")
     return False if args.no_cache else args.cache
-
-
-def _claim(args: argparse.Namespace, suffixes: tuple[str, ...]) -> None:
-    """Refuse to replace an earlier run's outputs (without --overwrite) or an input (ever), before any work."""
-    from tunelab.data.files import check_inputs_exist
-    from tunelab.datatools.generation_jobs import side_path
-    from tunelab.outputs import claim_files
-
-    check_inputs_exist(args.inputs)  # a mistyped input is named first
-    claim_files([args.out, *(side_path(args.out, suffix) for suffix in suffixes)], args.overwrite, "--out",
-                args.inputs)
 
 
 def _finish(result) -> int:
@@ -199,11 +191,8 @@ def _cmd_augment(args: argparse.Namespace) -> int:
         include_sources=args.include_sources, limit=args.limit,
     )
     options.sampling = _sampling(args, options.sampling)
-    options.check()  # before a model loads
-    _backend_options(args)
-    _claim(args, ("report.json", "failed.jsonl"))
-    backend = _backend(args)
-    result = augment_files(args.inputs, args.out, backend, options, _cache(args), args.attempts)
+    result = augment_files(args.inputs, args.out, _backend(args), options, _cache(args), args.attempts,
+                           overwrite=args.overwrite)
     return _finish(result)
 
 
@@ -223,8 +212,5 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         options.instance_sampling = replace(options.instance_sampling, seed=args.seed,
                                             max_tokens=args.max_tokens or options.instance_sampling.max_tokens)
         run = self_instruct
-    options.check()  # before a model loads
-    _backend_options(args)
-    _claim(args, ("report.json", "failed.jsonl", "rejects.jsonl"))
-    backend = _backend(args)
-    return _finish(run(args.inputs, args.out, backend, options, _cache(args), args.attempts))
+    return _finish(run(args.inputs, args.out, _backend(args), options, _cache(args), args.attempts,
+                       overwrite=args.overwrite))

@@ -45,7 +45,16 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from tunelab.data.readers import Kind
-from tunelab.datatools.generation_jobs import SourceItem, make_generator, read_sources, write_report, write_side_file
+from tunelab.datatools.generation_jobs import (
+    BackendSpec,
+    SourceItem,
+    claim_generation_outputs,
+    load_backend,
+    make_generator,
+    read_sources,
+    write_report,
+    write_side_file,
+)
 from tunelab.datatools.jsonl_output import provenance, write_jsonl
 from tunelab.errors import ConfigError, read_user_text
 from tunelab.failures import failure_reasons, reason_lines
@@ -393,35 +402,45 @@ def _choose(options: Sequence[T], count: int, seed: int, record_id: str) -> list
 def augment_files(
     files: Iterable[str],
     out: str | Path,
-    backend: GenerationBackend,
+    backend: GenerationBackend | BackendSpec,
     options: AugmentOptions | None = None,
     cache: str | Path | None | Literal[False] = None,
     attempts: int = 3,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> AugmentResult:
     """Augment data files with a generation backend and write canonical JSONL to ``out``.
+
+    The options are checked first, then a missing input is named and ``out``, its report and
+    failures files are claimed (existing ones refused unless ``overwrite``, an input always),
+    then the backend loads and the work starts.
 
     Args:
         files: input data files (conversations, prompts or text, any supported format).
         out: the output JSONL; ``<stem>.report.json`` and (when something failed)
             ``<stem>.failed.jsonl`` are written beside it.
-        backend: the model that rewrites (see :func:`~tunelab.generation.backends.parse_backend_spec`).
+        backend: the model that rewrites, or a :class:`BackendSpec` naming it (see
+            :func:`~tunelab.generation.backends.parse_backend_spec`).
         options: what to make.
         cache: the reply cache file (None: the default one for the backend; False: none).
         attempts: replies asked for per request when they come back unusable.
         progress: show progress bars.
+        overwrite: replace the outputs of an earlier run.
 
     Returns:
         What was written and the report.
 
     Raises:
-        ConfigError: bad options. DataError: unreadable inputs or no usable record.
+        ConfigError: bad options. DataError: missing or unreadable inputs, or no usable record.
+        OutputError: an output exists (without ``overwrite``) or is an input.
         BackendError: the backend failed many calls in a row (re-run to resume).
     """
     options = options or AugmentOptions()
     options.check()
     prompts = load_rewrite_prompts(options.prompts_file)
     files = list(files)
+    claim_generation_outputs(files, out, ("report.json", "failed.jsonl"), overwrite)
+    backend = load_backend(backend)
     started = time.monotonic()
     items, load_report = read_sources(files, KINDS, options.kind, options.text_field, "augment",
                                       options.limit)

@@ -33,9 +33,9 @@ from typing import Any
 import yaml
 
 from tunelab.datatools.cached_map import batch_rows, columns, fingerprint, map_cached
-from tunelab.datatools.convert import write_rejects
+from tunelab.datatools.convert import rejects_path_for, write_rejects
 from tunelab.data.files import SUFFIXES, _decode_lines, file_fingerprint, read_rows
-from tunelab.datatools.jsonl_output import provenance, write_jsonl
+from tunelab.datatools.jsonl_output import claim_job_outputs, provenance, write_jsonl
 from tunelab.data.records import LoadReport
 from tunelab.errors import ConfigError, DataError, TunelabError, read_user_text
 
@@ -337,15 +337,19 @@ def build_files(
     num_proc: int | None = None,
     use_cache: bool = True,
     rejects_path: str | Path | None = None,
+    overwrite: bool = False,
 ) -> BuildResult:
     """Build instruction records for ``task`` from raw files into canonical JSONL at ``out``.
 
     Rows that cannot be used (a missing field, no matching template) are counted in the report
-    and listed in the rejects file (default ``<out stem>.rejects.jsonl``).
+    and listed in the rejects file (default ``<out stem>.rejects.jsonl``). The options are checked
+    first, then a missing input is named and ``out`` and the rejects file are claimed (existing
+    ones refused unless ``overwrite``, an input always), then the work starts.
 
     Raises:
         ConfigError: unknown task or a bad template file.
-        DataError: unreadable input, or nothing could be built.
+        DataError: a missing or unreadable input, or nothing could be built.
+        OutputError: an output exists (without ``overwrite``) or is an input.
     """
     library = load_template_library(templates)
     if task not in library:
@@ -353,6 +357,8 @@ def build_files(
                           "(add tasks with --templates FILE)")
     if variants < 1:
         raise TunelabError("--variants must be at least 1")
+    files = list(files)
+    claim_job_outputs(files, [out, Path(rejects_path) if rejects_path else rejects_path_for(out)], overwrite)
     spec = library[task]
     report = LoadReport()
     rejects: list[dict[str, Any]] = []

@@ -3,6 +3,7 @@
 Records are read through :func:`tunelab.data.readers.iter_canonical` (the same readers training
 uses), so what ``convert`` accepts is exactly what training accepts; a record they refuse is
 rejected with the reader's reason and its ``file:line`` and listed in a rejects file.
+:func:`convert_files` is the whole job: it claims ``out`` and the rejects file before it reads.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any, Literal
 
 from tunelab.data.readers import ConversationFormat, Kind, ReadResult, check_read, iter_canonical
 from tunelab.data.records import LoadReport
-from tunelab.datatools.jsonl_output import provenance, write_jsonl
+from tunelab.datatools.jsonl_output import claim_job_outputs, provenance, write_jsonl
+from tunelab.progress import progress_bar
 
 
 def rejects_path_for(out: str | Path) -> Path:
@@ -59,16 +61,34 @@ def convert_files(
     system_prompt: str | None = None,
     on_error: Literal["fail", "skip"] = "skip",
     rejects_path: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> ConvertResult:
     """Convert data files to canonical JSONL at ``out``, each record with a ``provenance``.
 
     Rejected rows (with their reason and ``file:line``) go to ``rejects_path`` (default
-    ``<out stem>.rejects.jsonl``), which is only written when something was rejected.
+    ``<out stem>.rejects.jsonl``), which is only written when something was rejected. Before
+    anything is read, a missing input is named and ``out`` and the rejects file are claimed:
+    existing ones are refused unless ``overwrite``, an input always.
+
+    Args:
+        overwrite: replace ``out`` and the rejects file of an earlier run.
+        progress: show a progress display on stderr.
 
     Raises:
-        DataError: see :func:`read_canonical`.
+        DataError: a missing input; otherwise see :func:`read_canonical`.
+        OutputError: an output exists (without ``overwrite``) or is an input.
     """
     files = list(files)
+    claim_job_outputs(files, [out, Path(rejects_path) if rejects_path else rejects_path_for(out)], overwrite)
+    with progress_bar(f"converting {', '.join(files)}", enabled=progress):
+        return _convert(files, out, kind, fmt, text_field, system_prompt, on_error, rejects_path)
+
+
+def _convert(files: list[str], out: str | Path, kind: Literal["auto"] | Kind, fmt: ConversationFormat,
+             text_field: str, system_prompt: str | None, on_error: Literal["fail", "skip"],
+             rejects_path: str | Path | None) -> ConvertResult:
     result = ReadResult([], LoadReport())
     result.records = list(iter_canonical(files, kind, fmt, text_field, system_prompt, on_error, result.report,
                                          result.rejects, result.kinds))

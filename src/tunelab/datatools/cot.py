@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tunelab.datatools.cached_map import batch_rows, columns, fingerprint, map_cached
-from tunelab.datatools.convert import write_rejects
+from tunelab.datatools.convert import rejects_path_for, write_rejects
 from tunelab.data.files import file_fingerprint, read_rows
-from tunelab.datatools.jsonl_output import provenance, write_jsonl
+from tunelab.datatools.jsonl_output import claim_job_outputs, provenance, write_jsonl
 from tunelab.data.records import LoadReport
 from tunelab.errors import DataError, TunelabError
 
@@ -265,15 +265,23 @@ def cot_files(
     num_proc: int | None = None,
     use_cache: bool = True,
     rejects_path: str | Path | None = None,
+    overwrite: bool = False,
 ) -> CotResult:
     """Write chain-of-thought records for the problems in ``files`` to canonical JSONL at ``out``.
 
+    The options are checked first, then a missing input is named and ``out`` and the rejects file
+    (default ``<out stem>.rejects.jsonl``) are claimed (existing ones refused unless ``overwrite``,
+    an input always), then the work starts.
+
     Raises:
-        DataError: unreadable input, or no usable problem.
+        DataError: a missing or unreadable input, or no usable problem.
         TunelabError: invalid options.
+        OutputError: an output exists (without ``overwrite``) or is an input.
     """
     options = options or CotOptions()
     builder = CotBuilder(options)
+    files = list(files)
+    claim_job_outputs(files, [out, Path(rejects_path) if rejects_path else rejects_path_for(out)], overwrite)
     report = LoadReport()
     rejects: list[dict[str, Any]] = []
     rows = []

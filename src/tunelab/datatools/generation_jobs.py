@@ -3,7 +3,9 @@
 Reading their inputs (through :func:`tunelab.data.readers.read_canonical`, the data tools'
 reader), stable record ids, the generator with its default on-disk cache, and the files a job
 writes beside ``--out``: ``<stem>.report.json`` (always), ``<stem>.failed.jsonl`` (requests that
-gave no usable reply) and ``<stem>.rejects.jsonl`` (generated items a filter refused).
+gave no usable reply) and ``<stem>.rejects.jsonl`` (generated items a filter refused). A job claims
+them all with :func:`claim_generation_outputs` before its backend loads, and takes the backend as
+an object or as a :class:`BackendSpec` that it loads only after that.
 """
 
 from __future__ import annotations
@@ -11,15 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from tunelab.data.readers import Kind, read_canonical
-from tunelab.datatools.jsonl_output import write_jsonl
+from tunelab.datatools.jsonl_output import claim_job_outputs, write_jsonl
 from tunelab.data.records import LoadReport
 from tunelab.errors import DataError
-from tunelab.generation.backends import GenerationBackend
+from tunelab.generation.backends import GenerationBackend, parse_backend_spec
 from tunelab.generation.cache import ReplyCache, default_cache_path
 from tunelab.generation.runner import Generator
 
@@ -80,6 +82,36 @@ def side_path(out: str | Path, suffix: str) -> Path:
     out = Path(out)
     stem = out.name.removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json")
     return out.with_name(f"{stem}.{suffix}")
+
+
+def claim_generation_outputs(files: Iterable[str], out: str | Path, suffixes: tuple[str, ...],
+                             overwrite: bool = False) -> None:
+    """Claim ``out`` and the ``<stem>.SUFFIX`` files beside it before any work (see :func:`claim_job_outputs`)."""
+    claim_job_outputs(list(files), [out, *(side_path(out, suffix) for suffix in suffixes)], overwrite)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A generation backend as the command line names it, loaded by the job only once its outputs are claimed.
+
+    Attributes:
+        spec: ``hf:MODEL_DIR`` or ``openai:BASE_URL`` (see :func:`parse_backend_spec`).
+        model: the model name on an ``openai:`` server.
+        options: passed to the backend (``concurrency``, ``timeout``, ``batch_size``, ...).
+    """
+
+    spec: str
+    model: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> GenerationBackend:
+        """The backend (an ``hf:`` one loads its model now)."""
+        return parse_backend_spec(self.spec, self.model, **self.options)
+
+
+def load_backend(backend: GenerationBackend | BackendSpec) -> GenerationBackend:
+    """``backend`` itself, or the backend a :class:`BackendSpec` names, loaded now."""
+    return backend.load() if isinstance(backend, BackendSpec) else backend
 
 
 def make_generator(

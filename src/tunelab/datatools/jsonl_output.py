@@ -5,17 +5,35 @@ Canonical objects (each reads back with the normal readers, ``format: auto``):
 (prompt), ``{"prompt": [...], "chosen": [...], "rejected": [...]}`` (preference) and
 ``{"messages": [...], "label": true}`` (KTO feedback). Generated or transformed records carry a
 ``provenance`` object saying which tool made them from which source record.
+
+Every data job claims its outputs with :func:`claim_job_outputs` before it reads anything, so a
+library caller gets the same protection as the command line.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tunelab.outputs import atomic_output
+from tunelab.data.files import check_inputs_exist
+from tunelab.outputs import atomic_output, claim_files
+
+
+def claim_job_outputs(inputs: Sequence[str | Path], outputs: Sequence[str | Path], overwrite: bool = False) -> None:
+    """Check, before any work, that a data job may read ``inputs`` and write ``outputs``.
+
+    A missing input is named first; then an output that already exists is refused unless
+    ``overwrite``, and an output that is one of the inputs is refused always.
+
+    Raises:
+        DataError: an input is neither a file nor a hub dataset id.
+        OutputError: an output exists (without ``overwrite``), is a directory, or is an input.
+    """
+    check_inputs_exist([str(name) for name in inputs])
+    claim_files(outputs, overwrite, "--out", inputs)
 
 
 def provenance(tool: str, source: str | None = None, **details: Any) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from tunelab.datatools.cached_map import cache_root, columns, directory_fingerpr
 from tunelab.data.readers import ConversationFormat, Kind, ReadResult, check_read, iter_canonical
 from tunelab.datatools.convert import rejects_path_for
 from tunelab.data.files import file_fingerprint
-from tunelab.datatools.jsonl_output import provenance, write_jsonl
+from tunelab.datatools.jsonl_output import claim_job_outputs, provenance, write_jsonl
 from tunelab.data.records import LoadReport
 from tunelab.errors import DataError, TunelabError
 
@@ -458,6 +458,7 @@ class CleanReport:
     redacted_records: int = 0
     lsh: dict[str, int] = field(default_factory=dict)
     from_cache: bool = False
+    rejects_path: Path | None = None  # where the removed and unreadable records went (None: nothing removed)
 
     def remove(self, reason: str, source: str) -> None:
         """Count a removed record under its reason."""
@@ -572,20 +573,26 @@ def clean_files(
     rejects_path: str | Path | None = None,
     use_cache: bool = True,
     num_proc: int | None = None,
+    overwrite: bool = False,
 ) -> CleanReport:
     """Clean data files into canonical JSONL at ``out``; removed and unreadable records go to the rejects file.
 
-    With ``use_cache``, a run with the same input files (by content) and options copies the
-    stored result instead of recomputing it; a run that changes only the dedup settings
-    reuses the stored per-record features.
+    The options are checked first, then a missing input is named and ``out`` and the rejects
+    file (default ``<out stem>.rejects.jsonl``) are claimed (existing ones refused unless
+    ``overwrite``, an input always), then the work starts. With ``use_cache``, a run with the
+    same input files (by content) and options copies the stored result instead of recomputing
+    it; a run that changes only the dedup settings reuses the stored per-record features.
 
     Raises:
-        DataError: unreadable files, no usable records, or inputs of different kinds.
+        DataError: a missing or unreadable file, no usable records, or inputs of different kinds.
         TunelabError: invalid options.
+        OutputError: an output exists (without ``overwrite``) or is an input.
     """
     options = options or CleanOptions()
     options.check()
+    files = list(files)
     rejects_file = Path(rejects_path) if rejects_path else rejects_path_for(out)
+    claim_job_outputs(files, [out, rejects_file], overwrite)
     inputs_key = fingerprint([file_fingerprint(f) for f in files], kind, fmt, text_field)
     result_key = fingerprint(CACHE_VERSION, inputs_key, asdict(options), options.feature_settings())
     result_dir = cache_root() / f"clean-{result_key}"
@@ -598,6 +605,7 @@ def clean_files(
     if report.kept == 0:
         raise DataError(f"{', '.join(files)}: every record was removed (see {rejects_file}):\n"
                         + "\n".join(report.lines()))
+    report.rejects_path = rejects_file if report.kept < report.read else None
     return report
 
 
@@ -619,7 +627,8 @@ def _clean_uncached(files: list[str], out: str | Path, options: CleanOptions, ki
     shutil.rmtree(target, ignore_errors=True)
     write_jsonl(target / "output.jsonl", result.kept)
     write_jsonl(target / "rejects.jsonl", rejects)
-    (target / "report.json").write_text(json.dumps({k: v for k, v in asdict(report).items() if k != "from_cache"}))
+    (target / "report.json").write_text(json.dumps({k: v for k, v in asdict(report).items()
+                                                    if k not in ("from_cache", "rejects_path")}))
     _copy_result(target, Path(out), rejects_file)
     if not use_cache:
         shutil.rmtree(target, ignore_errors=True)

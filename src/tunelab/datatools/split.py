@@ -21,9 +21,10 @@ from typing import Any, Literal
 import numpy as np
 
 from tunelab.data.readers import ConversationFormat, Kind, read_canonical
-from tunelab.datatools.jsonl_output import write_jsonl
+from tunelab.datatools.jsonl_output import claim_job_outputs, write_jsonl
 from tunelab.data.records import LoadReport
 from tunelab.errors import DataError, TunelabError
+from tunelab.progress import progress_bar
 
 SPLIT_NAMES = ("train", "val", "test")
 _MISSING = object()
@@ -39,6 +40,12 @@ def parse_ratios(text: str) -> tuple[float, ...]:
         ratios = tuple(float(part) for part in text.split(","))
     except ValueError:
         raise TunelabError(f"--ratios {text!r}: expected numbers like 0.8,0.1,0.1") from None
+    return _checked_ratios(ratios, text)
+
+
+def _checked_ratios(ratios: tuple[float, ...], text: str | None = None) -> tuple[float, ...]:
+    """``ratios`` when they are two or three non-negative numbers adding up to 1 (``text``: as the user wrote them)."""
+    text = text if text is not None else ",".join(f"{r:g}" for r in ratios)
     if len(ratios) not in (2, 3) or any(r < 0 for r in ratios) or ratios[0] <= 0:
         raise TunelabError(f"--ratios {text!r}: give train,val or train,val,test (non-negative, train above 0)")
     if abs(sum(ratios) - 1) > 1e-6:
@@ -161,7 +168,7 @@ class SplitReport:
 def split_files(
     files: list[str],
     out_dir: str | Path,
-    ratios: tuple[float, ...] = (0.8, 0.1, 0.1),
+    ratios: tuple[float, ...] | str = (0.8, 0.1, 0.1),
     seed: int = 0,
     *,
     stratify: str | None = None,
@@ -169,13 +176,34 @@ def split_files(
     kind: Literal["auto"] | Kind = "auto",
     fmt: ConversationFormat = "auto",
     text_field: str = "text",
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> SplitReport:
     """Split data files into ``out_dir/{train,val,test}.jsonl`` (canonical JSONL; a 0 ratio writes no file).
 
+    ``ratios`` may be the ``--ratios`` text (``"0.8,0.1,0.1"``, checked by :func:`parse_ratios`).
+    The ratios are checked first, then a missing input is named and the three split files are
+    claimed (existing ones refused unless ``overwrite``, an input always), then the work starts.
+
+    Args:
+        overwrite: replace the split files of an earlier run.
+        progress: show a progress display on stderr.
+
     Raises:
-        DataError: unreadable input, no usable record, or (``stratify``) a record without the field.
-        TunelabError: a split would be empty.
+        DataError: a missing or unreadable input, no usable record, or (``stratify``) a record
+            without the field.
+        TunelabError: bad ratios, or a split would be empty.
+        OutputError: a split file exists (without ``overwrite``) or is an input.
     """
+    ratios = parse_ratios(ratios) if isinstance(ratios, str) else _checked_ratios(tuple(ratios))
+    files = list(files)
+    claim_job_outputs(files, [Path(out_dir) / f"{name}.jsonl" for name in SPLIT_NAMES], overwrite)
+    with progress_bar(f"splitting {', '.join(files)}", enabled=progress):
+        return _split(files, Path(out_dir), ratios, seed, stratify, group, kind, fmt, text_field)
+
+
+def _split(files: list[str], out_dir: Path, ratios: tuple[float, ...], seed: int, stratify: str | None,
+           group: str | None, kind: Literal["auto"] | Kind, fmt: ConversationFormat, text_field: str) -> SplitReport:
     read = read_canonical(files, kind, fmt, text_field)
     records = read.records
     strata = None
@@ -207,7 +235,6 @@ def split_files(
         if ratio > 0 and not buckets[name]:
             raise TunelabError(f"the {name} split would be empty ({len(records)} records, ratios "
                                f"{','.join(f'{r:g}' for r in ratios)}); use more data or a larger {name} ratio")
-    out_dir = Path(out_dir)
     for name, ratio in zip(names, ratios):
         path = out_dir / f"{name}.jsonl"
         if ratio > 0:

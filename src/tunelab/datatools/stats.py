@@ -26,10 +26,13 @@ from tunelab.datatools.cached_map import columns, directory_fingerprint, fingerp
 from tunelab.data.readers import ConversationFormat, Kind, read_canonical
 from tunelab.data.files import file_fingerprint
 from tunelab.data.records import detect_format
+from tunelab.datatools.jsonl_output import claim_job_outputs
 from tunelab.errors import DataError, TunelabError
 
 CACHE_VERSION = 1
 SKETCH_WIDTH = 40
+REPORT_FILES = ("stats.json", "report.md", "token_lengths.png")
+"""What ``stats`` writes into its report directory (all three are claimed, even with ``png=False``)."""
 
 
 class _LengthCounter:
@@ -205,18 +208,25 @@ def stats_files(
     num_proc: int | None = None,
     use_cache: bool = True,
     png: bool = True,
+    overwrite: bool = False,
 ) -> tuple[StatsReport, str]:
     """Measure data files and write ``stats.json``, ``report.md`` and ``token_lengths.png`` to ``out_dir``.
+
+    The options are checked first, then a missing input is named and the three report files are
+    claimed (existing ones refused unless ``overwrite``, an input always), then the work starts.
 
     Returns:
         The report and the terminal sketch of the length histogram.
 
     Raises:
-        DataError: unreadable input or no usable record.
+        DataError: a missing or unreadable input, or no usable record.
         TunelabError: the tokenizer or template cannot be used.
+        OutputError: a report file exists (without ``overwrite``) or is an input.
     """
     if bins < 1:
         raise TunelabError("--bins must be at least 1")
+    files = list(files)
+    claim_job_outputs(files, [Path(out_dir) / name for name in REPORT_FILES], overwrite)
     chat_template = _load_tokenizer(tokenizer, template) if tokenizer else None
     read = read_canonical(files, kind, fmt, text_field)
     rows = [{"record": json.dumps(r.data, ensure_ascii=False)} for r in read.records]

@@ -40,7 +40,10 @@ from rouge_score import rouge_scorer, tokenizers
 
 from tunelab.data.files import read_rows
 from tunelab.datatools.generation_jobs import (
+    BackendSpec,
     SourceItem,
+    claim_generation_outputs,
+    load_backend,
     content_id,
     make_generator,
     read_sources,
@@ -55,6 +58,8 @@ from tunelab.generation.backends import GenerationBackend, Sampling
 from tunelab.generation.runner import GarbageReply, Generator
 
 METHODS = ("qa", "self-instruct")
+OUTPUT_SUFFIXES = ("report.json", "failed.jsonl", "rejects.jsonl")
+"""The files a synth job writes beside ``--out`` (claimed with it, before the backend loads)."""
 BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
              "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
@@ -258,29 +263,38 @@ class SynthResult:
 def synth_qa(
     files: Iterable[str],
     out: str | Path,
-    backend: GenerationBackend,
+    backend: GenerationBackend | BackendSpec,
     options: QAOptions | None = None,
     cache: str | Path | None | Literal[False] = None,
     attempts: int = 3,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> SynthResult:
     """Question-answer pairs from the documents in ``files``, written as conversations to ``out``.
 
     Args:
         files: documents (text records, or any records with ``options.text_field``).
         out: the output JSONL; the report, failures and rejects go beside it.
-        backend: the model that writes the pairs.
+        backend: the model that writes the pairs, or a :class:`BackendSpec` naming it.
         options: what to make.
         cache: the reply cache file (None: the default one for the backend; False: none).
         attempts: replies asked for per document when they come back unusable.
         progress: show progress bars.
+        overwrite: replace the outputs of an earlier run.
+
+    The options are checked first, then a missing input is named and ``out`` and the files beside
+    it are claimed (existing ones refused unless ``overwrite``, an input always), then the backend
+    loads and the work starts.
 
     Raises:
-        ConfigError: bad options. DataError: unreadable inputs or no usable document.
+        ConfigError: bad options. DataError: missing or unreadable inputs, or no usable document.
+        OutputError: an output exists (without ``overwrite``) or is an input.
     """
     options = options or QAOptions()
     options.check()
     files = list(files)
+    claim_generation_outputs(files, out, OUTPUT_SUFFIXES, overwrite)
+    backend = load_backend(backend)
     started = time.monotonic()
     items, load_report = read_sources(files, ("text",), "text", options.text_field, "synth qa", options.limit)
     documents: list[tuple[SourceItem, str]] = []
@@ -525,31 +539,40 @@ class _Kept:
 def self_instruct(
     files: Iterable[str],
     out: str | Path,
-    backend: GenerationBackend,
+    backend: GenerationBackend | BackendSpec,
     options: SelfInstructOptions | None = None,
     cache: str | Path | None | Literal[False] = None,
     attempts: int = 3,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> SynthResult:
     """Self-instruct from seed tasks: new instructions through the filters, then one instance each.
 
     Args:
         files: seed tasks (self-instruct ``seed_tasks.jsonl``, alpaca records or conversations).
         out: the output JSONL (conversations); report, rejects and failures go beside it.
-        backend: the model.
+        backend: the model, or a :class:`BackendSpec` naming it.
         options: what to make.
         cache: the reply cache file (None: the default one for the backend; False: none). The
             rounds depend only on the seed and the replies, so a re-run with the cache replays
             them without calls.
         attempts: replies asked for per request when they come back unusable.
         progress: show progress bars.
+        overwrite: replace the outputs of an earlier run.
+
+    The options are checked first, then a missing input is named and ``out`` and the files beside
+    it are claimed (existing ones refused unless ``overwrite``, an input always), then the backend
+    loads and the work starts.
 
     Raises:
-        ConfigError: bad options. DataError: no usable seed task.
+        ConfigError: bad options. DataError: a missing input, or no usable seed task.
+        OutputError: an output exists (without ``overwrite``) or is an input.
     """
     options = options or SelfInstructOptions()
     options.check()
     files = list(files)
+    claim_generation_outputs(files, out, OUTPUT_SUFFIXES, overwrite)
+    backend = load_backend(backend)
     started = time.monotonic()
     seeds, load_report = read_seed_tasks(files, options.limit)
     generator = make_generator(backend, cache, attempts, progress, "self-instruct")
