@@ -14,11 +14,16 @@ same tokenized cache) and prints:
   with a bootstrap 95% interval, the pairs ranked right and the DPO loss when the adapter is read
   as a DPO policy against the base, and the margin's correlation with the length difference.
 
-Rewards follow the run's objective: DPO ``beta * (log pi - log ref)`` summed over the answer;
-SimPO/ORPO ``beta * mean token log pi``. A pair counts as right only when chosen > rejected (a tie
+A KTO run trains on labelled answers, not pairs: ``--pairs CONFIG`` names the config whose
+held-out pairs to score it on (examples/real/kto.yaml is built from examples/real/dpo.yaml's split
+by examples/real/prepare_kto.py), and its own eval rows give its held-out KTO loss.
+
+Rewards follow the run's objective: with a reference (DPO, KTO) ``beta * (log pi - log ref)``
+summed over the answer; SimPO/ORPO ``beta * mean token log pi``. A pair counts as right only when chosen > rejected (a tie
 is wrong, as in training's metrics).
 
     python benchmarks/preference_heldout.py runs/real/dpo [runs/real/orpo ...] [--per-pair] [--json out.json]
+    python benchmarks/preference_heldout.py runs/real/kto --pairs examples/real/dpo.yaml --per-pair
 
 The base model's log-probs come from the precomputed reference cache of the data (a DPO run with
 ``precompute_reference`` (the dpo section) on the same data config writes it), else from one forward with the
@@ -84,10 +89,10 @@ def score_pairs(model: torch.nn.Module, dataset: Any, cfg: Any, pad_id: int, aut
     return np.array(logps).reshape(-1, 2)
 
 
-def cached_reference(run_config: Any, fingerprint: str) -> np.ndarray | None:
-    """The base model's held-out log-probs from the run's precomputed reference cache, if it exists."""
-    cache = Path(run_config.data.cache_dir).expanduser() if run_config.data.cache_dir else default_cache_dir()
-    model_path = str(Path(run_config.model.path).resolve())
+def cached_reference(data_config: Any, model_path: str, fingerprint: str) -> np.ndarray | None:
+    """The base model's held-out log-probs from a precomputed reference cache of these pairs, if it exists."""
+    cache = Path(data_config.data.cache_dir).expanduser() if data_config.data.cache_dir else default_cache_dir()
+    model_path = str(Path(model_path).resolve())
     target = cache / fingerprint / "reference-eval" / model_fingerprint(model_path)
     if not (target / "done.json").is_file():
         return None
@@ -109,27 +114,36 @@ def token_counts(dataset: Any) -> np.ndarray:
     return np.stack([trained(dataset["labels"]), trained(dataset["pair_labels"])], axis=1)
 
 
-def analyse(run: Path, per_pair: bool) -> dict[str, Any]:
-    """One run's held-out numbers (see the module docstring); ``per_pair`` scores every pair with its adapter."""
+def analyse(run: Path, per_pair: bool, pairs: Path | None = None) -> dict[str, Any]:
+    """One run's held-out numbers (see the module docstring); ``per_pair`` scores every pair with its adapter.
+
+    ``pairs``: a config whose held-out pairs to score the run on (same model), instead of the run's own.
+    """
     cfg = load_config(run / "config.yaml")
     spec = objective_spec(cfg.train.objective)
+    if spec.data != "pairs" and pairs is None:
+        raise SystemExit(f"{run}: a {cfg.train.objective} run holds out {spec.data} records, not pairs: "
+                         "name the config of the pairs to score it on with --pairs")
+    pairs_cfg = load_config(pairs) if pairs else cfg
     beta = cfg.objective_settings.beta
     tokenizer = load_tokenizer(cfg.model.path)
-    data = prepare_data(cfg.data, spec.data, cfg.train.seed, tokenizer, stop_token_ids(cfg.model.path, tokenizer))
+    data = prepare_data(pairs_cfg.data, "pairs", pairs_cfg.train.seed, tokenizer,
+                        stop_token_ids(cfg.model.path, tokenizer))
     if data.eval is None:
-        raise SystemExit(f"{run}: the run has no held-out pairs (data.val_ratio or data.eval)")
+        raise SystemExit(f"{pairs or run}: no held-out pairs (data.val_ratio or data.eval)")
     n = len(data.eval)
     counts = token_counts(data.eval)
     rows = eval_rows(run)
     result: dict[str, Any] = {"run": str(run), "objective": cfg.train.objective, "beta": beta, "pairs": n,
-                              "eval_rows": rows}
-    for row in rows:  # the run's own evaluations: accuracy is a share of n pairs
-        right = round(row.get("eval_rewards/accuracy", 0.0) * n)
-        row["right"], row["accuracy_ci"] = right, wilson_interval(right, n)
+                              "pairs_from": str(pairs or run), "eval_rows": rows}
+    for row in rows:  # the run's own evaluations on its held-out pairs: accuracy is a share of n pairs
+        if pairs is None:
+            right = round(row.get("eval_rewards/accuracy", 0.0) * n)
+            row["right"], row["accuracy_ci"] = right, wilson_interval(right, n)
     shorter = int((counts[:, 0] < counts[:, 1]).sum())
     result["shorter_wins"] = {"right": shorter, "accuracy": shorter / n, "ci": wilson_interval(shorter, n)}
 
-    reference = cached_reference(cfg, data.fingerprint)
+    reference = cached_reference(pairs_cfg, cfg.model.path, data.fingerprint)
     model = None
     device = torch.device("cpu")
     autocast = autocast_factory(device, resolve_precision(cfg.train.precision, device))
@@ -139,13 +153,13 @@ def analyse(run: Path, per_pair: bool) -> dict[str, Any]:
         model = PeftModel.from_pretrained(base, str(run / "final"))
     if reference is None:
         with model.disable_adapter():
-            reference = score_pairs(model, data.eval, cfg, tokenizer.pad_token_id, autocast)
+            reference = score_pairs(model, data.eval, pairs_cfg, tokenizer.pad_token_id, autocast)
     base_mean = reference / np.maximum(counts, 1)
     base_right = int((base_mean[:, 0] > base_mean[:, 1]).sum())
     result["base_mean_logp"] = {"right": base_right, "accuracy": base_right / n, "ci": wilson_interval(base_right, n)}
 
     def rewards_of(logps: np.ndarray) -> np.ndarray:
-        if cfg.train.objective == "dpo":
+        if spec.reference == "always":
             return beta * (logps - reference)
         return beta * logps / np.maximum(counts, 1)
 
@@ -153,9 +167,9 @@ def analyse(run: Path, per_pair: bool) -> dict[str, Any]:
     result["start"] = {"accuracy": float((start > 0).mean()), "margin": float(start.mean())}
     if model is None or not per_pair:
         return result
-    policy = score_pairs(model, data.eval, cfg, tokenizer.pad_token_id, autocast)
+    policy = score_pairs(model, data.eval, pairs_cfg, tokenizer.pad_token_id, autocast)
     margins = rewards_of(policy) @ np.array([1.0, -1.0])
-    dpo_beta = beta if cfg.train.objective == "dpo" else 0.1  # SimPO/ORPO runs: the DPO default
+    dpo_beta = beta if spec.reference == "always" else 0.1  # SimPO/ORPO runs: the DPO default
     dpo_logits = dpo_beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
     right = int((margins > 0).sum())
     length_diff = (counts[:, 0] - counts[:, 1]).astype(float)
@@ -173,13 +187,17 @@ def analyse(run: Path, per_pair: bool) -> dict[str, Any]:
 def print_report(result: dict[str, Any]) -> None:
     """A short table of one run's held-out numbers."""
     n = result["pairs"]
-    print(f"\n## {result['run']} ({result['objective']}, beta {result['beta']}, {n} held-out pairs)")
+    print(f"\n## {result['run']} ({result['objective']}, beta {result['beta']}, {n} held-out pairs of "
+          f"{result['pairs_from']})")
     start = result["start"]
     print(f"step 0, the untouched model (from the base log-probs): accuracy {start['accuracy']:.3f}, "
           f"margin {start['margin']:+.4f}")
     print("| step | eval loss | accuracy (Wilson 95%) | margin |")
     print("|---:|---:|---|---:|")
     for row in result["eval_rows"]:
+        if "accuracy_ci" not in row:  # evaluated on its own held-out records (KTO): the loss only
+            print(f"| {row['step']} | {row['eval_loss']:.4f} | - | - |")
+            continue
         lo, hi = row["accuracy_ci"]
         print(f"| {row['step']} | {row['eval_loss']:.4f} | {row['right']}/{n} = {row['right'] / n:.3f} "
               f"({lo:.3f}-{hi:.3f}) | {row.get('eval_rewards/margin', float('nan')):+.4f} |")
@@ -207,10 +225,12 @@ def main() -> None:
                         help="also score every held-out pair with the final adapter (one forward over them): "
                         "margin interval, DPO loss against the base, length correlation")
     parser.add_argument("--json", type=Path, help="also write every number (and per-pair log-probs) here")
+    parser.add_argument("--pairs", type=Path, help="score the runs on this config's held-out pairs instead of "
+                        "their own (a KTO run: the DPO config its data were split from)")
     args = parser.parse_args()
     results = []
     for run in args.runs:
-        result = analyse(run, args.per_pair)
+        result = analyse(run, args.per_pair, args.pairs)
         print_report(result)
         results.append(result)
     if args.json:
