@@ -32,7 +32,7 @@ def one_step(setting: str, tokens: int, vocab: int, hidden: int, chunk: int) -> 
 
     from tunelab.data.packing import collate_packed
     from tunelab.models.attention import register_packed_sdpa
-    from tunelab.train.objectives.chunked_loss import chunked_causal_lm_loss
+    from tunelab.train.objectives.sft import chunked_causal_lm_loss
     from tunelab.train.objectives.sft import causal_lm_loss
 
     torch.manual_seed(0)

@@ -51,7 +51,7 @@ from tunelab.train.engine import autocast_factory
 from tunelab.train.batches import eval_batches
 from tunelab.models.methods import method_spec
 from tunelab.train.objectives import objective_spec
-from tunelab.train.objectives.sequence import sequence_logps
+from tunelab.models.logprobs import sequence_logps
 from tunelab.train.reference import model_fingerprint
 
 Z95 = 1.959964

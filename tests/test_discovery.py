@@ -64,6 +64,6 @@ print(info.misses, info.hits)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     before, after, calls = result.stdout.strip().splitlines()
     assert before == "['base', 'registry'] ['registry']"  # importing a registry imports no objective or method
-    assert after == ("['base', 'chunked_loss', 'grpo', 'kto', 'ppo', 'preference', 'registry', 'reward', 'rloo', "
+    assert after == ("['base', 'grpo', 'kto', 'ppo', 'preference', 'registry', 'reward', 'rloo', "
                      "'sequence', 'sft'] ['freeze', 'full', 'lora', 'prompt_learning', 'registry']")
     assert calls == "2 3"  # one discovery per package; every later lookup found it remembered

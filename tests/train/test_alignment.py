@@ -24,7 +24,7 @@ from tunelab.data.readers import load_feedback, load_preferences
 from tunelab.train.engine import train
 from tunelab.train.objectives.kto import kl_estimate, kto_losses
 from tunelab.train.objectives.preference import dpo_losses, orpo_log_odds_ratio, simpo_losses
-from tunelab.train.objectives.sequence import sequence_logps
+from tunelab.models.logprobs import sequence_logps
 
 DPO_DEMO = SHARED_DATA / "llamafactory_demo" / "dpo_en_demo.json"
 KTO_DEMO = SHARED_DATA / "llamafactory_demo" / "kto_en_demo.json"

@@ -11,8 +11,9 @@ from tunelab.config import TunelabConfig
 from tunelab.data.packing import collate_packed, collate_padded
 from tunelab.models.attention import register_packed_sdpa
 from tunelab.train.engine import train
-from tunelab.train.objectives.chunked_loss import chunked_causal_lm_loss, chunked_loss_supported
-from tunelab.train.objectives.sequence import sequence_logps
+from tunelab.models.logprobs import chunked_loss_supported
+from tunelab.train.objectives.sft import chunked_causal_lm_loss
+from tunelab.models.logprobs import sequence_logps
 from tunelab.train.objectives.sft import causal_lm_loss
 from tunelab.train.reporting import read_metrics
 

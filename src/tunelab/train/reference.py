@@ -15,7 +15,7 @@ import torch
 
 from tunelab.data.files import file_fingerprint
 from tunelab.train.batches import eval_batches
-from tunelab.train.objectives.sequence import sequence_logps
+from tunelab.models.logprobs import sequence_logps
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -20,7 +20,7 @@ from tunelab.models.adapters import decoder_layers, enable_gradient_checkpointin
 from tunelab.models.attention import packed_kernel
 from tunelab.train.objectives import objective_spec
 from tunelab.train.objectives.base import Objective
-from tunelab.train.objectives.chunked_loss import chunked_loss_supported
+from tunelab.models.logprobs import chunked_loss_supported
 from tunelab.train.reporting import console
 
 

@@ -29,7 +29,8 @@ from tunelab.train.rl.ppo import (
     value_loss,
     whiten,
 )
-from tunelab.train.rl.rollout import Rollouts, collate_rollouts, forward_tokens, generate_rollouts, token_logprobs
+from tunelab.models.logprobs import forward_tokens, token_logprobs
+from tunelab.train.rl.rollout import Rollouts, collate_rollouts, generate_rollouts
 
 TARGET_TOKENS = set(range(100, 300))
 STOP = {1, 4}

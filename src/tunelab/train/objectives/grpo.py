@@ -14,7 +14,8 @@ from pydantic import Field
 from tunelab.train.objectives.registry import ObjectiveSpec, register
 from tunelab.train.rl.grpo import group_advantages, grpo_loss
 from tunelab.train.rl.online import GroupSettings, OnlineObjective
-from tunelab.train.rl.rollout import RolloutBatch, Rollouts, TokenStats
+from tunelab.models.logprobs import RolloutBatch, TokenStats
+from tunelab.train.rl.rollout import Rollouts
 
 
 class GRPOSettings(GroupSettings):

@@ -16,7 +16,8 @@ from pydantic import Field
 from tunelab.data.packing import Batch
 from tunelab.train.objectives.base import Metrics
 from tunelab.train.objectives.registry import ObjectiveSpec, register
-from tunelab.train.objectives.sequence import ReferenceSettings, first_and_second, reference_logps, sequence_logps
+from tunelab.models.logprobs import reference_logps, sequence_logps
+from tunelab.train.objectives.sequence import ReferenceSettings, first_and_second
 
 
 class KTOSettings(ReferenceSettings):

@@ -25,7 +25,8 @@ from tunelab.train.rl.ppo import (
     value_loss,
     whiten,
 )
-from tunelab.train.rl.rollout import RolloutBatch, Rollouts, TokenStats
+from tunelab.models.logprobs import RolloutBatch, TokenStats
+from tunelab.train.rl.rollout import Rollouts
 
 VALUE_HEAD = VALUE_HEAD_FILE.removesuffix(".safetensors")
 

@@ -28,7 +28,8 @@ from tunelab.data.packing import Batch
 from tunelab.data.templates import IGNORE_INDEX
 from tunelab.train.objectives.base import Metrics
 from tunelab.train.objectives.registry import ObjectiveSpec, register
-from tunelab.train.objectives.sequence import ReferenceSettings, first_and_second, reference_logps, sequence_logps
+from tunelab.models.logprobs import reference_logps, sequence_logps
+from tunelab.train.objectives.sequence import ReferenceSettings, first_and_second
 
 
 class DPOSettings(ReferenceSettings):

@@ -21,7 +21,8 @@ import torch
 from tunelab.train.objectives.registry import ObjectiveSpec, register
 from tunelab.train.rl.grpo import grpo_loss
 from tunelab.train.rl.online import GroupSettings, OnlineObjective
-from tunelab.train.rl.rollout import RolloutBatch, Rollouts, TokenStats
+from tunelab.models.logprobs import RolloutBatch, TokenStats
+from tunelab.train.rl.rollout import Rollouts
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

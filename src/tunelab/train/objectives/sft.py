@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from tunelab.data.packing import Batch
 from tunelab.data.templates import IGNORE_INDEX
+from tunelab.models.logprobs import chunked_token_logps
 from tunelab.train.objectives.base import Metrics
-from tunelab.train.objectives.chunked_loss import chunked_causal_lm_loss
 from tunelab.train.objectives.registry import ObjectiveSpec, register
 
 
@@ -40,12 +40,22 @@ def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     )
 
 
+def chunked_causal_lm_loss(model: torch.nn.Module, batch: Batch, chunk_tokens: int = 4096) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's trained tokens, ``chunk_tokens`` logits at a time.
+
+    The same value and gradients as :func:`causal_lm_loss` without the full logits (see
+    :func:`~tunelab.models.logprobs.chunked_token_logps`).
+    """
+    return -chunked_token_logps(model, batch.model_inputs(), batch.trained_positions, batch.targets,
+                                chunk_tokens).sum()
+
+
 class SFTObjective:
     """Next-token cross-entropy, averaged over the trained tokens of the window (SFT, pretraining).
 
     Args:
         chunk_tokens: compute the output layer and loss this many trained positions at a time
-            (:mod:`.chunked_loss`: the same numbers without the full logits); None: all at once.
+            (:func:`chunked_causal_lm_loss`: the same numbers without the full logits); None: all at once.
     """
 
     needs_reference = False

@@ -28,7 +28,8 @@ from pydantic import Field, ValidationInfo, model_validator
 from tunelab.config.base import ObjectiveSettings, objective_name
 from tunelab.train.objectives.base import Metrics
 from tunelab.train.rl.ppo import AdaptiveKLController, FixedKLController, masked_mean
-from tunelab.train.rl.rollout import RolloutBatch, Rollouts, TokenStats, collate_rollouts, forward_tokens
+from tunelab.models.logprobs import RolloutBatch, TokenStats, forward_tokens
+from tunelab.train.rl.rollout import Rollouts, collate_rollouts
 
 class OnlineSettings(ObjectiveSettings):
     """The settings every online objective shares: rollouts (sampling, rewards) and the update.

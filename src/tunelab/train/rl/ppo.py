@@ -353,7 +353,7 @@ def token_values(value_head: ValueHead, hidden: torch.Tensor, mask: torch.Tensor
     Args:
         value_head: the critic.
         hidden: ``[batch, positions, hidden]`` last hidden states (after the final norm) of the
-            same batch, e.g. ``forward_tokens(..., hidden=True).hidden`` from :mod:`.rollout`.
+            same batch, e.g. ``forward_tokens(..., hidden=True).hidden`` from :mod:`tunelab.models.logprobs`.
         mask: the completion tokens.
 
     Returns:

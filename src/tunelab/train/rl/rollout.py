@@ -2,9 +2,9 @@
 
 :func:`generate_rollouts` samples ``num_samples`` completions per prompt with batched
 ``model.generate`` (left padding, KV cache). :func:`collate_rollouts` lays prompt + completion
-out as right-padded rows for training, and :func:`forward_tokens` runs the model once over such
-a batch to give, for every completion token, its log-prob (in float32), the entropy of the
-distribution it was drawn from and, for a critic, the last hidden state.
+out as right-padded rows for training (:class:`~tunelab.models.logprobs.RolloutBatch`), which
+:func:`~tunelab.models.logprobs.forward_tokens` scores: every completion token's log-prob (in
+float32), the entropy of the distribution it was drawn from and, for a critic, the last hidden state.
 
 Prompts come already rendered and tokenized (``render_prompt`` + the tokenizer, without extra
 special tokens), so rollouts see exactly the tokens inference sees.
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from peft import PeftModel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.models.logprobs import RolloutBatch
 
 
 @dataclass
@@ -45,44 +47,6 @@ class Rollouts:
     def completion_lengths(self) -> list[int]:
         """Tokens generated for each sample."""
         return [len(ids) for ids in self.completion_ids]
-
-
-@dataclass
-class RolloutBatch:
-    """Prompt + completion rows, right-padded, ready for the model.
-
-    Attributes:
-        input_ids: ``[B, T]`` prompt then completion, then padding.
-        attention_mask: ``[B, T]`` 1 on real tokens.
-        position_ids: ``[B, T]`` 0, 1, 2, ... from each row's first token.
-        completion_mask: ``[B, T]`` 1 on the completion tokens (the actions), 0 on prompt and padding.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    completion_mask: torch.Tensor
-
-    def to(self, device: torch.device | str) -> RolloutBatch:
-        """This batch on another device."""
-        return RolloutBatch(*(t.to(device, non_blocking=True) for t in (
-            self.input_ids, self.attention_mask, self.position_ids, self.completion_mask)))
-
-
-@dataclass
-class TokenStats:
-    """Per-token outputs of one forward over a :class:`RolloutBatch`, aligned with ``input_ids``.
-
-    Attributes:
-        logprobs: ``[B, T]`` float32 log-prob of each completion token, 0 elsewhere.
-        entropy: ``[B, T]`` float32 entropy of the distribution each completion token was drawn
-            from, 0 elsewhere; None unless asked for.
-        hidden: ``[B, T, H]`` last hidden states (after the final norm); None unless asked for.
-    """
-
-    logprobs: torch.Tensor
-    entropy: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None
 
 
 def _generation_model(model: torch.nn.Module) -> PreTrainedModel:
@@ -139,8 +103,8 @@ def generate_rollouts(
     batches of ``batch_size`` sequences, left-padded and generated with the KV cache. Sampling
     uses only ``temperature`` and ``top_p``: top-k, repetition penalties and other options from
     the model's ``generation_config.json`` are ignored, so the samples come from the distribution
-    :func:`forward_tokens` scores (with the same temperature). The global RNG is left as it
-    was: sampling draws from its own stream seeded by ``seed``, so the same seed, prompts and
+    :func:`~tunelab.models.logprobs.forward_tokens` scores (with the same temperature). The global
+    RNG is left as it was: sampling draws from its own stream seeded by ``seed``, so the same seed, prompts and
     batch size give the same samples. The model is put in eval mode (no dropout) and restored.
     Works on a PEFT model (the active adapters generate).
 
@@ -230,70 +194,3 @@ def collate_rollouts(
         completion_mask[row, len(prompt) : length] = 1
     position_ids = torch.arange(width, dtype=torch.long).expand(len(rows), width).clone()
     return RolloutBatch(input_ids, attention_mask, position_ids, completion_mask)
-
-
-def forward_tokens(
-    model: torch.nn.Module,
-    batch: RolloutBatch,
-    temperature: float = 1.0,
-    entropy: bool = False,
-    hidden: bool = False,
-) -> TokenStats:
-    """One forward over a rollout batch: per-token log-probs (and entropy, hidden states).
-
-    Token ``t`` is scored by the logits at ``t - 1``. Only the positions from the earliest
-    completion token's predecessor onwards go through the output layer (``logits_to_keep``);
-    logits are divided by ``temperature`` (the one rollouts were sampled with, as TRL does) and
-    turned into log-probs in float32. Gradients flow when called outside ``torch.no_grad``.
-
-    Args:
-        model: the policy (or the reference model; a PEFT model with adapters disabled too).
-        batch: from :func:`collate_rollouts`, on the model's device.
-        temperature: sampling temperature (0 counts as 1: greedy decoding has no temperature).
-        entropy: also compute each completion token's distribution entropy.
-        hidden: also return the last hidden states (for a value head).
-
-    Returns:
-        :class:`TokenStats` aligned with ``batch.input_ids``.
-    """
-    mask = batch.completion_mask
-    width = mask.shape[1]
-    has_tokens = mask.any(dim=1)
-    if has_tokens.any():
-        first_completion = int(torch.where(has_tokens, mask.argmax(dim=1), width).min())
-    else:
-        first_completion = width
-    first_needed = max(first_completion - 1, 0)
-    keep = width - first_needed  # logits for positions first_needed .. width - 1
-    output = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-        use_cache=False, logits_to_keep=keep, output_hidden_states=hidden,
-    )
-    logits = output.logits[:, :-1].float()  # predicts tokens first_needed + 1 .. width - 1
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    targets = batch.input_ids[:, first_needed + 1 :]
-    target_mask = mask[:, first_needed + 1 :].to(torch.float32)
-    log_normaliser = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    logprobs = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
-    logprobs[:, first_needed + 1 :] = (picked - log_normaliser) * target_mask
-    stats = TokenStats(logprobs=logprobs)
-    if entropy:
-        probs = torch.softmax(logits, dim=-1)
-        # H = logsumexp(z) - sum(p * z); the where keeps a -inf logit (p = 0) from making NaN.
-        token_entropy = log_normaliser - torch.where(probs > 0, probs * logits, 0.0).sum(dim=-1)
-        stats.entropy = torch.zeros_like(logprobs)
-        stats.entropy[:, first_needed + 1 :] = token_entropy * target_mask
-    if hidden:
-        stats.hidden = output.hidden_states[-1]
-    return stats
-
-
-def token_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
-    """``[B, T]`` float32 log-prob of each completion token under ``model``, 0 elsewhere.
-
-    See :func:`forward_tokens`; use it under ``torch.no_grad()`` for the old-policy and
-    reference log-probs.
-    """
-    return forward_tokens(model, batch, temperature).logprobs
