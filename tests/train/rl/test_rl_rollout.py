@@ -9,13 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from tunelab.data.templates import render_prompt, resolve_template
-from tunelab.train.rl.rollout import (
-    Rollouts,
-    collate_rollouts,
-    forward_tokens,
-    generate_rollouts,
-    token_logprobs,
-)
+from tunelab.models.logprobs import forward_tokens, token_logprobs
+from tunelab.train.rl.rollout import Rollouts, collate_rollouts, generate_rollouts
 
 QUESTIONS = [
     "What is 2 + 3?",
