@@ -358,7 +358,7 @@ def build_files(
     if variants < 1:
         raise TunelabError("--variants must be at least 1")
     files = list(files)
-    claim_job_outputs(files, [out, Path(rejects_path) if rejects_path else rejects_path_for(out)], overwrite)
+    claim_job_outputs(files, [out, rejects_path_for(out, rejects_path)], overwrite)
     spec = library[task]
     report = LoadReport()
     rejects: list[dict[str, Any]] = []

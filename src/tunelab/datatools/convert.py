@@ -19,8 +19,10 @@ from tunelab.datatools.jsonl_output import claim_job_outputs, provenance, write_
 from tunelab.progress import progress_bar
 
 
-def rejects_path_for(out: str | Path) -> Path:
-    """Where the rejects of ``--out data.jsonl`` go by default: ``data.rejects.jsonl`` beside it."""
+def rejects_path_for(out: str | Path, rejects_path: str | Path | None = None) -> Path:
+    """The rejects file of ``--out data.jsonl``: ``rejects_path`` when given, else ``data.rejects.jsonl`` beside it."""
+    if rejects_path:
+        return Path(rejects_path)
     out = Path(out)
     stem = out.name.removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json")
     return out.with_name(f"{stem}.rejects.jsonl")
@@ -32,7 +34,7 @@ def write_rejects(rejects: list[dict[str, Any]], out: str | Path, rejects_path: 
     With nothing rejected, a default rejects file left by an earlier run is removed: a stale list
     would mislead.
     """
-    rejects_file = Path(rejects_path) if rejects_path else rejects_path_for(out)
+    rejects_file = rejects_path_for(out, rejects_path)
     if rejects:
         write_jsonl(rejects_file, rejects)
         return rejects_file
@@ -81,7 +83,7 @@ def convert_files(
         OutputError: an output exists (without ``overwrite``) or is an input.
     """
     files = list(files)
-    claim_job_outputs(files, [out, Path(rejects_path) if rejects_path else rejects_path_for(out)], overwrite)
+    claim_job_outputs(files, [out, rejects_path_for(out, rejects_path)], overwrite)
     with progress_bar(f"converting {', '.join(files)}", enabled=progress):
         return _convert(files, out, kind, fmt, text_field, system_prompt, on_error, rejects_path)
 

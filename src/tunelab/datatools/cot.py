@@ -281,7 +281,7 @@ def cot_files(
     options = options or CotOptions()
     builder = CotBuilder(options)
     files = list(files)
-    claim_job_outputs(files, [out, Path(rejects_path) if rejects_path else rejects_path_for(out)], overwrite)
+    claim_job_outputs(files, [out, rejects_path_for(out, rejects_path)], overwrite)
     report = LoadReport()
     rejects: list[dict[str, Any]] = []
     rows = []

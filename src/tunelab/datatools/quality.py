@@ -591,7 +591,7 @@ def clean_files(
     options = options or CleanOptions()
     options.check()
     files = list(files)
-    rejects_file = Path(rejects_path) if rejects_path else rejects_path_for(out)
+    rejects_file = rejects_path_for(out, rejects_path)
     claim_job_outputs(files, [out, rejects_file], overwrite)
     inputs_key = fingerprint([file_fingerprint(f) for f in files], kind, fmt, text_field)
     result_key = fingerprint(CACHE_VERSION, inputs_key, asdict(options), options.feature_settings())
